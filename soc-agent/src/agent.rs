@@ -1,0 +1,170 @@
+//! Wiring of the running agent: intent store, reconcilers, the gRPC API, the admin listener and shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use dpu_intent::Store;
+use dpu_intent::reconcile::{Controller, ControllerConfig, StatusBoard};
+use dpu_proto::v1::agent_service_server::AgentServiceServer;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::api::agent::AgentApi;
+use crate::api::auth::AuthLayer;
+use crate::config::Config;
+use crate::logging::LogControl;
+use crate::metrics::Metrics;
+use crate::settings::SettingsReconciler;
+
+/// Runs the agent until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> anyhow::Result<()> {
+    let started = SystemTime::now() - started_at.elapsed();
+    tracing::info!(
+        version = crate::VERSION,
+        revision = crate::GIT_REVISION,
+        target = crate::TARGET,
+        config = %serde_json::to_string(&config).unwrap_or_default(),
+        "effective configuration"
+    );
+    if config.plaintext() && !config.api.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.api.listen, "control API is plaintext on a non-loopback address (insecure_plaintext)");
+    }
+
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let store = Store::open(&config.data_dir)?;
+
+    let metrics = Metrics::new(started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let drift = Duration::from_secs(config.reconcile.drift_seconds);
+
+    let status_board = StatusBoard::new();
+    let controller_config = ControllerConfig { resync_interval: drift, ..ControllerConfig::default() };
+    let reconcilers = vec![
+        Controller::new(
+            SettingsReconciler::new(log.clone(), config.log.level.clone()),
+            store.clone(),
+            status_board.clone(),
+            controller_config,
+        )
+        .spawn(shutdown_rx.clone()),
+    ];
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dpu_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dpu_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the reflection service")?;
+    let agent_api = AgentApi::new(store.clone(), status_board.clone(), started, started_at);
+
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &config.api.tls {
+        server = server.tls_config(server_tls(tls)?).context("configuring TLS")?;
+    }
+    let router = server
+        .layer(AuthLayer::new(config.api.plaintext_role, metrics.clone()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AgentServiceServer::new(agent_api));
+
+    let listener = bind(config.api.listen).await.context("binding the gRPC API")?;
+    let api_addr = listener.local_addr()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    health_reporter.set_serving::<AgentServiceServer<AgentApi>>().await;
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = if config.admin.enabled {
+        let listener = bind(config.admin.listen).await.context("binding the admin listener")?;
+        let board = status_board.clone();
+        let scrape_metrics = metrics.clone();
+        let state = crate::admin::AdminState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+            before_scrape: Arc::new(move || {
+                for subsystem in board.subsystems() {
+                    let c = board.counters(subsystem);
+                    scrape_metrics.reconcile_totals(subsystem, c.passes, c.changes, c.errors);
+                }
+            }),
+        };
+        tracing::info!(addr = %listener.local_addr()?, "admin listener (metrics, healthz, readyz)");
+        Some(tokio::spawn(crate::admin::serve(listener, state, shutdown_rx.clone())))
+    } else {
+        None
+    };
+
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = drain_rx.await;
+    }));
+    ready.store(true, Ordering::Release);
+    tracing::info!(
+        addr = %api_addr,
+        tls = !config.plaintext(),
+        startup_ms = started_at.elapsed().as_secs_f64() * 1000.0,
+        "serving the control API"
+    );
+
+    let signal = shutdown_signal().await;
+    tracing::info!(signal, "shutting down: refusing new requests, draining in-flight ones");
+    ready.store(false, Ordering::Release);
+    health_reporter.set_not_serving::<AgentServiceServer<AgentApi>>().await;
+    let _ = drain_tx.send(());
+    let drain = Duration::from_secs(config.api.drain_seconds);
+    match tokio::time::timeout(drain, serve).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server ended with an error"),
+        Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
+        Err(_) => tracing::warn!(seconds = drain.as_secs(), "in-flight requests did not finish in time"),
+    }
+    let _ = shutdown_tx.send(true);
+    for reconciler in reconcilers {
+        if let Err(e) = reconciler.await {
+            tracing::error!(error = %e, "reconciler task failed");
+        }
+    }
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn server_tls(tls: &crate::config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+    let read = |path: &std::path::Path| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    Ok(ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?))
+        .timeout(Duration::from_secs(10)))
+}
+
+async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("{addr}: {e}")))
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot install signal handlers; stopping");
+            return "none";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,184 @@
+//! `dpu.v1.AgentService`: build and platform facts, probed capabilities, and the agent settings resource.
+
+use std::time::{Instant, SystemTime};
+
+use dpu_intent::Store;
+use dpu_intent::reconcile::{ObjectKey, ObjectState, StatusBoard};
+use dpu_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::{FieldMask, intent_status};
+use crate::capabilities::{self, Capability, State};
+use crate::platform;
+use crate::settings::{AgentSettings, SETTINGS_ID, SETTINGS_SUBSYSTEM};
+
+/// Resource name of the settings singleton.
+const SETTINGS_NAME: &str = "settings";
+
+/// Implementation of `AgentService`.
+#[derive(Debug)]
+pub struct AgentApi {
+    store: Store,
+    status: StatusBoard,
+    started: SystemTime,
+    started_at: Instant,
+}
+
+impl AgentApi {
+    pub fn new(store: Store, status: StatusBoard, started: SystemTime, started_at: Instant) -> Self {
+        Self { store, status, started, started_at }
+    }
+
+    fn settings_response(&self, stored: Option<dpu_intent::Stored<AgentSettings>>) -> pb::AgentSettings {
+        let (spec, generation) = match stored {
+            Some(s) => (s.spec, s.meta.generation),
+            None => (AgentSettings::default(), 0),
+        };
+        let status = self.status.get(SETTINGS_SUBSYSTEM, &ObjectKey::of::<AgentSettings>(SETTINGS_ID));
+        pb::AgentSettings {
+            name: SETTINGS_NAME.into(),
+            log_filter: spec.log_filter.unwrap_or_default(),
+            labels: spec.labels.into_iter().collect(),
+            generation: i64::try_from(generation).unwrap_or(i64::MAX),
+            status: Some(resource_status(status, generation)),
+        }
+    }
+
+    fn stored_settings(&self) -> Result<Option<dpu_intent::Stored<AgentSettings>>, Status> {
+        match self.store.get::<AgentSettings>(SETTINGS_ID) {
+            Ok(s) => Ok(Some(s)),
+            Err(dpu_intent::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(intent_status(e)),
+        }
+    }
+}
+
+/// Maps a reconciler's report onto the API status; no report for the current generation means pending.
+pub(crate) fn resource_status(
+    status: Option<dpu_intent::reconcile::ObjectStatus>,
+    generation: u64,
+) -> pb::ResourceStatus {
+    let Some(status) = status.filter(|s| s.observed_generation == generation) else {
+        return pb::ResourceStatus {
+            state: pb::ResourceState::Pending.into(),
+            reason: "waiting for the reconciler".into(),
+            observed_generation: 0,
+        };
+    };
+    let state = match status.state {
+        ObjectState::Pending => pb::ResourceState::Pending,
+        ObjectState::Ready => pb::ResourceState::Ready,
+        ObjectState::Error => pb::ResourceState::Error,
+    };
+    pb::ResourceStatus {
+        state: state.into(),
+        reason: status.reason,
+        observed_generation: i64::try_from(status.observed_generation).unwrap_or(i64::MAX),
+    }
+}
+
+impl From<Capability> for pb::Capability {
+    fn from(c: Capability) -> Self {
+        let state = match c.state {
+            State::Available => pb::CapabilityState::Available,
+            State::Unavailable => pb::CapabilityState::Unavailable,
+            State::Loadable => pb::CapabilityState::Loadable,
+        };
+        pb::Capability { name: c.name.into(), state: state.into(), detail: c.detail }
+    }
+}
+
+impl From<platform::Board> for pb::Board {
+    fn from(b: platform::Board) -> Self {
+        pb::Board {
+            source: b.source.into(),
+            vendor: b.vendor,
+            model: b.model,
+            bluefield: b.bluefield,
+            detail: b.detail,
+        }
+    }
+}
+
+/// Validates an incoming settings message into the domain type.
+impl TryFrom<pb::AgentSettings> for AgentSettings {
+    type Error = Status;
+    fn try_from(msg: pb::AgentSettings) -> Result<Self, Status> {
+        if !msg.name.is_empty() && msg.name != SETTINGS_NAME {
+            return Err(Status::invalid_argument(format!(
+                "settings.name: {:?} is not a settings resource (expected {SETTINGS_NAME:?})",
+                msg.name
+            )));
+        }
+        let settings = AgentSettings {
+            log_filter: Some(msg.log_filter).filter(|f| !f.is_empty()),
+            labels: msg.labels.into_iter().collect(),
+        };
+        settings.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(settings)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    async fn get_agent_info(&self, _: Request<pb::GetAgentInfoRequest>) -> Result<Response<pb::AgentInfo>, Status> {
+        let (capabilities, board) = tokio::task::spawn_blocking(|| (capabilities::probe_all(), platform::board()))
+            .await
+            .map_err(|e| Status::internal(format!("capability probe failed: {e}")))?;
+        let uptime = self.started_at.elapsed();
+        Ok(Response::new(pb::AgentInfo {
+            version: crate::VERSION.into(),
+            git_revision: crate::GIT_REVISION.into(),
+            target_arch: std::env::consts::ARCH.into(),
+            target: crate::TARGET.into(),
+            kernel_release: platform::kernel_release(),
+            hostname: platform::hostname(),
+            board: board.map(Into::into),
+            start_time: Some(prost_types::Timestamp::from(self.started)),
+            uptime: prost_types::Duration::try_from(uptime).ok(),
+            capabilities: capabilities.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn get_agent_settings(
+        &self,
+        request: Request<pb::GetAgentSettingsRequest>,
+    ) -> Result<Response<pb::AgentSettings>, Status> {
+        let name = request.into_inner().name;
+        if !name.is_empty() && name != SETTINGS_NAME {
+            return Err(Status::not_found(format!(
+                "{name:?} is not a resource of AgentService (try {SETTINGS_NAME:?})"
+            )));
+        }
+        Ok(Response::new(self.settings_response(self.stored_settings()?)))
+    }
+
+    async fn update_agent_settings(
+        &self,
+        request: Request<pb::UpdateAgentSettingsRequest>,
+    ) -> Result<Response<pb::AgentSettings>, Status> {
+        let request = request.into_inner();
+        let incoming: AgentSettings =
+            request.settings.ok_or_else(|| Status::invalid_argument("settings: required"))?.try_into()?;
+        let mask = FieldMask::parse(request.update_mask, &["log_filter", "labels"])?;
+        let expected = u64::try_from(request.expected_generation).ok().filter(|g| *g != 0);
+
+        let current = self.stored_settings()?;
+        let mut merged = current.as_ref().map(|s| s.spec.clone()).unwrap_or_default();
+        if mask.covers("log_filter") {
+            merged.log_filter = incoming.log_filter;
+        }
+        if mask.covers("labels") {
+            merged.labels = incoming.labels;
+        }
+        let stored = match current {
+            None if expected.is_some() => {
+                return Err(Status::aborted("settings were never written; expected_generation must be 0"));
+            }
+            None => self.store.create(SETTINGS_ID, merged).map_err(intent_status)?.into_stored(),
+            Some(_) => self.store.update(SETTINGS_ID, merged, expected).map_err(intent_status)?,
+        };
+        tracing::info!(generation = stored.meta.generation, "agent settings updated");
+        Ok(Response::new(self.settings_response(Some(stored))))
+    }
+}

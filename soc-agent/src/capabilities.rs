@@ -1,0 +1,368 @@
+//! What this machine can do, found by exercising each capability — never assumed from the architecture, the
+//! board or a config flag. Every probe is cheap and side-effect free apart from letting the kernel load a module
+//! on demand, so probes run each time they are asked for and always describe the machine as it is now.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::socket::{AddressFamily, AlgAddr, SockFlag, SockType, bind, setsockopt, socket, sockopt};
+use serde::Serialize;
+
+/// Outcome of one probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Exercised and working.
+    Available,
+    /// Missing; the detail says why.
+    Unavailable,
+    /// Not active now, but the kernel has the module to provide it.
+    Loadable,
+}
+
+/// One probed capability.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Capability {
+    pub name: &'static str,
+    pub state: State,
+    pub detail: String,
+}
+
+impl Capability {
+    fn new(name: &'static str, state: State, detail: impl Into<String>) -> Self {
+        Self { name, state, detail: detail.into() }
+    }
+}
+
+/// Runs every probe. Blocking (a few system calls and sysfs reads); call from a blocking context.
+pub fn probe_all() -> Vec<Capability> {
+    let kernel = Kernel::running();
+    vec![
+        io_uring(),
+        ktls(&kernel),
+        af_alg(),
+        tc_flower(&kernel),
+        xfrm(&kernel),
+        hugepages(Path::new("/proc/meminfo")),
+        sriov(Path::new("/sys/class/net")),
+        switchdev(Path::new("/sys/class/net")),
+    ]
+}
+
+fn errno_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => format!("{} ({e})", Errno::from_raw(code)),
+        None => e.to_string(),
+    }
+}
+
+/// io_uring: set up a real ring. qemu-user and kernels with `io_uring_disabled` refuse it.
+pub fn io_uring() -> Capability {
+    match io_uring::IoUring::new(2) {
+        Ok(_) => Capability::new("io_uring", State::Available, "io_uring_setup succeeded"),
+        Err(e) => {
+            let hint = match e.raw_os_error() {
+                Some(libc::ENOSYS) => "; the kernel or emulator lacks io_uring, file volumes use a thread pool",
+                Some(libc::EPERM) => "; disabled by sysctl kernel.io_uring_disabled",
+                _ => "",
+            };
+            Capability::new("io_uring", State::Unavailable, format!("io_uring_setup: {}{hint}", errno_text(&e)))
+        }
+    }
+}
+
+/// kTLS: attach the `tls` upper-layer protocol to a TCP socket. A kernel with kTLS answers ENOTCONN (the ULP
+/// exists but needs an established connection); without it, ENOENT.
+pub fn ktls(kernel: &Kernel) -> Capability {
+    let available_ulps = fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+    let available_ulps = available_ulps.trim();
+    let probe = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .and_then(|fd| setsockopt(&fd, sockopt::TcpUlp::default(), b"tls"));
+    match probe {
+        Err(Errno::ENOTCONN) | Ok(()) => {
+            Capability::new("ktls", State::Available, format!("tls ULP present (tcp_available_ulp: {available_ulps})"))
+        }
+        Err(errno) => {
+            let (state, module) = kernel.module_state("tls");
+            let state = if state == State::Available { State::Unavailable } else { state };
+            Capability::new(
+                "ktls",
+                state,
+                format!("TCP_ULP \"tls\": {errno}; tcp_available_ulp: {available_ulps:?}; {module}"),
+            )
+        }
+    }
+}
+
+/// AF_ALG: open the socket family and bind the AES-XTS skcipher used for volume encryption.
+pub fn af_alg() -> Capability {
+    let fd = match socket(AddressFamily::Alg, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None) {
+        Ok(fd) => fd,
+        Err(errno) => return Capability::new("af_alg", State::Unavailable, format!("socket(AF_ALG): {errno}")),
+    };
+    let xts = match bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &AlgAddr::new("skcipher", "xts(aes)")) {
+        Ok(()) => match best_driver(&fs::read_to_string("/proc/crypto").unwrap_or_default(), "xts(aes)") {
+            Some(driver) => format!("xts(aes) bound, driver {driver}"),
+            None => "xts(aes) bound".to_owned(),
+        },
+        Err(errno) => format!("xts(aes) not bindable: {errno}"),
+    };
+    Capability::new("af_alg", State::Available, format!("AF_ALG socket opened; {xts}"))
+}
+
+/// tc flower: the classifier is a module; report whether it is loaded, built in or loadable.
+pub fn tc_flower(kernel: &Kernel) -> Capability {
+    let (state, detail) = kernel.module_state("cls_flower");
+    Capability::new("tc_flower", state, detail)
+}
+
+/// xfrm: open the XFRM netlink family (the kernel loads `xfrm_user` on demand) and look for the ESP AEAD.
+pub fn xfrm(kernel: &Kernel) -> Capability {
+    let aead = match best_driver(&fs::read_to_string("/proc/crypto").unwrap_or_default(), "rfc4106(gcm(aes))") {
+        Some(driver) => format!("ESP AEAD rfc4106(gcm(aes)) via {driver}"),
+        None => "ESP AEAD rfc4106(gcm(aes)) not registered yet".to_owned(),
+    };
+    match crate::sys::netlink_socket(libc::NETLINK_XFRM) {
+        Ok(_) => Capability::new("xfrm", State::Available, format!("NETLINK_XFRM socket opened; {aead}")),
+        Err(e) => {
+            let (state, module) = kernel.module_state("xfrm_user");
+            let state = if state == State::Available { State::Unavailable } else { state };
+            Capability::new("xfrm", state, format!("socket(NETLINK_XFRM): {}; {module}", errno_text(&e)))
+        }
+    }
+}
+
+/// Hugepages: reserved pages in /proc/meminfo (the SPDK engine and large queues need them).
+pub fn hugepages(meminfo: &Path) -> Capability {
+    let text = fs::read_to_string(meminfo).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    match (field("HugePages_Total"), field("HugePages_Free"), field("Hugepagesize")) {
+        (Some(total), Some(free), Some(size_kb)) if total > 0 => Capability::new(
+            "hugepages",
+            State::Available,
+            format!("{total} pages of {size_kb} kB reserved, {free} free"),
+        ),
+        (Some(_), _, Some(size_kb)) => Capability::new(
+            "hugepages",
+            State::Unavailable,
+            format!("no hugepages reserved (page size {size_kb} kB; set vm.nr_hugepages)"),
+        ),
+        _ => Capability::new("hugepages", State::Unavailable, format!("no hugepage counters in {}", meminfo.display())),
+    }
+}
+
+fn net_devices(class_net: &Path) -> Vec<(String, PathBuf)> {
+    let mut devices: Vec<_> = fs::read_dir(class_net)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    devices.sort();
+    devices
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    fs::read_to_string(path).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+}
+
+/// SR-IOV: physical functions that can carry virtual functions.
+pub fn sriov(class_net: &Path) -> Capability {
+    let pfs: Vec<String> = net_devices(class_net)
+        .into_iter()
+        .filter_map(|(name, path)| {
+            let total: u32 = read_trimmed(&path.join("device/sriov_totalvfs"))?.parse().ok()?;
+            let enabled = read_trimmed(&path.join("device/sriov_numvfs")).unwrap_or_else(|| "0".into());
+            (total > 0).then(|| format!("{name} ({enabled}/{total} VFs)"))
+        })
+        .collect();
+    if pfs.is_empty() {
+        Capability::new("sriov", State::Unavailable, "no network device reports sriov_totalvfs")
+    } else {
+        Capability::new("sriov", State::Available, format!("{} PF(s): {}", pfs.len(), pfs.join(", ")))
+    }
+}
+
+/// switchdev: ports that belong to an embedded switch (uplinks and representors) expose `phys_switch_id`.
+pub fn switchdev(class_net: &Path) -> Capability {
+    let ports: Vec<String> = net_devices(class_net)
+        .into_iter()
+        .filter_map(|(name, path)| {
+            read_trimmed(&path.join("phys_switch_id"))?;
+            Some(match read_trimmed(&path.join("phys_port_name")) {
+                Some(port) => format!("{name}={port}"),
+                None => name,
+            })
+        })
+        .collect();
+    if ports.is_empty() {
+        Capability::new("switchdev", State::Unavailable, "no network device reports phys_switch_id")
+    } else {
+        Capability::new("switchdev", State::Available, format!("{} switch port(s): {}", ports.len(), ports.join(", ")))
+    }
+}
+
+/// Highest-priority driver registered in /proc/crypto for an algorithm name.
+fn best_driver(proc_crypto: &str, algorithm: &str) -> Option<String> {
+    proc_crypto
+        .split("\n\n")
+        .filter_map(|block| {
+            let field = |key: &str| {
+                block.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    (k.trim() == key).then(|| v.trim().to_owned())
+                })
+            };
+            (field("name")? == algorithm).then_some(())?;
+            let priority: i64 = field("priority")?.parse().ok()?;
+            Some((priority, field("driver")?))
+        })
+        .max()
+        .map(|(_, driver)| driver)
+}
+
+/// The running kernel's module tables.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    modules_dir: PathBuf,
+    sys_module: PathBuf,
+}
+
+impl Kernel {
+    /// The kernel this process runs on.
+    pub fn running() -> Self {
+        Self {
+            modules_dir: Path::new("/lib/modules").join(crate::platform::kernel_release()),
+            sys_module: PathBuf::from("/sys/module"),
+        }
+    }
+
+    /// Whether module `name` is loaded or built in (Available), in the module tree (Loadable) or absent.
+    pub fn module_state(&self, name: &str) -> (State, String) {
+        if self.sys_module.join(name).exists() {
+            return (State::Available, format!("module {name} loaded"));
+        }
+        let file = format!("/{name}.ko");
+        let listed = |table: &str| {
+            fs::read_to_string(self.modules_dir.join(table))
+                .map(|t| {
+                    t.lines().any(|l| {
+                        let path = l.split(':').next().unwrap_or_default();
+                        path.strip_suffix(".xz")
+                            .or_else(|| path.strip_suffix(".zst"))
+                            .or_else(|| path.strip_suffix(".gz"))
+                            .unwrap_or(path)
+                            .replace('-', "_")
+                            .ends_with(&file)
+                    })
+                })
+                .unwrap_or(false)
+        };
+        if listed("modules.builtin") {
+            (State::Available, format!("module {name} built in"))
+        } else if listed("modules.dep") {
+            (State::Loadable, format!("module {name} loadable from {}", self.modules_dir.display()))
+        } else {
+            (State::Unavailable, format!("module {name} not loaded and not in {}", self.modules_dir.display()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_capability_is_probed_with_a_reason() {
+        let caps = probe_all();
+        let names: Vec<_> = caps.iter().map(|c| c.name).collect();
+        assert_eq!(names, ["io_uring", "ktls", "af_alg", "tc_flower", "xfrm", "hugepages", "sriov", "switchdev"]);
+        assert!(caps.iter().all(|c| !c.detail.is_empty()));
+    }
+
+    #[test]
+    fn io_uring_state_matches_errno() {
+        // Native Linux sets up a ring; qemu-user answers ENOSYS and the probe must say so, not fail.
+        let cap = io_uring();
+        match cap.state {
+            State::Available => assert_eq!(cap.detail, "io_uring_setup succeeded"),
+            _ => assert!(cap.detail.starts_with("io_uring_setup: E"), "{}", cap.detail),
+        }
+    }
+
+    #[test]
+    fn meminfo_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meminfo");
+        fs::write(
+            &path,
+            "MemTotal: 1 kB\nHugePages_Total:     512\nHugePages_Free:      500\nHugepagesize:       2048 kB\n",
+        )
+        .unwrap();
+        let cap = hugepages(&path);
+        assert_eq!(cap.state, State::Available);
+        assert_eq!(cap.detail, "512 pages of 2048 kB reserved, 500 free");
+        fs::write(&path, "HugePages_Total: 0\nHugePages_Free: 0\nHugepagesize: 2048 kB\n").unwrap();
+        assert_eq!(hugepages(&path).state, State::Unavailable);
+    }
+
+    #[test]
+    fn sriov_and_switchdev_from_sysfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = dir.path();
+        for (dev, files) in [
+            (
+                "p0",
+                vec![
+                    ("device/sriov_totalvfs", "16"),
+                    ("device/sriov_numvfs", "2"),
+                    ("phys_switch_id", "abcd"),
+                    ("phys_port_name", "p0"),
+                ],
+            ),
+            ("pf0vf0", vec![("phys_switch_id", "abcd"), ("phys_port_name", "pf0vf0")]),
+            ("lo", vec![]),
+        ] {
+            fs::create_dir_all(net.join(dev)).unwrap();
+            for (file, contents) in files {
+                let p = net.join(dev).join(file);
+                fs::create_dir_all(p.parent().unwrap()).unwrap();
+                fs::write(p, contents).unwrap();
+            }
+        }
+        let cap = sriov(net);
+        assert_eq!((cap.state, cap.detail.as_str()), (State::Available, "1 PF(s): p0 (2/16 VFs)"));
+        let cap = switchdev(net);
+        assert_eq!((cap.state, cap.detail.as_str()), (State::Available, "2 switch port(s): p0=p0, pf0vf0=pf0vf0"));
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(sriov(empty.path()).state, State::Unavailable);
+    }
+
+    #[test]
+    fn crypto_driver_by_priority() {
+        let text = "name         : xts(aes)\ndriver       : xts-aes-generic\npriority     : 100\n\n\
+                    name         : xts(aes)\ndriver       : xts-aes-ce\npriority     : 300\n\n\
+                    name         : gcm(aes)\ndriver       : gcm-aes-ce\npriority     : 400\n";
+        assert_eq!(best_driver(text, "xts(aes)").as_deref(), Some("xts-aes-ce"));
+        assert_eq!(best_driver(text, "cbc(aes)"), None);
+    }
+
+    #[test]
+    fn module_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Kernel { modules_dir: dir.path().to_owned(), sys_module: dir.path().join("sys") };
+        fs::write(dir.path().join("modules.dep"), "kernel/net/sched/cls_flower.ko: kernel/net/sched/x.ko\n").unwrap();
+        fs::write(dir.path().join("modules.builtin"), "kernel/net/tls/tls.ko\n").unwrap();
+        assert_eq!(kernel.module_state("cls_flower").0, State::Loadable);
+        assert_eq!(kernel.module_state("tls").0, State::Available);
+        assert_eq!(kernel.module_state("xfrm_user").0, State::Unavailable);
+        fs::create_dir_all(dir.path().join("sys/xfrm_user")).unwrap();
+        assert_eq!(kernel.module_state("xfrm_user").0, State::Available);
+    }
+}

@@ -1,0 +1,318 @@
+//! Agent configuration: one TOML file, parsed strictly (`deny_unknown_fields`) and validated in one step.
+//!
+//! Relative paths in the file are resolved against the directory of the file, so an example config can name
+//! a data directory next to it. Without a file the embedded default applies: API on loopback, plaintext.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::auth::Role;
+
+/// Default location of the configuration file on a DPU image.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/dpu-agent/config.toml";
+
+/// A configuration problem, naming the offending field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema; the message names the field and position.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A field parsed but holds a value the agent cannot run with.
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the intent store and data-path state live (on a DPU: eMMC, e.g. `/var/lib/dpu-agent`).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub reconcile: ReconcileConfig,
+}
+
+/// The gRPC control API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address of the gRPC listener.
+    #[serde(default = "default_api_listen")]
+    pub listen: SocketAddr,
+    /// mTLS material; when absent the API is plaintext, which needs a loopback `listen` or `insecure_plaintext`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Allow plaintext on a non-loopback address. Logged as a warning at every start.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// Role granted to plaintext clients (they present no certificate to take a role from).
+    #[serde(default = "default_plaintext_role")]
+    pub plaintext_role: Role,
+    /// Seconds to wait for in-flight requests on shutdown.
+    #[serde(default = "default_drain_seconds")]
+    pub drain_seconds: u64,
+}
+
+/// Server certificate, key and the CA that client certificates must chain to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// The admin HTTP listener (Prometheus metrics, liveness and readiness).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `info,dpu_agent::api=debug`. The `log_filter` agent setting,
+    /// when set over the API, takes precedence at run time.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+/// Reconciliation timing shared by every data path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// Seconds between periodic drift checks.
+    #[serde(default = "default_drift_seconds")]
+    pub drift_seconds: u64,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/dpu-agent")
+}
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9100))
+}
+fn default_plaintext_role() -> Role {
+    Role::Operator
+}
+fn default_drain_seconds() -> u64 {
+    10
+}
+fn default_drift_seconds() -> u64 {
+    30
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_api_listen(),
+            tls: None,
+            insecure_plaintext: false,
+            plaintext_role: default_plaintext_role(),
+            drain_seconds: default_drain_seconds(),
+        }
+    }
+}
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { enabled: true, listen: default_admin_listen() }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::default(), level: default_log_level() }
+    }
+}
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self { drift_seconds: default_drift_seconds() }
+    }
+}
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            api: ApiConfig::default(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+            reconcile: ReconcileConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and parses a file, resolving relative paths against its directory. Call [`Config::validate`] next.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut config = Self::parse(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_relative(base);
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error message names the field and its line.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    fn resolve_relative(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.data_dir);
+        if let Some(tls) = &mut self.api.tls {
+            resolve(&mut tls.cert);
+            resolve(&mut tls.key);
+            resolve(&mut tls.client_ca);
+        }
+    }
+
+    /// The one validation step: everything the agent needs to start safely, each failure naming its field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        if self.api.tls.is_none() && !self.api.listen.ip().is_loopback() && !self.api.insecure_plaintext {
+            return Err(invalid(
+                "api.listen",
+                format!(
+                    "{} is not a loopback address and [api.tls] is not configured; refusing to serve the \
+                     control API in plaintext (configure [api.tls], or set api.insecure_plaintext = true)",
+                    self.api.listen
+                ),
+            ));
+        }
+        if let Some(tls) = &self.api.tls {
+            for (field, path) in
+                [("api.tls.cert", &tls.cert), ("api.tls.key", &tls.key), ("api.tls.client_ca", &tls.client_ca)]
+            {
+                if let Err(e) = std::fs::metadata(path) {
+                    return Err(invalid(field, format!("{}: {e}", path.display())));
+                }
+            }
+        }
+        if self.admin.enabled && self.admin.listen == self.api.listen {
+            return Err(invalid("admin.listen", "must differ from api.listen"));
+        }
+        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
+            return Err(invalid("log.level", format!("{:?} is not a valid filter: {e}", self.log.level)));
+        }
+        if self.reconcile.drift_seconds == 0 {
+            return Err(invalid("reconcile.drift_seconds", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// True when the API will accept plaintext connections.
+    pub fn plaintext(&self) -> bool {
+        self.api.tls.is_none()
+    }
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, message: message.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_loopback_default() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.api.listen, default_api_listen());
+        assert!(config.plaintext());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = Config::parse("[api]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n").unwrap_err();
+        assert!(err.contains("listne"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Config::parse("[admin]\nlisten = 9100\n").unwrap_err();
+        assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn plaintext_on_a_public_address_needs_the_insecure_flag() {
+        let mut config = Config::parse("[api]\nlisten = \"0.0.0.0:50051\"\n").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.starts_with("config field `api.listen`"), "{err}");
+        config.api.insecure_plaintext = true;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn missing_tls_file_is_named() {
+        let config = Config::parse(
+            "[api]\nlisten = \"0.0.0.0:50051\"\n[api.tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"k\"\nclient_ca = \"ca\"\n",
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("api.tls.cert"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "data_dir = \"state\"\n").unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.data_dir, dir.path().join("state"));
+    }
+
+    #[test]
+    fn bad_log_filter_is_named() {
+        let config = Config::parse("[log]\nlevel = \"info,[[[\"\n").unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("log.level"));
+    }
+}
