@@ -37,6 +37,8 @@
 # architectures use Debian's busybox-static:<arch> package, downloaded once
 # with `apt-get download` and cached under ${DPU_CACHE}/busybox/<arch>/.
 set -euo pipefail
+# depmod, dpkg and friends live in sbin directories a user PATH may lack.
+export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly SCRIPT_DIR

@@ -10,6 +10,8 @@
 #   packages; this is what lets fetch-kernel.sh and build-initramfs.sh
 #   `apt-get download` arm64 kernels and busybox on an amd64 host.
 set -euo pipefail
+# depmod, dpkg and friends live in sbin directories a user PATH may lack.
+export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 
 readonly HOST_PACKAGES=(
 	qemu-system-arm  # qemu-system-aarch64

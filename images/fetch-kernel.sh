@@ -20,6 +20,8 @@
 # only when Debian has moved to a new kernel. If apt cannot resolve (no lists,
 # no network) a previously cached kernel is used with a warning.
 set -euo pipefail
+# depmod, dpkg and friends live in sbin directories a user PATH may lack.
+export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly SCRIPT_DIR

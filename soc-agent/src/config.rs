@@ -235,7 +235,7 @@ impl Config {
                 }
             }
         }
-        if self.admin.enabled && self.admin.listen == self.api.listen {
+        if self.admin.enabled && self.admin.listen == self.api.listen && self.api.listen.port() != 0 {
             return Err(invalid("admin.listen", "must differ from api.listen"));
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {

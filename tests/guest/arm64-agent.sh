@@ -4,13 +4,15 @@
 # reports the guest's architecture and kernel.
 #
 # Builds (incremental): cross/build.sh for the aarch64 musl agent, and
-# `cargo build --release --bin dpu-agent --bin dpuctl` for the host tools.
+# `cargo build --locked --release --bin dpu-agent --bin dpuctl` for the host tools.
 # Set DPU_GUEST_NO_BUILD=1 to use binaries already in the target directory
 # (${CARGO_TARGET_DIR:-<repo>/target}), e.g. when CI has built them earlier in
 # the same run.
 # shellcheck shell=bash disable=SC2034 # variables are read by tests/guest.sh
 
 GUEST_ARCH=arm64
+# What the DPU's kernel offers the agent; its `info` capabilities probe them.
+GUEST_MODULES=(tls af_alg algif_hash algif_skcipher algif_aead cls_flower sch_ingress xfrm_user)
 GUEST_PORTS=(50051)
 GUEST_TIMEOUT=240
 # Fresh certificates every run, so the image never repeats.
@@ -41,7 +43,7 @@ guest_prepare() {
 		printf 'arm64-agent: building the static aarch64 agent (cross/build.sh)\n' >&2
 		(cd "$REPO_ROOT" && bash cross/build.sh) >&2 || return 1
 		printf 'arm64-agent: building host dpu-agent and dpuctl\n' >&2
-		(cd "$REPO_ROOT" && cargo build --release --bin dpu-agent --bin dpuctl) >&2 || return 1
+		(cd "$REPO_ROOT" && cargo build --locked --release --bin dpu-agent --bin dpuctl) >&2 || return 1
 	fi
 	agent_need_file "$guest_bin" "static aarch64 dpu-agent" || return 1
 	agent_need_file "$host_agent" "host dpu-agent" || return 1

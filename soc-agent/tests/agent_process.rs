@@ -1,0 +1,294 @@
+//! The `dpu-agent` binary as an operator meets it: config errors, mTLS and roles, persistence across restarts,
+//! graceful stop, and refusal of a corrupted intent store.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use dpu_proto::v1 as pb;
+use dpu_proto::v1::agent_service_client::AgentServiceClient;
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_dpu-agent");
+
+/// A running agent on ephemeral loopback ports, stopped with SIGTERM on drop.
+struct Agent {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Agent {
+    /// Starts the agent with `args` and waits for it to report both listeners.
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(AGENT)
+            .args(["--log-format", "json", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dpu-agent");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                let message = event["message"].as_str().unwrap_or_default().to_owned();
+                let addr = event["addr"].as_str().unwrap_or_default().to_owned();
+                if tx.send((message, addr)).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut addr, mut admin) = (None, None);
+        while addr.is_none() || admin.is_none() {
+            let Ok((message, at)) = rx.recv_timeout(Duration::from_secs(20)) else {
+                let status = child.wait().unwrap();
+                panic!("agent did not start (exit {status})");
+            };
+            if message.starts_with("serving the control API") {
+                addr = at.parse().ok();
+            } else if message.starts_with("admin listener") {
+                admin = at.parse().ok();
+            }
+        }
+        Self { child, addr: addr.unwrap(), admin: admin.unwrap() }
+    }
+
+    /// SIGTERM and wait for the exit status. Waits off the runtime thread, so the test's gRPC connections
+    /// keep running and can answer the agent's GOAWAY while it drains.
+    async fn stop(mut self) -> ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the agent binary to completion (for start-up failures) and returns its status and stderr.
+fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
+    let out = Command::new(AGENT).args(args).output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+async fn plaintext(addr: SocketAddr) -> AgentServiceClient<Channel> {
+    let channel = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    AgentServiceClient::new(channel)
+}
+
+async fn tls(addr: SocketAddr, pki: &Path, identity: Option<&str>) -> Result<Channel, tonic::transport::Error> {
+    let mut config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(pki.join("ca.pem")).unwrap()))
+        .domain_name("localhost");
+    if let Some(who) = identity {
+        let cert = std::fs::read(pki.join(format!("{who}.pem"))).unwrap();
+        let key = std::fs::read(pki.join(format!("{who}-key.pem"))).unwrap();
+        config = config.identity(Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))?.tls_config(config)?.connect().await
+}
+
+fn generate_pki(dir: &Path) {
+    let (status, stderr) = run_to_exit(&["certs", "--out", dir.to_str().unwrap()]);
+    assert!(status.success(), "{stderr}");
+}
+
+fn tls_config_file(dir: &Path, pki: &Path) -> PathBuf {
+    let path = dir.join("agent.toml");
+    let p = |name: &str| pki.join(name).display().to_string();
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = \"data\"\n[api.tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+            p("server.pem"),
+            p("server-key.pem"),
+            p("ca.pem")
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn settings_update(filter: &str) -> pb::UpdateAgentSettingsRequest {
+    pb::UpdateAgentSettingsRequest {
+        settings: Some(pb::AgentSettings { log_filter: filter.into(), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["log_filter".into()] }),
+        expected_generation: 0,
+    }
+}
+
+#[test]
+fn malformed_config_exits_2_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "data_dir = \"d\"\n[api]\nlisten = \"127.0.0.1:1\"\nport = 5\n").unwrap();
+    let (status, stderr) = run_to_exit(&["--config", path.to_str().unwrap(), "check-config"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unknown field `port`"), "{stderr}");
+
+    std::fs::write(&path, "[api]\nlisten = \"not an address\"\n").unwrap();
+    let (status, stderr) = run_to_exit(&["--config", path.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("listen"), "{stderr}");
+}
+
+#[test]
+fn plaintext_on_a_non_loopback_address_is_refused_without_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let (status, stderr) = run_to_exit(&["--data-dir", data, "--listen", "0.0.0.0:0", "check-config"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("api.listen") && stderr.contains("plaintext"), "{stderr}");
+    let (status, stderr) =
+        run_to_exit(&["--data-dir", data, "--listen", "0.0.0.0:0", "--insecure-plaintext", "check-config"]);
+    assert!(status.success(), "{stderr}");
+}
+
+#[tokio::test]
+async fn settings_persist_across_a_graceful_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let agent = Agent::start(&["--data-dir", data]);
+    let mut client = plaintext(agent.addr).await;
+
+    let info = client.get_agent_info(pb::GetAgentInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.target_arch, std::env::consts::ARCH);
+    assert_eq!(info.kernel_release, std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim());
+    let names: Vec<_> = info.capabilities.iter().map(|c| c.name.as_str()).collect();
+    assert!(names.contains(&"io_uring") && names.contains(&"ktls"), "{names:?}");
+
+    let updated = client.update_agent_settings(settings_update("debug")).await.unwrap().into_inner();
+    assert_eq!((updated.log_filter.as_str(), updated.generation), ("debug", 1));
+    // Identical update: nothing written, generation unchanged.
+    let again = client.update_agent_settings(settings_update("debug")).await.unwrap().into_inner();
+    assert_eq!(again.generation, 1);
+
+    let metrics = reqwest_metrics(agent.admin).await;
+    assert!(metrics.contains("dpu_api_requests_total{method=\"/dpu.v1.AgentService/UpdateAgentSettings\""));
+
+    assert_eq!(agent.stop().await.code(), Some(0), "SIGTERM must stop the agent cleanly");
+
+    let agent = Agent::start(&["--data-dir", data]);
+    let mut client = plaintext(agent.addr).await;
+    let settings = client.get_agent_settings(pb::GetAgentSettingsRequest::default()).await.unwrap().into_inner();
+    assert_eq!((settings.log_filter.as_str(), settings.generation), ("debug", 1));
+    assert_eq!(agent.stop().await.code(), Some(0));
+}
+
+/// Fetches /metrics with a bare HTTP/1.1 request (no client library needed for one GET).
+async fn reqwest_metrics(admin: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&["--data-dir", dir.path().to_str().unwrap()]);
+    let mut client = plaintext(agent.addr).await;
+
+    let err = client.update_agent_settings(settings_update("info,[[[")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("settings.log_filter"), "{}", err.message());
+
+    let mut request = settings_update("debug");
+    request.update_mask = Some(prost_types::FieldMask { paths: vec!["log_level".into()] });
+    let err = client.update_agent_settings(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("update_mask") && err.message().contains("log_level"), "{}", err.message());
+
+    let mut request = settings_update("debug");
+    request.settings.as_mut().unwrap().labels.insert("Bad Key".into(), "v".into());
+    request.update_mask = None;
+    let err = client.update_agent_settings(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("settings.labels"), "{}", err.message());
+
+    let err = client.get_agent_settings(pb::GetAgentSettingsRequest { name: "volumes/x".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn mtls_refuses_strangers_and_enforces_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    generate_pki(&pki);
+    let config = tls_config_file(dir.path(), &pki);
+    let agent = Agent::start(&["--config", config.to_str().unwrap()]);
+
+    // No client certificate: refused during the TLS handshake, before any RPC.
+    let anonymous = match tls(agent.addr, &pki, None).await {
+        Ok(channel) => AgentServiceClient::new(channel).get_agent_info(pb::GetAgentInfoRequest {}).await.err(),
+        Err(e) => Some(tonic::Status::unavailable(e.to_string())),
+    };
+    assert!(anonymous.is_some(), "a client without a certificate must be refused");
+
+    // A certificate from another CA is refused as well.
+    let stranger = dir.path().join("stranger");
+    generate_pki(&stranger);
+    std::fs::copy(pki.join("ca.pem"), stranger.join("ca.pem")).unwrap();
+    let stranger_call = match tls(agent.addr, &stranger, Some("operator")).await {
+        Ok(channel) => AgentServiceClient::new(channel).get_agent_info(pb::GetAgentInfoRequest {}).await.err(),
+        Err(e) => Some(tonic::Status::unavailable(e.to_string())),
+    };
+    assert!(stranger_call.is_some(), "a certificate from another CA must be refused");
+
+    // Plaintext to a TLS listener fails.
+    let plain = Endpoint::from_shared(format!("http://{}", agent.addr)).unwrap().connect().await;
+    if let Ok(channel) = plain {
+        assert!(AgentServiceClient::new(channel).get_agent_info(pb::GetAgentInfoRequest {}).await.is_err());
+    }
+
+    let mut viewer = AgentServiceClient::new(tls(agent.addr, &pki, Some("viewer")).await.unwrap());
+    viewer.get_agent_info(pb::GetAgentInfoRequest {}).await.unwrap();
+    let err = viewer.update_agent_settings(settings_update("debug")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("operator"), "{}", err.message());
+
+    let mut operator = AgentServiceClient::new(tls(agent.addr, &pki, Some("operator")).await.unwrap());
+    let updated = operator.update_agent_settings(settings_update("debug")).await.unwrap().into_inner();
+    assert_eq!(updated.generation, 1);
+    assert_eq!(agent.stop().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn corrupted_intent_store_refuses_start_and_is_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let agent = Agent::start(&["--data-dir", data]);
+    let mut client = plaintext(agent.addr).await;
+    client.update_agent_settings(settings_update("debug")).await.unwrap();
+    let mut labels = settings_update("warn");
+    labels.settings.as_mut().unwrap().labels.insert("rack".into(), "r7".into());
+    labels.update_mask = None;
+    client.update_agent_settings(labels).await.unwrap();
+    assert_eq!(agent.stop().await.code(), Some(0));
+
+    let log = dir.path().join("intent.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&log, &bytes).unwrap();
+
+    let (status, stderr) =
+        run_to_exit(&["--data-dir", data, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("corrupt") && stderr.contains("intent.log"), "{stderr}");
+    assert_eq!(std::fs::read(&log).unwrap(), bytes, "the corrupted file must be left exactly as found");
+}
