@@ -4,17 +4,8 @@
 # the admin listener. Expects host binaries in ${CARGO_TARGET_DIR:-target}/debug (cargo build).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-cache=${DPU_CACHE:-$HOME/.cache/dpu-agent}
 bin=${CARGO_TARGET_DIR:-$repo/target}/${DPU_PROFILE:-debug}
-venv=$cache/venv
-
-# Python peers, in a venv so the system Python stays untouched; reinstalled only when requirements change.
-req=$repo/tests/interop/requirements.txt
-if ! cmp -s "$req" "$venv/requirements.txt" 2>/dev/null; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check -r "$req"
-    cp "$req" "$venv/requirements.txt"
-fi
+venv=$("$repo/tests/interop/venv.sh")
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends curl >/dev/null; }
 
 work=$(mktemp -d)
