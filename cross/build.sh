@@ -22,7 +22,9 @@ case "$mode" in
         cargo build --locked --release --target aarch64-unknown-linux-gnu --bin dpu-agent --bin dpuctl
         ;;
     test)
-        cargo test --locked --target aarch64-unknown-linux-gnu --workspace
+        # Tests that start the agent binary run it through the same emulator cargo uses for the tests.
+        DPU_TEST_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
+            cargo test --locked --target aarch64-unknown-linux-gnu --workspace
         ;;
     clippy)
         cargo clippy --locked --target aarch64-unknown-linux-gnu --workspace --all-targets -- -D warnings

@@ -91,6 +91,7 @@ harness_list() {
 # ---- state shared with cleanup ---------------------------------------------
 QEMU_PID=""
 CHECK_PID=""
+HARNESS_PHASE=""  # set while test code runs under errexit in this shell
 GUEST_WORK=""
 declare -A HARNESS_PORTS=()
 
@@ -121,7 +122,16 @@ harness_cleanup() {
 	fi
 }
 
-trap harness_cleanup EXIT
+harness_on_exit() {
+	local rc=$?
+	harness_cleanup
+	if ((rc != 0)) && [[ -n $HARNESS_PHASE ]]; then
+		harness_log "error: $HARNESS_PHASE failed (status $rc)"
+		exit 2
+	fi
+}
+
+trap harness_on_exit EXIT
 trap 'harness_log "interrupted"; exit 130' INT TERM
 
 # ---- helpers for test files --------------------------------------------------
@@ -226,12 +236,15 @@ main() {
 	GUEST_RELEASE=$RELEASE
 	export GUEST_KERNEL_DIR GUEST_RELEASE
 
+	# Test code runs under errexit: a failing command ends the run (status 2).
 	if declare -F guest_prepare >/dev/null; then
 		harness_log "preparing $GUEST_TEST"
-		guest_prepare || harness_die "guest_prepare failed"
+		HARNESS_PHASE=guest_prepare
+		guest_prepare
 	fi
-
+	HARNESS_PHASE=guest_script
 	guest_script >"$GUEST_WORK/run.sh"
+	HARNESS_PHASE=""
 	local -a build=(--arch "$GUEST_ARCH" --kernel "$GUEST_KERNEL_DIR" --script "$GUEST_WORK/run.sh")
 	local m f
 	for m in "${GUEST_MODULES[@]}"; do build+=(--module "$m"); done

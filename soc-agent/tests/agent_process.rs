@@ -15,6 +15,20 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 const AGENT: &str = env!("CARGO_BIN_EXE_dpu-agent");
 
+/// The agent binary as a command. When cross-testing, `DPU_TEST_RUNNER` names the emulator that runs target
+/// binaries (e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`), as cargo's runner does for the test itself.
+fn agent_command() -> Command {
+    match std::env::var("DPU_TEST_RUNNER").ok().filter(|r| !r.trim().is_empty()) {
+        Some(runner) => {
+            let mut words = runner.split_whitespace();
+            let mut command = Command::new(words.next().unwrap());
+            command.args(words).arg(AGENT);
+            command
+        }
+        None => Command::new(AGENT),
+    }
+}
+
 /// A running agent on ephemeral loopback ports, stopped with SIGTERM on drop.
 struct Agent {
     child: Child,
@@ -25,7 +39,7 @@ struct Agent {
 impl Agent {
     /// Starts the agent with `args` and waits for it to report both listeners.
     fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(AGENT)
+        let mut child = agent_command()
             .args(["--log-format", "json", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::null())
@@ -78,7 +92,7 @@ impl Drop for Agent {
 
 /// Runs the agent binary to completion (for start-up failures) and returns its status and stderr.
 fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
-    let out = Command::new(AGENT).args(args).output().unwrap();
+    let out = agent_command().args(args).output().unwrap();
     (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 

@@ -85,7 +85,7 @@ guest_script() {
 	cat <<'GUEST'
 mkdir -p /var/lib/dpu-agent
 chmod 0755 /usr/bin/dpu-agent
-export RUST_LOG="${RUST_LOG:-info}"
+export RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1
 echo "guest: starting dpu-agent"
 dpu-agent --config /etc/dpu-agent/agent.toml &
 agent=$!
