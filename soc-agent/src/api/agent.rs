@@ -163,20 +163,34 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let mask = FieldMask::parse(request.update_mask, &["log_filter", "labels"])?;
         let expected = u64::try_from(request.expected_generation).ok().filter(|g| *g != 0);
 
-        let current = self.stored_settings()?;
-        let mut merged = current.as_ref().map(|s| s.spec.clone()).unwrap_or_default();
-        if mask.covers("log_filter") {
-            merged.log_filter = incoming.log_filter;
-        }
-        if mask.covers("labels") {
-            merged.labels = incoming.labels;
-        }
-        let stored = match current {
-            None if expected.is_some() => {
-                return Err(Status::aborted("settings were never written; expected_generation must be 0"));
+        // Read-modify-write guarded by the generation read: a concurrent update makes the write fail with a
+        // conflict, and unless the caller pinned a generation we merge again on top of it.
+        let stored = loop {
+            let current = self.stored_settings()?;
+            let mut merged = current.as_ref().map(|s| s.spec.clone()).unwrap_or_default();
+            if mask.covers("log_filter") {
+                merged.log_filter.clone_from(&incoming.log_filter);
             }
-            None => self.store.create(SETTINGS_ID, merged).map_err(intent_status)?.into_stored(),
-            Some(_) => self.store.update(SETTINGS_ID, merged, expected).map_err(intent_status)?,
+            if mask.covers("labels") {
+                merged.labels.clone_from(&incoming.labels);
+            }
+            let result = match current {
+                None if expected.is_some() => {
+                    return Err(Status::aborted("settings were never written; expected_generation must be 0"));
+                }
+                None => self.store.create(SETTINGS_ID, merged).map(dpu_intent::Created::into_stored),
+                Some(current) => {
+                    self.store.update(SETTINGS_ID, merged, Some(expected.unwrap_or(current.meta.generation)))
+                }
+            };
+            match result {
+                Err(dpu_intent::Error::Conflict { .. } | dpu_intent::Error::AlreadyExists { .. })
+                    if expected.is_none() =>
+                {
+                    continue;
+                }
+                other => break other.map_err(intent_status)?,
+            }
         };
         tracing::info!(generation = stored.meta.generation, "agent settings updated");
         Ok(Response::new(self.settings_response(Some(stored))))
