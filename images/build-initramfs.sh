@@ -10,19 +10,30 @@
 #                     '-' and '_' are interchangeable; built-in ones are skipped
 #   --file SRC:DST    copy host file or directory SRC to absolute path DST in
 #                     the image (DST ending in '/' keeps SRC's name); repeatable
+#   --binary PROG     copy host program PROG (a name looked up with `command -v`
+#                     on PATH plus the sbin directories, or an absolute path)
+#                     into the image at the same path, with every shared
+#                     library `ldd` lists for it and the dynamic loader, also
+#                     at their host paths; repeatable, or several names
+#                     separated by spaces/commas. Only when ARCH is the host's
+#                     own architecture. Data files a program reads (e.g.
+#                     /etc/mke2fs.conf) are not added: pass them with --file
 #   --script FILE     guest script, installed as /guest/run.sh (busybox sh)
 #   --out FILE        write the image here instead of the shared cache
 #
 # Prints the path of the (uncompressed, newc) cpio archive on stdout. Without
 # --out the image lives in ${DPU_CACHE:-$HOME/.cache/dpu-agent}/initramfs/,
 # keyed by a hash of everything that goes into it, so an unchanged image is
-# reused without rebuilding.
+# reused without rebuilding. That cache keeps the DPU_INITRAMFS_KEEP (24) most
+# recently used images, at most DPU_INITRAMFS_KEEP_MIB (2048) MiB in all.
 #
 # The image holds: busybox (applet links are installed by /init at boot, which
 # works for foreign-architecture images too), the requested modules and their
 # dependencies under /lib/modules/<release> with a matching modules.dep (so
 # busybox modprobe works in the guest), the virtio modules the harness needs
-# (virtio-net for eth0, virtio-rng for entropy), the extra files, and /init.
+# (virtio-net for eth0, virtio-rng for entropy), the host programs with their
+# libraries, the extra files (copied last, so they win), and /init. The cache
+# key covers the content of every program and library copied.
 #
 # /init mounts proc, sys, dev (devtmpfs, devpts, shm), tmp and run; loads the
 # modules; configures eth0 as 10.0.2.15/24 with a default route via 10.0.2.2
@@ -47,6 +58,9 @@ readonly CACHE_ROOT=${DPU_CACHE:-$HOME/.cache/dpu-agent}
 # built into the kernel are skipped.
 readonly BASE_MODULES=(virtio_pci virtio_net virtio_rng)
 readonly KEEP_IMAGES=${DPU_INITRAMFS_KEEP:-24}
+# Images with host programs are large (~90 MB for nvme-cli + fio): also cap
+# the cache's total size, dropping the least recently used images first.
+readonly KEEP_MIB=${DPU_INITRAMFS_KEEP_MIB:-2048}
 
 log() { printf 'build-initramfs: %s\n' "$*" >&2; }
 die() { printf 'build-initramfs: error: %s\n' "$*" >&2; exit 1; }
@@ -165,6 +179,48 @@ copy_module() {
 	printf '%s\n' "$out"
 }
 
+host_arch() { dpkg --print-architecture; }
+
+is_elf() { [[ $(head -c 4 -- "$1" 2>/dev/null) == $'\x7fELF' ]]; }
+
+# Resolve --binary arguments into BINARY_FILES: absolute host paths of each
+# program and of every shared object `ldd` reports for it (the dynamic loader
+# included), each once. Runs in the calling shell, so errors end the build.
+BINARY_FILES=()
+binary_closure() {
+	local name path out lib
+	local -A seen=()
+	local -a libs
+	for name in "$@"; do
+		if [[ $name == /* ]]; then
+			path=$name
+		else
+			path=$(command -v -- "$name" 2>/dev/null) \
+				|| die "--binary $name: no such program on the host (install its package: GUEST_HOST_PACKAGES, images/deps.sh --package)"
+			[[ $path == /* ]] || die "--binary $name: '$path' is a shell builtin or function, not a program"
+		fi
+		[[ -f $path && -x $path ]] || die "--binary $name: $path is not an executable file"
+		is_elf "$path" || die "--binary $name: $path is not an ELF binary (copy scripts and their interpreter with --file)"
+		libs=()
+		# ldd exits 1 for static binaries ("not a dynamic executable").
+		out=$(LC_ALL=C ldd -- "$path" 2>&1) || true
+		if [[ $out != *"not a dynamic executable"* && $out != *"statically linked"* ]]; then
+			mapfile -t libs < <(awk '
+				$2 == "=>" && $3 == "not" { print "MISSING " $1; next }
+				$2 == "=>" && $3 ~ /^\// { print $3; next }
+				$1 ~ /^\// { print $1 }
+			' <<<"$out")
+		fi
+		for lib in "$path" "${libs[@]}"; do
+			[[ $lib != "MISSING "* ]] || die "--binary $name: ldd cannot find ${lib#MISSING } for $path"
+			[[ -f $lib ]] || die "--binary $name: ldd names $lib, which is not a file"
+			[[ -z ${seen[$lib]:-} ]] || continue
+			seen[$lib]=1
+			BINARY_FILES+=("$lib")
+		done
+	done
+}
+
 write_init() {
 	cat >"$1" <<'EOF'
 #!/bin/busybox sh
@@ -273,16 +329,22 @@ guest_module_loaded() {
 EOF
 }
 
-prune_cache() {
-	local dir=$1
+prune_cache() { # dir [image to keep]
+	local dir=$1 keep=${2:-}
 	find "$dir" -maxdepth 1 -name '*.cpio' -printf '%T@ %p\n' | sort -rn \
 		| tail -n "+$((KEEP_IMAGES + 1))" | cut -d' ' -f2- | xargs -r rm -f
+	# Newest first; once the running total passes the cap, drop the rest.
+	find "$dir" -maxdepth 1 -name '*.cpio' -printf '%T@ %s %p\n' | sort -rn \
+		| awk -v cap=$((KEEP_MIB * 1048576)) -v keep="$keep" '
+			{ p = $0; sub(/^[^ ]+ [^ ]+ /, "", p); total += $2 }
+			total > cap && p != keep { print p }' \
+		| xargs -r -d '\n' rm -f
 	find "$dir" -maxdepth 1 -name '.tmp.*' -mmin +60 -exec rm -rf {} + 2>/dev/null || true
 }
 
 main() {
 	local arch="" kernel_dir="" script="" out=""
-	local -a modules=() files=()
+	local -a modules=() files=() binaries=()
 	while (($#)); do
 		case "$1" in
 		--arch) arch=${2:?--arch needs a value}; shift 2 ;;
@@ -294,6 +356,13 @@ main() {
 			shift 2
 			;;
 		--file) files+=("${2:?--file needs SRC:DST}"); shift 2 ;;
+		--binary)
+			local -a progs
+			read -ra progs <<<"${2:?--binary needs a program}"
+			read -ra progs <<<"${progs[*]//,/ }"
+			binaries+=("${progs[@]}")
+			shift 2
+			;;
 		--script) script=${2:?--script needs a value}; shift 2 ;;
 		--out) out=${2:?--out needs a value}; shift 2 ;;
 		-h | --help) usage ;;
@@ -343,6 +412,15 @@ main() {
 		file_dst+=("$dst")
 	done
 
+	# Host programs and their libraries (same architecture only).
+	if ((${#binaries[@]})); then
+		local host
+		host=$(host_arch)
+		[[ $arch == "$host" ]] \
+			|| die "--binary ${binaries[*]}: host programs can only go into a guest of the host's architecture ($host); this image is $arch"
+		binary_closure "${binaries[@]}"
+	fi
+
 	local busybox
 	busybox=$(busybox_for "$arch")
 
@@ -355,6 +433,9 @@ main() {
 		printf 'module %s\n' "${mod_paths[@]}"
 		for i in "${!file_src[@]}"; do
 			printf 'file %s %s\n' "${file_dst[$i]}" "$(tree_hash "${file_src[$i]}")"
+		done
+		for i in "${BINARY_FILES[@]}"; do
+			printf 'binary %s %s\n' "$i" "$(sha_of "$i")"
 		done
 		if [[ -n $script ]]; then printf 'script %s\n' "$(sha_of "$script")"; fi
 	)
@@ -415,6 +496,15 @@ main() {
 		printf '# no guest script given\n' >"$stage/guest/run.sh"
 	fi
 
+	# Programs and libraries at their host paths; /init's `busybox --install -s`
+	# leaves existing files alone, so these win over same-named applets.
+	for i in "${BINARY_FILES[@]}"; do
+		dst=$stage$i
+		[[ ! -L $(dirname "$dst") ]] || die "cannot install $i: $(dirname "$i") is a symlink in the image"
+		mkdir -p "$(dirname "$dst")"
+		cp -L --preserve=mode "$i" "$dst"
+	done
+
 	for i in "${!file_src[@]}"; do
 		dst=$stage${file_dst[$i]}
 		mkdir -p "$(dirname "$dst")"
@@ -431,9 +521,9 @@ main() {
 		|| die "cpio failed"
 	mv -f "$work/image.cpio" "$out"
 	rm -rf "$work"
-	log "built $(basename "$out") ($(du -h "$out" | cut -f1), ${#load_order[@]} modules)"
+	log "built $(basename "$out") ($(du -h "$out" | cut -f1), ${#load_order[@]} modules${BINARY_FILES[0]:+, ${#BINARY_FILES[@]} host programs and libraries})"
 	if [[ $out == "$cache_dir"/* ]]; then
-		prune_cache "$cache_dir"
+		prune_cache "$cache_dir" "$out"
 	fi
 	printf '%s\n' "$out"
 }

@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Install what the QEMU guest harness needs, idempotently, on a Debian host.
 #
-# Usage: images/deps.sh [GUEST_ARCH...]
+# Usage: images/deps.sh [--package PKG]... [GUEST_ARCH...]
 #
 #   Always ensures the host packages below are installed (apt-get runs only when
-#   one is missing). For each GUEST_ARCH (arm64|amd64) that is not the host's own
-#   dpkg architecture, also enables it as a foreign architecture and refreshes
-#   the apt lists, but only when apt cannot already see that architecture's
-#   packages; this is what lets fetch-kernel.sh and build-initramfs.sh
-#   `apt-get download` arm64 kernels and busybox on an amd64 host.
+#   one is missing). For each GUEST_ARCH (arm64|amd64) that is not the host's
+#   own dpkg architecture, also enables it as a foreign architecture and
+#   refreshes the apt lists, but only when apt cannot already see that
+#   architecture's packages; this is what lets fetch-kernel.sh and
+#   build-initramfs.sh `apt-get download` arm64 kernels and busybox on an amd64
+#   host.
+#
+#   --package PKG   also ensure Debian package PKG on the host, e.g. one whose
+#                   programs a test copies into an amd64 guest
+#                   (GUEST_HOST_PACKAGES and GUEST_BINARIES in tests/guest.sh);
+#                   repeatable, or several names separated by spaces/commas.
+#                   Like the base packages, installed only when missing.
 set -euo pipefail
 # depmod, dpkg and friends live in sbin directories a user PATH may lack.
 export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
@@ -44,9 +51,9 @@ is_installed() {
 	[[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) == installed ]]
 }
 
-ensure_host_packages() {
+ensure_host_packages() { # [extra package...]
 	local pkg missing=()
-	for pkg in "${HOST_PACKAGES[@]}"; do
+	for pkg in "${HOST_PACKAGES[@]}" "$@"; do
 		is_installed "$pkg" || missing+=("$pkg")
 	done
 	((${#missing[@]} == 0)) && return 0
@@ -84,10 +91,34 @@ ensure_guest_arch() {
 }
 
 main() {
+	local -a extra=() archs=() names
+	local name
+	while (($#)); do
+		case "$1" in
+		--package)
+			(($# >= 2)) || die "--package needs a Debian package name"
+			read -ra names <<<"${2//,/ }"
+			for name in "${names[@]}"; do
+				[[ $name =~ ^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?$ ]] || die "invalid package name '$name'"
+				extra+=("$name")
+			done
+			shift 2
+			;;
+		-h | --help)
+			sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2
+			exit 2
+			;;
+		-*) die "unknown option '$1'" ;;
+		*)
+			archs+=("$1")
+			shift
+			;;
+		esac
+	done
 	command -v dpkg-query >/dev/null 2>&1 || die "this harness needs a Debian-based host (dpkg/apt)"
-	ensure_host_packages
+	ensure_host_packages "${extra[@]}"
 	local arch
-	for arch in "$@"; do
+	for arch in "${archs[@]}"; do
 		ensure_guest_arch "$arch"
 	done
 }

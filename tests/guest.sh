@@ -14,6 +14,14 @@
 #   GUEST_MODULES=(...)       kernel modules to load at boot (dependencies are
 #                             resolved; virtio-net/virtio-rng are always added)
 #   GUEST_FILES=(SRC:DST ...) host files/directories to copy into the image
+#   GUEST_BINARIES=(PROG ...) host programs (names found with `command -v`, or
+#                             absolute paths) copied into the image at their
+#                             host paths with every library `ldd` lists and the
+#                             dynamic loader; only when GUEST_ARCH is the host's
+#                             architecture (amd64 guests on an x86_64 host)
+#   GUEST_HOST_PACKAGES=(PKG ...) Debian packages the test needs on the host
+#                             (e.g. the ones providing GUEST_BINARIES);
+#                             installed by images/deps.sh when missing
 #   GUEST_PORTS=(PORT ...)    guest TCP ports to forward from a free port on the
 #                             host's 127.0.0.1 (see guest_host_port)
 #   GUEST_TIMEOUT=SECONDS     watchdog for the whole boot, default 180
@@ -37,6 +45,15 @@
 #   host_check()              optional: host-side check, started once the
 #                             guest prints GUEST-READY (guest_ready); the guest
 #                             must then stay up (e.g. `wait` on its service).
+#   guest_cleanup()           optional: host-side teardown, e.g. stop a server
+#                             that guest_prepare started. Runs once when the run
+#                             ends for any reason (pass, fail, watchdog,
+#                             interrupt) after QEMU and host_check are stopped
+#                             and before GUEST_WORK is removed, provided the
+#                             run got as far as guest_prepare. Runs in the
+#                             harness's shell without errexit, so it can
+#                             `wait` for background jobs of guest_prepare;
+#                             it must not `exit`. A failure is only logged.
 #
 # Result: with host_check, the test passes when the guest reached GUEST-READY
 # and host_check returned 0; QEMU is then stopped. Without it, the test passes
@@ -92,6 +109,7 @@ harness_list() {
 QEMU_PID=""
 CHECK_PID=""
 HARNESS_PHASE=""  # set while test code runs under errexit in this shell
+HARNESS_CLEANUP_PENDING=0  # guest_cleanup still to run
 GUEST_WORK=""
 declare -A HARNESS_PORTS=()
 
@@ -113,6 +131,12 @@ harness_cleanup() {
 	harness_stop "$QEMU_PID"
 	CHECK_PID=""
 	QEMU_PID=""
+	if ((HARNESS_CLEANUP_PENDING)); then
+		HARNESS_CLEANUP_PENDING=0
+		local rc=0
+		guest_cleanup || rc=$?
+		((rc == 0)) || harness_log "warning: guest_cleanup failed (status $rc)"
+	fi
 	if [[ -n $GUEST_WORK && -d $GUEST_WORK ]]; then
 		if [[ ${DPU_GUEST_KEEP:-0} == 1 ]]; then
 			harness_log "kept work directory $GUEST_WORK"
@@ -203,6 +227,8 @@ main() {
 	GUEST_ARCH=""
 	GUEST_MODULES=()
 	GUEST_FILES=()
+	GUEST_BINARIES=()
+	GUEST_HOST_PACKAGES=()
 	GUEST_PORTS=()
 	GUEST_TIMEOUT=180
 	GUEST_MEMORY=1024
@@ -219,6 +245,12 @@ main() {
 	[[ $timeout =~ ^[1-9][0-9]*$ ]] || harness_die "invalid timeout '$timeout'"
 	local has_check=0
 	declare -F host_check >/dev/null && has_check=1
+	if ((${#GUEST_BINARIES[@]})); then
+		local host_arch
+		host_arch=$(dpkg --print-architecture)
+		[[ $GUEST_ARCH == "$host_arch" ]] \
+			|| harness_die "$test_file: GUEST_BINARIES copies host programs, so GUEST_ARCH must be the host's architecture ($host_arch), not $GUEST_ARCH"
+	fi
 
 	local t0
 	t0=$(date +%s%3N)
@@ -228,7 +260,10 @@ main() {
 	GUEST_WORK=$(mktemp -d "${TMPDIR:-/tmp}/guest-$GUEST_TEST.XXXXXX")
 	export GUEST_TEST GUEST_WORK GUEST_LOG REPO_ROOT
 
-	"$IMAGES_DIR/deps.sh" "$GUEST_ARCH"
+	local -a deps=()
+	local p
+	for p in "${GUEST_HOST_PACKAGES[@]}"; do deps+=(--package "$p"); done
+	"$IMAGES_DIR/deps.sh" "${deps[@]}" "$GUEST_ARCH"
 	GUEST_KERNEL_DIR=$("$IMAGES_DIR/fetch-kernel.sh" "$GUEST_ARCH")
 	local RELEASE="" KERNEL=""
 	# shellcheck source=/dev/null
@@ -237,6 +272,7 @@ main() {
 	export GUEST_KERNEL_DIR GUEST_RELEASE
 
 	# Test code runs under errexit: a failing command ends the run (status 2).
+	declare -F guest_cleanup >/dev/null && HARNESS_CLEANUP_PENDING=1
 	if declare -F guest_prepare >/dev/null; then
 		harness_log "preparing $GUEST_TEST"
 		HARNESS_PHASE=guest_prepare
@@ -249,6 +285,7 @@ main() {
 	local m f
 	for m in "${GUEST_MODULES[@]}"; do build+=(--module "$m"); done
 	for f in "${GUEST_FILES[@]}"; do build+=(--file "$f"); done
+	for f in "${GUEST_BINARIES[@]}"; do build+=(--binary "$f"); done
 	if [[ $GUEST_CACHE_IMAGE == 0 ]]; then
 		build+=(--out "$GUEST_WORK/initramfs.cpio")
 	fi

@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use dpu_proto::v1 as pb;
 use dpu_proto::v1::agent_service_client::AgentServiceClient;
+use dpu_proto::v1::storage_service_client::StorageServiceClient;
 use serde_json::{Value, json};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -56,6 +57,152 @@ enum Command {
     /// Agent run-time settings.
     #[command(subcommand)]
     Settings(SettingsCommand),
+    /// NVMe-oF target: volumes, subsystems, namespaces, listeners, stats.
+    #[command(subcommand)]
+    Storage(StorageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StorageCommand {
+    /// Volumes (block devices the target can export).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Subsystems (NQNs hosts connect to).
+    #[command(subcommand)]
+    Subsystem(SubsystemCommand),
+    /// Namespaces of a subsystem.
+    #[command(subcommand)]
+    Namespace(NamespaceCommand),
+    /// NVMe/TCP listeners of a subsystem.
+    #[command(subcommand)]
+    Listener(ListenerCommand),
+    /// I/O counters and latency histograms per volume.
+    Stats,
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a volume: exactly one of --malloc, --file PATH, --null.
+    Create {
+        id: String,
+        #[arg(long, group = "backend")]
+        malloc: bool,
+        #[arg(long, group = "backend", value_name = "PATH")]
+        file: Option<String>,
+        #[arg(long, group = "backend")]
+        null: bool,
+        /// Capacity, e.g. 256MiB, 10GiB, 4096.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[arg(long, default_value_t = 512)]
+        block_size: u32,
+    },
+    Get {
+        id: String,
+    },
+    List,
+    Delete {
+        id: String,
+        #[arg(long)]
+        allow_missing: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SubsystemCommand {
+    Create {
+        id: String,
+        #[arg(long)]
+        nqn: String,
+        #[arg(long, default_value = "")]
+        serial: String,
+        #[arg(long, default_value = "")]
+        model: String,
+        /// Allow every host.
+        #[arg(long)]
+        allow_any_host: bool,
+        /// Allowed host NQN (repeatable).
+        #[arg(long = "host", value_name = "NQN")]
+        hosts: Vec<String>,
+    },
+    Get {
+        id: String,
+    },
+    List,
+    Delete {
+        id: String,
+        #[arg(long)]
+        allow_missing: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NamespaceCommand {
+    Create {
+        subsystem: String,
+        id: String,
+        #[arg(long)]
+        volume: String,
+        /// Namespace id; default: the lowest free one.
+        #[arg(long, default_value_t = 0)]
+        nsid: u32,
+        #[arg(long, default_value = "")]
+        uuid: String,
+    },
+    Get {
+        subsystem: String,
+        id: String,
+    },
+    List {
+        subsystem: String,
+    },
+    Delete {
+        subsystem: String,
+        id: String,
+        #[arg(long)]
+        allow_missing: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ListenerCommand {
+    Create {
+        subsystem: String,
+        id: String,
+        /// IP:PORT, e.g. 0.0.0.0:4420.
+        #[arg(long)]
+        address: String,
+    },
+    Get {
+        subsystem: String,
+        id: String,
+    },
+    List {
+        subsystem: String,
+    },
+    Delete {
+        subsystem: String,
+        id: String,
+        #[arg(long)]
+        allow_missing: bool,
+    },
+}
+
+/// Parses sizes like 4096, 64KiB, 256MiB, 10GiB (also K/M/G/T, KB/MB/GB as powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size like 256MiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -155,6 +302,168 @@ fn info_json(info: pb::AgentInfo) -> Value {
     })
 }
 
+fn status_json(status: Option<&pb::ResourceStatus>, generation: i64) -> (Value, i64) {
+    (resource_state(status), generation)
+}
+
+fn volume_json(v: pb::Volume) -> Value {
+    let backend = match v.backend {
+        Some(pb::volume::Backend::Malloc(_)) => json!({ "malloc": {} }),
+        Some(pb::volume::Backend::File(f)) => json!({ "file": { "path": f.path } }),
+        Some(pb::volume::Backend::Null(_)) => json!({ "null": {} }),
+        None => Value::Null,
+    };
+    let (status, generation) = status_json(v.status.as_ref(), v.generation);
+    json!({ "name": v.name, "block_size": v.block_size, "size_bytes": v.size_bytes, "backend": backend,
+            "generation": generation, "status": status })
+}
+
+fn subsystem_json(s: pb::Subsystem) -> Value {
+    let (status, generation) = status_json(s.status.as_ref(), s.generation);
+    json!({ "name": s.name, "nqn": s.nqn, "serial": s.serial, "model": s.model, "allow_any_host": s.allow_any_host,
+            "allowed_hosts": s.allowed_hosts, "generation": generation, "status": status })
+}
+
+fn namespace_json(n: pb::Namespace) -> Value {
+    let (status, generation) = status_json(n.status.as_ref(), n.generation);
+    json!({ "name": n.name, "nsid": n.nsid, "volume": n.volume, "uuid": n.uuid, "generation": generation,
+            "status": status })
+}
+
+fn listener_json(l: pb::Listener) -> Value {
+    let (status, generation) = status_json(l.status.as_ref(), l.generation);
+    json!({ "name": l.name, "address": l.address, "generation": generation, "status": status })
+}
+
+async fn storage(channel: Channel, command: &StorageCommand) -> anyhow::Result<Value> {
+    let mut c = StorageServiceClient::new(channel);
+    let sub = |s: &str| format!("subsystems/{s}");
+    let deleted = |name: String| json!({ "deleted": name });
+    Ok(match command {
+        StorageCommand::Volume(VolumeCommand::Create { id, malloc: _, file, null, size, block_size }) => {
+            let backend = match (file, null) {
+                (Some(path), _) => pb::volume::Backend::File(pb::FileBackend { path: path.clone() }),
+                (None, true) => pb::volume::Backend::Null(pb::NullBackend {}),
+                (None, false) => pb::volume::Backend::Malloc(pb::MallocBackend {}),
+            };
+            let volume =
+                pb::Volume { block_size: *block_size, size_bytes: *size, backend: Some(backend), ..Default::default() };
+            volume_json(
+                c.create_volume(pb::CreateVolumeRequest { volume_id: id.clone(), volume: Some(volume) })
+                    .await?
+                    .into_inner(),
+            )
+        }
+        StorageCommand::Volume(VolumeCommand::Get { id }) => {
+            volume_json(c.get_volume(pb::GetVolumeRequest { name: format!("volumes/{id}") }).await?.into_inner())
+        }
+        StorageCommand::Volume(VolumeCommand::List) => {
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = c.list_volumes(pb::ListVolumesRequest { page_size: 0, page_token }).await?.into_inner();
+                all.extend(page.volumes.into_iter().map(volume_json));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            json!({ "volumes": all })
+        }
+        StorageCommand::Volume(VolumeCommand::Delete { id, allow_missing }) => {
+            let name = format!("volumes/{id}");
+            c.delete_volume(pb::DeleteVolumeRequest { name: name.clone(), allow_missing: *allow_missing }).await?;
+            deleted(name)
+        }
+        StorageCommand::Subsystem(SubsystemCommand::Create { id, nqn, serial, model, allow_any_host, hosts }) => {
+            let subsystem = pb::Subsystem {
+                nqn: nqn.clone(),
+                serial: serial.clone(),
+                model: model.clone(),
+                allow_any_host: *allow_any_host,
+                allowed_hosts: hosts.clone(),
+                ..Default::default()
+            };
+            let request = pb::CreateSubsystemRequest { subsystem_id: id.clone(), subsystem: Some(subsystem) };
+            subsystem_json(c.create_subsystem(request).await?.into_inner())
+        }
+        StorageCommand::Subsystem(SubsystemCommand::Get { id }) => {
+            subsystem_json(c.get_subsystem(pb::GetSubsystemRequest { name: sub(id) }).await?.into_inner())
+        }
+        StorageCommand::Subsystem(SubsystemCommand::List) => {
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page =
+                    c.list_subsystems(pb::ListSubsystemsRequest { page_size: 0, page_token }).await?.into_inner();
+                all.extend(page.subsystems.into_iter().map(subsystem_json));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            json!({ "subsystems": all })
+        }
+        StorageCommand::Subsystem(SubsystemCommand::Delete { id, allow_missing }) => {
+            c.delete_subsystem(pb::DeleteSubsystemRequest { name: sub(id), allow_missing: *allow_missing }).await?;
+            deleted(sub(id))
+        }
+        StorageCommand::Namespace(NamespaceCommand::Create { subsystem, id, volume, nsid, uuid }) => {
+            let namespace =
+                pb::Namespace { nsid: *nsid, volume: volume.clone(), uuid: uuid.clone(), ..Default::default() };
+            let request = pb::CreateNamespaceRequest {
+                parent: sub(subsystem),
+                namespace_id: id.clone(),
+                namespace: Some(namespace),
+            };
+            namespace_json(c.create_namespace(request).await?.into_inner())
+        }
+        StorageCommand::Namespace(NamespaceCommand::Get { subsystem, id }) => {
+            let name = format!("{}/namespaces/{id}", sub(subsystem));
+            namespace_json(c.get_namespace(pb::GetNamespaceRequest { name }).await?.into_inner())
+        }
+        StorageCommand::Namespace(NamespaceCommand::List { subsystem }) => {
+            let page =
+                c.list_namespaces(pb::ListNamespacesRequest { parent: sub(subsystem), ..Default::default() }).await?;
+            json!({ "namespaces": page.into_inner().namespaces.into_iter().map(namespace_json).collect::<Vec<_>>() })
+        }
+        StorageCommand::Namespace(NamespaceCommand::Delete { subsystem, id, allow_missing }) => {
+            let name = format!("{}/namespaces/{id}", sub(subsystem));
+            c.delete_namespace(pb::DeleteNamespaceRequest { name: name.clone(), allow_missing: *allow_missing })
+                .await?;
+            deleted(name)
+        }
+        StorageCommand::Listener(ListenerCommand::Create { subsystem, id, address }) => {
+            let listener = pb::Listener { address: address.clone(), ..Default::default() };
+            let request =
+                pb::CreateListenerRequest { parent: sub(subsystem), listener_id: id.clone(), listener: Some(listener) };
+            listener_json(c.create_listener(request).await?.into_inner())
+        }
+        StorageCommand::Listener(ListenerCommand::Get { subsystem, id }) => {
+            let name = format!("{}/listeners/{id}", sub(subsystem));
+            listener_json(c.get_listener(pb::GetListenerRequest { name }).await?.into_inner())
+        }
+        StorageCommand::Listener(ListenerCommand::List { subsystem }) => {
+            let page =
+                c.list_listeners(pb::ListListenersRequest { parent: sub(subsystem), ..Default::default() }).await?;
+            json!({ "listeners": page.into_inner().listeners.into_iter().map(listener_json).collect::<Vec<_>>() })
+        }
+        StorageCommand::Listener(ListenerCommand::Delete { subsystem, id, allow_missing }) => {
+            let name = format!("{}/listeners/{id}", sub(subsystem));
+            c.delete_listener(pb::DeleteListenerRequest { name: name.clone(), allow_missing: *allow_missing }).await?;
+            deleted(name)
+        }
+        StorageCommand::Stats => {
+            let stats = c.get_storage_stats(pb::GetStorageStatsRequest {}).await?.into_inner();
+            json!({ "volumes": stats.volumes.into_iter().map(|v| json!({
+                "volume": v.volume, "reads": v.reads, "writes": v.writes, "read_bytes": v.read_bytes,
+                "written_bytes": v.written_bytes, "flushes": v.flushes, "discards": v.discards, "errors": v.errors,
+                "latency_us_buckets": v.latency_us_buckets,
+            })).collect::<Vec<_>>() })
+        }
+    })
+}
+
 fn settings_json(s: pb::AgentSettings) -> Value {
     json!({
         "name": s.name,
@@ -228,6 +537,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<Value> {
                 .map_or("UNKNOWN", |s| s.as_str_name());
             json!({ "service": service, "status": status })
         }
+        Command::Storage(command) => storage(channel, command).await?,
         Command::Settings(SettingsCommand::Get) => settings_json(
             agent.get_agent_settings(pb::GetAgentSettingsRequest { name: "settings".into() }).await?.into_inner(),
         ),
@@ -282,5 +592,19 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("12parsecs").is_err());
     }
 }

@@ -9,12 +9,14 @@ use anyhow::Context as _;
 use dpu_intent::Store;
 use dpu_intent::reconcile::{Controller, ControllerConfig, StatusBoard};
 use dpu_proto::v1::agent_service_server::AgentServiceServer;
+use dpu_proto::v1::storage_service_server::StorageServiceServer;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::api::agent::AgentApi;
 use crate::api::auth::AuthLayer;
+use crate::api::storage::StorageApi;
 use crate::config::Config;
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
@@ -44,7 +46,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
 
     let status_board = StatusBoard::new();
     let controller_config = ControllerConfig { resync_interval: drift, ..ControllerConfig::default() };
-    let reconcilers = vec![
+    let mut reconcilers = vec![
         Controller::new(
             SettingsReconciler::new(log.clone(), config.log.level.clone()),
             store.clone(),
@@ -53,6 +55,16 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         )
         .spawn(shutdown_rx.clone()),
     ];
+    let target = dpu_storage::target::Target::new();
+    reconcilers.push(
+        Controller::new(
+            dpu_storage::reconcile::StorageReconciler::new(target.clone(), config.storage.discovery_listen),
+            store.clone(),
+            status_board.clone(),
+            controller_config,
+        )
+        .spawn(shutdown_rx.clone()),
+    );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -66,6 +78,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         .build_v1alpha()
         .context("building the reflection service")?;
     let agent_api = AgentApi::new(store.clone(), status_board.clone(), started, started_at);
+    let storage_api = StorageApi::new(store.clone(), status_board.clone(), target.stats().clone());
 
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &config.api.tls {
@@ -76,7 +89,8 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AgentServiceServer::new(agent_api));
+        .add_service(AgentServiceServer::new(agent_api))
+        .add_service(StorageServiceServer::new(storage_api));
 
     let listener = bind(config.api.listen).await.context("binding the gRPC API")?;
     let api_addr = listener.local_addr()?;

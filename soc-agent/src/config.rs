@@ -46,6 +46,17 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub reconcile: ReconcileConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// The NVMe-oF target.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Address of the NVMe/TCP discovery service (the well-known port is 8009); none when unset.
+    #[serde(default)]
+    pub discovery_listen: Option<SocketAddr>,
 }
 
 /// The gRPC control API.
@@ -177,6 +188,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             log: LogConfig::default(),
             reconcile: ReconcileConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod storage;
 
 use std::collections::BTreeSet;
 

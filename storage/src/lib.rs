@@ -1,0 +1,7 @@
+//! The block storage data path: volumes (`bdev`), the NVMe/TCP target that exports them as namespaces, and the
+//! reconciler that builds both from intent.
+
+pub mod bdev;
+pub mod model;
+pub mod reconcile;
+pub mod target;

@@ -1,0 +1,165 @@
+//! Converges the running target towards the storage intent: opens volumes, publishes subsystems with their
+//! namespaces and hosts, and binds the TCP listeners they are exported on. Idempotent: a pass over unchanged
+//! intent changes nothing and reports zero changes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use dpu_intent::Store;
+use dpu_intent::reconcile::{ObjectKey, ObjectState, ObjectStatus, Pass, ReconcileError, Reconciler};
+
+use crate::bdev::{FileVolume, MallocVolume, NullVolume, SharedVolume, VolumeError};
+use crate::model::{Backend, SubsystemSpec, VolumeSpec};
+use crate::target::{Namespace, Subsystem, Target};
+
+/// The storage subsystem's reconciler.
+#[derive(Debug)]
+pub struct StorageReconciler {
+    target: Target,
+    /// Extra address serving only discovery.
+    discovery: Option<SocketAddr>,
+    /// Volumes opened so far, with the spec they were opened from.
+    volumes: Mutex<HashMap<String, (VolumeSpec, SharedVolume)>>,
+}
+
+fn open_volume(spec: &VolumeSpec) -> Result<SharedVolume, VolumeError> {
+    Ok(match &spec.backend {
+        Backend::Malloc => Arc::new(MallocVolume::new(spec.block_size, spec.blocks())),
+        Backend::Null => Arc::new(NullVolume::new(spec.block_size, spec.blocks())),
+        Backend::File { path } => Arc::new(FileVolume::open(path, spec.block_size, spec.blocks())?),
+    })
+}
+
+fn status(state: ObjectState, reason: impl Into<String>, generation: u64) -> ObjectStatus {
+    ObjectStatus { state, reason: reason.into(), observed_generation: generation }
+}
+
+impl StorageReconciler {
+    pub fn new(target: Target, discovery: Option<SocketAddr>) -> Self {
+        Self { target, discovery, volumes: Mutex::new(HashMap::new()) }
+    }
+
+    /// Opens new volumes and forgets deleted ones. Returns (changes, statuses, usable volumes by id).
+    fn volumes(
+        &self,
+        store: &Store,
+        statuses: &mut Vec<(ObjectKey, ObjectStatus)>,
+    ) -> Result<(usize, HashMap<String, SharedVolume>), ReconcileError> {
+        let wanted = store.list_all::<VolumeSpec>()?;
+        let mut open = self.volumes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut changes = 0;
+        let ids: BTreeSet<String> = wanted.iter().map(|v| v.id.clone()).collect();
+        let before = open.len();
+        open.retain(|id, _| ids.contains(id));
+        changes += before - open.len();
+        for v in &wanted {
+            let key = ObjectKey::of::<VolumeSpec>(&v.id);
+            let current = open.get(&v.id).filter(|(spec, _)| *spec == v.spec);
+            if current.is_some() {
+                statuses.push((key, status(ObjectState::Ready, "", v.meta.generation)));
+                continue;
+            }
+            match open_volume(&v.spec) {
+                Ok(volume) => {
+                    tracing::info!(volume = %v.id, kind = volume.kind(), bytes = v.spec.size_bytes, "volume opened");
+                    open.insert(v.id.clone(), (v.spec.clone(), volume));
+                    changes += 1;
+                    statuses.push((key, status(ObjectState::Ready, "", v.meta.generation)));
+                }
+                Err(e) => {
+                    let reason =
+                        format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default());
+                    statuses.push((key, status(ObjectState::Error, reason, v.meta.generation)));
+                }
+            }
+        }
+        self.target.stats().retain(&ids);
+        Ok((changes, open.iter().map(|(id, (_, vol))| (id.clone(), vol.clone())).collect()))
+    }
+}
+
+impl Reconciler for StorageReconciler {
+    fn name(&self) -> &'static str {
+        "storage"
+    }
+
+    async fn reconcile(&self, store: &Store) -> Result<Pass, ReconcileError> {
+        let mut statuses = Vec::new();
+        let (mut changes, volumes) = self.volumes(store, &mut statuses)?;
+        let subsystems = store.list_all::<SubsystemSpec>()?;
+        let registry = self.target.registry();
+
+        let mut wanted_listeners: BTreeMap<SocketAddr, Vec<String>> = BTreeMap::new();
+        for s in &subsystems {
+            let spec = &s.spec;
+            let served = match registry.by_nqn(&spec.nqn) {
+                Some(existing)
+                    if existing.id == s.id && existing.serial == spec.serial && existing.model == spec.model =>
+                {
+                    existing
+                }
+                _ => {
+                    let fresh = Arc::new(Subsystem::new(&s.id, &spec.nqn, &spec.serial, &spec.model));
+                    registry.insert(fresh.clone());
+                    changes += 1;
+                    fresh
+                }
+            };
+            changes += usize::from(served.set_hosts(spec.allow_any_host, &spec.allowed_hosts));
+            let mut namespaces = Vec::new();
+            for (ns_id, ns) in &spec.namespaces {
+                let key = ObjectKey { kind: "namespaces".into(), id: format!("{}/{ns_id}", s.id) };
+                match volumes.get(&ns.volume) {
+                    Some(volume) => {
+                        let existing = served
+                            .namespace(ns.nsid)
+                            .filter(|old| Arc::ptr_eq(&old.volume, volume) && old.uuid == ns.uuid);
+                        namespaces.push(existing.unwrap_or_else(|| {
+                            Arc::new(Namespace {
+                                nsid: ns.nsid,
+                                volume_id: ns.volume.clone(),
+                                volume: volume.clone(),
+                                uuid: ns.uuid,
+                                stats: self.target.stats().for_volume(&ns.volume),
+                            })
+                        }));
+                        statuses.push((key, status(ObjectState::Ready, "", s.meta.generation)));
+                    }
+                    None => statuses.push((
+                        key,
+                        status(ObjectState::Pending, format!("volumes/{} is not open", ns.volume), s.meta.generation),
+                    )),
+                }
+            }
+            changes += served.set_namespaces(namespaces);
+            let addresses: BTreeSet<SocketAddr> = spec.listeners.values().map(|l| l.address).collect();
+            changes += usize::from(served.set_listeners(addresses.clone()));
+            for (l_id, l) in &spec.listeners {
+                wanted_listeners.entry(l.address).or_default().push(format!("{}/{l_id}", s.id));
+            }
+            statuses.push((ObjectKey::of::<SubsystemSpec>(&s.id), status(ObjectState::Ready, "", s.meta.generation)));
+        }
+        let nqns: BTreeSet<String> = subsystems.iter().map(|s| s.spec.nqn.clone()).collect();
+        changes += registry.retain(&nqns);
+
+        let mut addresses: BTreeSet<SocketAddr> = wanted_listeners.keys().copied().collect();
+        addresses.extend(self.discovery);
+        let (bound, failed) = self.target.set_listeners(addresses).await;
+        changes += bound;
+        for (address, listeners) in wanted_listeners {
+            let generation = subsystems
+                .iter()
+                .find(|s| listeners.iter().any(|l| l.starts_with(&format!("{}/", s.id))))
+                .map_or(0, |s| s.meta.generation);
+            let state = match failed.get(&address) {
+                Some(reason) => status(ObjectState::Error, format!("binding {address}: {reason}"), generation),
+                None => status(ObjectState::Ready, "", generation),
+            };
+            for l in listeners {
+                statuses.push((ObjectKey { kind: "listeners".into(), id: l }, state.clone()));
+            }
+        }
+        Ok(Pass { changes, statuses })
+    }
+}
