@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use dpu_intent::Store;
 use dpu_intent::reconcile::{ObjectKey, ObjectState, ObjectStatus, Pass, ReconcileError, Reconciler};
 
-use crate::bdev::{FileVolume, MallocVolume, NullVolume, SharedVolume, VolumeError};
+use crate::bdev::{FileVolume, MallocVolume, NullVolume, SharedVolume, Uring, VolumeError};
 use crate::model::{Backend, SubsystemSpec, VolumeSpec};
 use crate::target::{Namespace, Subsystem, Target};
 
@@ -21,13 +21,15 @@ pub struct StorageReconciler {
     discovery: Option<SocketAddr>,
     /// Volumes opened so far, with the spec they were opened from.
     volumes: Mutex<HashMap<String, (VolumeSpec, SharedVolume)>>,
+    /// The io_uring engine for file volumes, set up on first use; `None` inside when the kernel has none.
+    uring: std::sync::OnceLock<Option<Uring>>,
 }
 
-fn open_volume(spec: &VolumeSpec) -> Result<SharedVolume, VolumeError> {
+fn open_volume(spec: &VolumeSpec, uring: Option<Uring>) -> Result<SharedVolume, VolumeError> {
     Ok(match &spec.backend {
         Backend::Malloc => Arc::new(MallocVolume::new(spec.block_size, spec.blocks())),
         Backend::Null => Arc::new(NullVolume::new(spec.block_size, spec.blocks())),
-        Backend::File { path } => Arc::new(FileVolume::open(path, spec.block_size, spec.blocks())?),
+        Backend::File { path } => Arc::new(FileVolume::open(path, spec.block_size, spec.blocks(), uring)?),
     })
 }
 
@@ -37,7 +39,20 @@ fn status(state: ObjectState, reason: impl Into<String>, generation: u64) -> Obj
 
 impl StorageReconciler {
     pub fn new(target: Target, discovery: Option<SocketAddr>) -> Self {
-        Self { target, discovery, volumes: Mutex::new(HashMap::new()) }
+        Self { target, discovery, volumes: Mutex::new(HashMap::new()), uring: std::sync::OnceLock::new() }
+    }
+
+    /// The shared ring, probed once; without io_uring file volumes fall back to the thread pool, and say so.
+    fn uring(&self) -> Option<Uring> {
+        self.uring
+            .get_or_init(|| match Uring::new() {
+                Ok(ring) => Some(ring),
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring is unavailable: file volumes use the blocking thread pool");
+                    None
+                }
+            })
+            .clone()
     }
 
     /// Opens new volumes and forgets deleted ones. Returns (changes, statuses, usable volumes by id).
@@ -60,7 +75,8 @@ impl StorageReconciler {
                 statuses.push((key, status(ObjectState::Ready, "", v.meta.generation)));
                 continue;
             }
-            match open_volume(&v.spec) {
+            let uring = matches!(v.spec.backend, Backend::File { .. }).then(|| self.uring()).flatten();
+            match open_volume(&v.spec, uring) {
                 Ok(volume) => {
                     tracing::info!(volume = %v.id, kind = volume.kind(), bytes = v.spec.size_bytes, "volume opened");
                     open.insert(v.id.clone(), (v.spec.clone(), volume));

@@ -1,6 +1,7 @@
-//! File volume: a regular file (or block device) served with positioned reads and writes on tokio's blocking
-//! thread pool. Writes land in the page cache; `flush` is `fdatasync`, so the controller advertises a volatile
-//! write cache and the host's flushes make data durable. Discard punches holes, keeping the file's size.
+//! File volume: a regular file (or block device) served through io_uring where the kernel offers it, else with
+//! positioned reads and writes on tokio's blocking thread pool. Writes land in the page cache; `flush` is
+//! `fdatasync`, so the controller advertises a volatile write cache and the host's flushes make data durable.
+//! Discard punches holes, keeping the file's size.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use nix::fcntl::{FallocateFlags, fallocate};
 
+use super::uring::{Uring, UringOp};
 use super::{BufResult, Geometry, IoFuture, Volume, VolumeError};
 
 /// A volume backed by a file.
@@ -17,18 +19,35 @@ pub struct FileVolume {
     geometry: Geometry,
     path: PathBuf,
     file: Arc<File>,
+    /// The ring serving this volume; `None` uses the blocking thread pool.
+    uring: Option<Uring>,
 }
 
 impl FileVolume {
     /// Opens `path`, creating it if needed, and sets its size to `blocks` blocks. An existing file keeps its
     /// data (the volume survives agent restarts); a larger existing file is not truncated.
-    pub fn open(path: &Path, block_size: u32, blocks: u64) -> Result<Self, VolumeError> {
+    pub fn open(path: &Path, block_size: u32, blocks: u64, uring: Option<Uring>) -> Result<Self, VolumeError> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let geometry = Geometry { block_size, blocks };
         if file.metadata()?.len() < geometry.bytes() {
             file.set_len(geometry.bytes())?;
         }
-        Ok(Self { geometry, path: path.to_owned(), file: Arc::new(file) })
+        Ok(Self { geometry, path: path.to_owned(), file: Arc::new(file), uring })
+    }
+
+    /// "io_uring" or "thread pool".
+    pub fn engine(&self) -> &'static str {
+        if self.uring.is_some() { "io_uring" } else { "thread pool" }
+    }
+
+    /// The operation on the ring, or the buffer back when this volume has no ring.
+    fn ring(&self, op: UringOp, offset: u64, buf: Vec<u8>) -> Result<IoFuture<'_, BufResult>, Vec<u8>> {
+        let Some(ring) = self.uring.clone() else { return Err(buf) };
+        let file = self.file.clone();
+        Ok(Box::pin(async move {
+            let (buf, result) = ring.submit(op, file, offset, buf).await;
+            (buf, result.map_err(VolumeError::from))
+        }))
     }
 
     /// The backing file.
@@ -61,10 +80,14 @@ impl Volume for FileVolume {
         self.geometry
     }
 
-    fn read(&self, lba: u64, mut buf: Vec<u8>) -> IoFuture<'_, BufResult> {
+    fn read(&self, lba: u64, buf: Vec<u8>) -> IoFuture<'_, BufResult> {
         let offset = match self.geometry.check(lba, buf.len()) {
             Ok(offset) => offset,
             Err(e) => return Box::pin(std::future::ready((buf, Err(e)))),
+        };
+        let mut buf = match self.ring(UringOp::Read, offset, buf) {
+            Ok(on_ring) => return on_ring,
+            Err(buf) => buf,
         };
         Box::pin(self.blocking(move |file| {
             let result = file.read_exact_at(&mut buf, offset).map_err(VolumeError::from);
@@ -77,6 +100,10 @@ impl Volume for FileVolume {
             Ok(offset) => offset,
             Err(e) => return Box::pin(std::future::ready((buf, Err(e)))),
         };
+        let buf = match self.ring(UringOp::Write, offset, buf) {
+            Ok(on_ring) => return on_ring,
+            Err(buf) => buf,
+        };
         Box::pin(self.blocking(move |file| {
             let result = file.write_all_at(&buf, offset).map_err(VolumeError::from);
             (buf, result)
@@ -84,7 +111,10 @@ impl Volume for FileVolume {
     }
 
     fn flush(&self) -> IoFuture<'_, Result<(), VolumeError>> {
-        Box::pin(self.blocking(|file| file.sync_data().map_err(VolumeError::from)))
+        match self.ring(UringOp::Fdatasync, 0, Vec::new()) {
+            Ok(on_ring) => Box::pin(async move { on_ring.await.1 }),
+            Err(_) => Box::pin(self.blocking(|file| file.sync_data().map_err(VolumeError::from))),
+        }
     }
 
     fn discard(&self, lba: u64, blocks: u64) -> IoFuture<'_, Result<(), VolumeError>> {
@@ -131,14 +161,19 @@ mod tests {
     async fn conformance_and_persistence() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vol.img");
-        let volume = FileVolume::open(&path, 512, 4096).unwrap();
+        let volume = FileVolume::open(&path, 512, 4096, None).unwrap();
         super::super::tests::conformance(&volume).await;
+        if let Ok(ring) = Uring::new() {
+            let on_ring = FileVolume::open(&dir.path().join("ring.img"), 4096, 512, Some(ring)).unwrap();
+            assert_eq!(on_ring.engine(), "io_uring");
+            super::super::tests::conformance(&on_ring).await;
+        }
         let (_, r) = volume.write(100, vec![0xab; 1024]).await;
         r.unwrap();
         volume.flush().await.unwrap();
         drop(volume);
 
-        let volume = FileVolume::open(&path, 512, 4096).unwrap();
+        let volume = FileVolume::open(&path, 512, 4096, None).unwrap();
         let (back, r) = volume.read(100, vec![0; 1024]).await;
         r.unwrap();
         assert!(back.iter().all(|&b| b == 0xab));

@@ -8,6 +8,7 @@
 mod file;
 mod malloc;
 mod null;
+mod uring;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use file::FileVolume;
 pub use malloc::MallocVolume;
 pub use null::NullVolume;
+pub use uring::Uring;
 
 /// Future returned by volume I/O. Boxed so volumes can be used as `Arc<dyn Volume>` and stacked.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -315,7 +315,7 @@ impl Controller {
         id.cntlid.set(self.cntlid);
         id.ver.set(properties::version(1, 3, 0));
         id.oaes.set(if self.is_discovery() { 0 } else { identify::oaes::NAMESPACE_ATTRIBUTE });
-        id.ctratt.set(identify::ctratt::TBKAS);
+        id.ctratt.set(identify::ctratt::HOST_ID_128 | identify::ctratt::TBKAS);
         id.cntrltype = if self.is_discovery() { identify::cntrltype::DISCOVERY } else { identify::cntrltype::IO };
         id.acl = 3;
         id.aerl = (AER_LIMIT - 1) as u8;
