@@ -5,7 +5,7 @@
 #   3. aarch64 unit tests under qemu-aarch64 (io_uring is ENOSYS there; the code must cope)
 #   4. the static aarch64 release build (the DPU binary) and the host release build
 #   5. independent peers against the agent: Python grpcio + reflection, openssl, curl
-#   6. QEMU guests: boot smoke tests and the arm64 agent test
+#   6. QEMU guests: boot smoke tests, the arm64 agent test, the Linux NVMe/TCP initiator against the target
 # Set DPU_SKIP_GUEST=1 to skip step 6 on a machine without QEMU time to spare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +59,7 @@ step "interop: grpcio, openssl, curl"
 DPU_PROFILE=release tests/interop.sh
 
 if [ "${DPU_SKIP_GUEST:-0}" != 1 ]; then
-    for t in boot-arm64 boot-amd64 arm64-agent; do
+    for t in boot-arm64 boot-amd64 arm64-agent nvme-initiator; do
         step "guest: $t"
         # Every binary the guests need was built above.
         DPU_GUEST_NO_BUILD=1 tests/guest.sh "$t"
