@@ -29,6 +29,8 @@ use crate::bdev::IoKind;
 
 /// Largest PDU accepted: a full transfer plus headers, digests and padding.
 const MAX_PDU: u32 = (MAX_TRANSFER + 4096) as u32;
+/// A connection must have completed ICReq and Connect this soon after it is accepted.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 
 type CommandFuture = Pin<Box<dyn Future<Output = Completion> + Send>>;
 
@@ -129,6 +131,7 @@ type Fault = String;
 impl Connection {
     async fn run(&mut self) -> Result<(), Fault> {
         let mut keep_alive = tokio::time::interval(Duration::from_millis(500));
+        let accepted = Instant::now();
         loop {
             self.process_input()?;
             self.flush().await?;
@@ -150,6 +153,9 @@ impl Connection {
                 Some(cqe) = recv_event(events) => self.respond(cqe.cid(), cqe.status(), cqe.dw0(), cqe.dw1()),
                 () = association_ended(closed.as_mut()) => return Err("the controller association ended".into()),
                 _ = keep_alive.tick() => {
+                    if self.queue.is_none() && accepted.elapsed() > CONNECT_DEADLINE {
+                        return Err(format!("no Connect within {} s", CONNECT_DEADLINE.as_secs()));
+                    }
                     if let Some(q) = &self.queue
                         && q.qid == 0
                         && q.controller.keep_alive_expired()
@@ -268,7 +274,17 @@ impl Connection {
 
     fn command(&mut self, sqe: Sqe, data: std::ops::Range<usize>) -> Result<(), Fault> {
         let cid = sqe.cid();
+        let outstanding = self.inflight.len() + self.writes.len();
         if let Some(q) = &mut self.queue {
+            // The host may not have more commands outstanding than the queue holds; one that does is broken.
+            if outstanding > usize::from(q.sqsize) {
+                let sqsize = q.sqsize;
+                return Err(self.terminate(
+                    FatalErrorStatus::PduSequenceError,
+                    0,
+                    &format!("more than {} commands outstanding", sqsize + 1),
+                ));
+            }
             q.sq_head = (q.sq_head + 1) % (q.sqsize + 1);
             q.controller.touch();
         }
