@@ -5,7 +5,8 @@
 #   3. aarch64 unit tests under qemu-aarch64 (io_uring is ENOSYS there; the code must cope)
 #   4. the static aarch64 release build (the DPU binary) and the host release build
 #   5. independent peers against the agent: Python grpcio + reflection, openssl, curl
-#   6. QEMU guests: boot smoke tests, the arm64 agent test, the Linux NVMe/TCP initiator against the target
+#   6. every fuzz target for a few seconds (cargo-fuzz, nightly)
+#   7. QEMU guests: boot smoke tests, the arm64 agent test, the Linux NVMe/TCP initiator against the target
 # Set DPU_SKIP_GUEST=1 to skip step 6 on a machine without QEMU time to spare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +58,9 @@ cargo build --locked --release --bin dpu-agent --bin dpuctl
 
 step "interop: grpcio, openssl, curl"
 DPU_PROFILE=release tests/interop.sh
+
+step "fuzz smoke: every target for ${DPU_FUZZ_SECONDS:-10}s"
+fuzz/run.sh "${DPU_FUZZ_SECONDS:-10}"
 
 if [ "${DPU_SKIP_GUEST:-0}" != 1 ]; then
     for t in boot-arm64 boot-amd64 arm64-agent nvme-initiator; do

@@ -1,105 +1,17 @@
 //! The `dpu-agent` binary as an operator meets it: config errors, mTLS and roles, persistence across restarts,
 //! graceful stop, and refusal of a corrupted intent store.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+
+use common::{Agent, plaintext, run_to_exit};
 
 use dpu_proto::v1 as pb;
 use dpu_proto::v1::agent_service_client::AgentServiceClient;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-const AGENT: &str = env!("CARGO_BIN_EXE_dpu-agent");
-
-/// The agent binary as a command. When cross-testing, `DPU_TEST_RUNNER` names the emulator that runs target
-/// binaries (e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`), as cargo's runner does for the test itself.
-fn agent_command() -> Command {
-    match std::env::var("DPU_TEST_RUNNER").ok().filter(|r| !r.trim().is_empty()) {
-        Some(runner) => {
-            let mut words = runner.split_whitespace();
-            let mut command = Command::new(words.next().unwrap());
-            command.args(words).arg(AGENT);
-            command
-        }
-        None => Command::new(AGENT),
-    }
-}
-
-/// A running agent on ephemeral loopback ports, stopped with SIGTERM on drop.
-struct Agent {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Agent {
-    /// Starts the agent with `args` and waits for it to report both listeners.
-    fn start(args: &[&str]) -> Self {
-        let mut child = agent_command()
-            .args(["--log-format", "json", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn dpu-agent");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-                let message = event["message"].as_str().unwrap_or_default().to_owned();
-                let addr = event["addr"].as_str().unwrap_or_default().to_owned();
-                if tx.send((message, addr)).is_err() {
-                    break;
-                }
-            }
-        });
-        let (mut addr, mut admin) = (None, None);
-        while addr.is_none() || admin.is_none() {
-            let Ok((message, at)) = rx.recv_timeout(Duration::from_secs(20)) else {
-                let status = child.wait().unwrap();
-                panic!("agent did not start (exit {status})");
-            };
-            if message.starts_with("serving the control API") {
-                addr = at.parse().ok();
-            } else if message.starts_with("admin listener") {
-                admin = at.parse().ok();
-            }
-        }
-        Self { child, addr: addr.unwrap(), admin: admin.unwrap() }
-    }
-
-    /// SIGTERM and wait for the exit status. Waits off the runtime thread, so the test's gRPC connections
-    /// keep running and can answer the agent's GOAWAY while it drains.
-    async fn stop(mut self) -> ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
-        tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs the agent binary to completion (for start-up failures) and returns its status and stderr.
-fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
-    let out = agent_command().args(args).output().unwrap();
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-async fn plaintext(addr: SocketAddr) -> AgentServiceClient<Channel> {
-    let channel = Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    AgentServiceClient::new(channel)
-}
 
 async fn tls(addr: SocketAddr, pki: &Path, identity: Option<&str>) -> Result<Channel, tonic::transport::Error> {
     let mut config = ClientTlsConfig::new()
