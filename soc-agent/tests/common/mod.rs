@@ -99,7 +99,6 @@ pub async fn plaintext(addr: SocketAddr) -> AgentServiceClient<Channel> {
     AgentServiceClient::new(channel)
 }
 
-
 impl Agent {
     /// SIGKILL: no drain, no flush — what a crash or an OOM kill does.
     pub fn kill(mut self) {
