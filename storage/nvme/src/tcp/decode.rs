@@ -38,8 +38,8 @@ pub enum PduError {
     #[error("the parameter at byte {offset} is not supported")]
     UnsupportedParameter { offset: u32 },
     /// The data digest does not match the data. Not fatal: the PDU of `len` bytes is complete and the
-    /// stream stays in step, so the receiver skips `len` bytes and fails command `cccid` with
-    /// [`crate::spec::Status::TRANSIENT_TRANSPORT_ERROR`].
+    /// stream stays in step, so the receiver skips `len` bytes and fails command `cccid` (the Linux host and this
+    /// project's target report [`crate::spec::Status::DATA_TRANSFER_ERROR`]).
     #[error("the data digest {received:#010x} of command {cccid} does not match the computed {computed:#010x}")]
     DataDigest { cccid: u16, len: usize, received: u32, computed: u32 },
 }
