@@ -418,6 +418,10 @@ impl Connection {
             if !same_subsystem || controller.host_nqn != hostnqn {
                 return invalid(fabrics::connect_data_offset::HOSTNQN, true);
             }
+            // Every queue of an association comes from the same host: its Host Identifier must match too.
+            if controller.host_id != params.hostid {
+                return invalid(fabrics::connect_data_offset::HOSTID, true);
+            }
             if !controller.ready() || qid > controller.io_queues() {
                 return invalid(fabrics::connect_command_offset::QID, false);
             }
