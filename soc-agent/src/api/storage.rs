@@ -107,6 +107,35 @@ impl StorageApi {
     }
 }
 
+impl StorageApi {
+    /// Deletes the child `name` (`subsystems/{s}/{child}/{id}`) with `remove`, which reports whether it existed.
+    async fn delete_child(
+        &self,
+        name: &str,
+        child: &str,
+        allow_missing: bool,
+        remove: impl Fn(&mut SubsystemSpec, &str) -> bool,
+    ) -> Result<(), Status> {
+        let (s, id) = parse_child(name, child)?;
+        let _guard = self.writes.lock().await;
+        let exists = match self.store.get::<SubsystemSpec>(s) {
+            Ok(mut parent) => remove(&mut parent.spec, id),
+            Err(dpu_intent::Error::NotFound { .. }) => false,
+            Err(e) => return Err(intent_status(e)),
+        };
+        match (exists, allow_missing) {
+            (true, _) => self
+                .modify_subsystem(s, |spec| {
+                    remove(spec, id);
+                    Ok(())
+                })
+                .map(drop),
+            (false, true) => Ok(()),
+            (false, false) => Err(Status::not_found(format!("{name} does not exist"))),
+        }
+    }
+}
+
 fn generation(g: u64) -> i64 {
     i64::try_from(g).unwrap_or(i64::MAX)
 }
@@ -399,19 +428,8 @@ impl pb::storage_service_server::StorageService for StorageApi {
         r: Request<pb::DeleteNamespaceRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let r = r.into_inner();
-        let (s, id) = parse_child(&r.name, "namespaces")?;
-        let _guard = self.writes.lock().await;
-        match self.store.get::<SubsystemSpec>(s) {
-            Ok(parent) if parent.spec.namespaces.contains_key(id) => {
-                self.modify_subsystem(s, |spec| {
-                    spec.namespaces.remove(id);
-                    Ok(())
-                })?;
-            }
-            Ok(_) | Err(dpu_intent::Error::NotFound { .. }) if r.allow_missing => {}
-            Ok(_) => return Err(Status::not_found(format!("{} does not exist", r.name))),
-            Err(e) => return Err(intent_status(e)),
-        }
+        self.delete_child(&r.name, "namespaces", r.allow_missing, |spec, id| spec.namespaces.remove(id).is_some())
+            .await?;
         Ok(Response::new(pb::DeleteResponse {}))
     }
 
@@ -473,19 +491,8 @@ impl pb::storage_service_server::StorageService for StorageApi {
         r: Request<pb::DeleteListenerRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let r = r.into_inner();
-        let (s, id) = parse_child(&r.name, "listeners")?;
-        let _guard = self.writes.lock().await;
-        match self.store.get::<SubsystemSpec>(s) {
-            Ok(parent) if parent.spec.listeners.contains_key(id) => {
-                self.modify_subsystem(s, |spec| {
-                    spec.listeners.remove(id);
-                    Ok(())
-                })?;
-            }
-            Ok(_) | Err(dpu_intent::Error::NotFound { .. }) if r.allow_missing => {}
-            Ok(_) => return Err(Status::not_found(format!("{} does not exist", r.name))),
-            Err(e) => return Err(intent_status(e)),
-        }
+        self.delete_child(&r.name, "listeners", r.allow_missing, |spec, id| spec.listeners.remove(id).is_some())
+            .await?;
         Ok(Response::new(pb::DeleteResponse {}))
     }
 

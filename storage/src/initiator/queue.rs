@@ -22,7 +22,8 @@ use std::time::Duration;
 use dpu_nvme::spec::fabrics::{ConnectCommand, ConnectData};
 use dpu_nvme::spec::{Cqe, SglDescriptor, Sqe, Status};
 use dpu_nvme::tcp::{
-    self, DataPdu, Decoded, Decoder, Direction, FatalErrorStatus, PduError, PduHeader, TxOptions, data_digest, flags,
+    self, DataPdu, Decoded, Decoder, Direction, FatalErrorStatus, PduError, PduHeader, RecvBuffer, TxOptions,
+    data_digest, flags,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -290,9 +291,7 @@ impl Queue {
                 shared: shared.clone(),
                 rd,
                 decoder,
-                rbuf,
-                start: used,
-                end,
+                rx: RecvBuffer { data: rbuf, start: used, end },
                 wake: Vec::new(),
                 poll: config.busy_poll,
             }
@@ -570,9 +569,7 @@ struct Reader {
     shared: Arc<Shared>,
     rd: OwnedReadHalf,
     decoder: Decoder,
-    rbuf: Vec<u8>,
-    start: usize,
-    end: usize,
+    rx: RecvBuffer,
     /// Wakers collected under the lock, woken after it.
     wake: Vec<Waker>,
     /// Busy-poll window, see [`QueueConfig::busy_poll`].
@@ -587,10 +584,10 @@ impl Reader {
                 break e;
             }
             if let Some(window) = self.poll {
-                match self.rd.try_read(&mut self.rbuf[self.end..]) {
+                match self.rd.try_read(&mut self.rx.data[self.rx.end..]) {
                     Ok(0) => break Error::closed("the controller closed the connection"),
                     Ok(n) => {
-                        self.end += n;
+                        self.rx.end += n;
                         last_data = std::time::Instant::now();
                         continue;
                     }
@@ -608,10 +605,10 @@ impl Reader {
                 }
             }
             tokio::select! {
-                read = self.rd.read(&mut self.rbuf[self.end..]) => match read {
+                read = self.rd.read(&mut self.rx.data[self.rx.end..]) => match read {
                     Ok(0) => break Error::closed("the controller closed the connection"),
                     Ok(n) => {
-                        self.end += n;
+                        self.rx.end += n;
                         if self.poll.is_some() {
                             last_data = std::time::Instant::now();
                         }
@@ -632,37 +629,26 @@ impl Reader {
         let mut st = shared.lock();
         let was_empty = st.out.is_empty();
         let result = loop {
-            match self.decoder.decode(&self.rbuf[self.start..self.end]) {
+            match self.decoder.decode(&self.rx.data[self.rx.start..self.rx.end]) {
                 Ok(Decoded::NeedMore(n)) => {
-                    if self.start + n > self.rbuf.len() {
-                        self.rbuf.copy_within(self.start..self.end, 0);
-                        self.end -= self.start;
-                        self.start = 0;
-                        if n > self.rbuf.len() {
-                            self.rbuf.resize(n.next_power_of_two(), 0);
-                        }
-                    }
-                    if self.start == self.end {
-                        self.start = 0;
-                        self.end = 0;
-                    }
+                    self.rx.make_room(n);
                     break Ok(());
                 }
                 Ok(Decoded::Frame { header, data, len }) => {
-                    let data = self.start + data.start..self.start + data.end;
+                    let data = self.rx.start + data.start..self.rx.start + data.end;
                     if let Err(e) = self.handle(&mut st, header, data) {
                         break Err(e);
                     }
-                    self.start += len;
+                    self.rx.start += len;
                 }
                 Err(PduError::DataDigest { cccid, len, .. }) => {
                     // The data is bad but the stream is in step: fail that command only.
-                    let success = self.rbuf[self.start + 1] & flags::DATA_SUCCESS != 0;
+                    let success = self.rx.data[self.rx.start + 1] & flags::DATA_SUCCESS != 0;
                     tracing::warn!(cid = cccid, "C2HData data digest mismatch");
                     if let Err(e) = self.data_digest_error(&mut st, cccid, success) {
                         break Err(e);
                     }
-                    self.start += len;
+                    self.rx.start += len;
                 }
                 Err(e) => break Err(self.fatal(&mut st, e)),
             }
@@ -679,7 +665,7 @@ impl Reader {
     /// A malformed PDU from the controller: queue an H2CTermReq and end the connection.
     fn fatal(&mut self, st: &mut State, e: PduError) -> Error {
         let fes = e.fes().unwrap_or(FatalErrorStatus::InvalidHeaderField);
-        let offending = tcp::offending_header(&self.rbuf[self.start..self.end]);
+        let offending = tcp::offending_header(&self.rx.data[self.rx.start..self.rx.end]);
         tcp::encode_term_req(&mut st.out, Direction::HostToController, fes, e.fei(), offending);
         Error::Pdu { peer: self.shared.peer, source: e }
     }
@@ -739,7 +725,7 @@ impl Reader {
                         slot.buf.len()
                     )));
                 }
-                slot.buf[offset..offset + data.len()].copy_from_slice(&self.rbuf[data.clone()]);
+                slot.buf[offset..offset + data.len()].copy_from_slice(&self.rx.data[data.clone()]);
                 slot.received += data.len();
                 if h.success() {
                     if slot.received != slot.buf.len() && self.shared.qid() != 0 {
@@ -795,7 +781,7 @@ impl Reader {
                 Err(Error::Terminated { fes: t.fes(), fei: t.fei() })
             }
             other => {
-                let offending = tcp::offending_header(&self.rbuf[self.start..self.end]);
+                let offending = tcp::offending_header(&self.rx.data[self.rx.start..self.rx.end]);
                 tcp::encode_term_req(
                     &mut st.out,
                     Direction::HostToController,

@@ -13,7 +13,8 @@ use dpu_nvme::spec::command::io_opcode;
 use dpu_nvme::spec::fabrics::{self, ConnectData, fctype};
 use dpu_nvme::spec::{Cqe, SglKind, Sqe, Status};
 use dpu_nvme::tcp::{
-    self, DataPdu, Decoded, Decoder, Direction, FatalErrorStatus, PduError, PduHeader, TxOptions, data_digest,
+    self, DataPdu, Decoded, Decoder, Direction, FatalErrorStatus, PduError, PduHeader, RecvBuffer, TxOptions,
+    data_digest,
 };
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -76,9 +77,7 @@ pub async fn serve(stream: TcpStream, target: Target, local: SocketAddr, peer: S
         stream,
         target,
         local,
-        rbuf: vec![0; 64 * 1024],
-        start: 0,
-        end: 0,
+        rx: RecvBuffer::new(64 * 1024),
         out: Vec::with_capacity(64 * 1024),
         decoder: Decoder::new(Direction::HostToController, MAX_PDU),
         tx: TxOptions::default(),
@@ -109,9 +108,7 @@ struct Connection {
     stream: TcpStream,
     target: Target,
     local: SocketAddr,
-    rbuf: Vec<u8>,
-    start: usize,
-    end: usize,
+    rx: RecvBuffer,
     out: Vec<u8>,
     decoder: Decoder,
     tx: TxOptions,
@@ -138,9 +135,9 @@ impl Connection {
             let mut closed = self.queue.as_ref().map(|q| q.closed.clone());
             let events = self.queue.as_mut().and_then(|q| q.events.as_mut());
             tokio::select! {
-                read = self.stream.read(&mut self.rbuf[self.end..]) => match read {
+                read = self.stream.read(&mut self.rx.data[self.rx.end..]) => match read {
                     Ok(0) => return Ok(()),
-                    Ok(n) => self.end += n,
+                    Ok(n) => self.rx.end += n,
                     Err(e) => return Err(format!("reading: {e}")),
                 },
                 Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
@@ -179,34 +176,23 @@ impl Connection {
     /// Handles every complete PDU in the receive buffer.
     fn process_input(&mut self) -> Result<(), Fault> {
         loop {
-            let decoded = self.decoder.decode(&self.rbuf[self.start..self.end]);
+            let decoded = self.decoder.decode(&self.rx.data[self.rx.start..self.rx.end]);
             match decoded {
                 Ok(Decoded::NeedMore(n)) => {
-                    if self.start + n > self.rbuf.len() {
-                        self.rbuf.copy_within(self.start..self.end, 0);
-                        self.end -= self.start;
-                        self.start = 0;
-                        if n > self.rbuf.len() {
-                            self.rbuf.resize(n.next_power_of_two(), 0);
-                        }
-                    }
-                    if self.start == self.end {
-                        self.start = 0;
-                        self.end = 0;
-                    }
+                    self.rx.make_room(n);
                     return Ok(());
                 }
                 Ok(Decoded::Frame { header, data, len }) => {
-                    let data = self.start + data.start..self.start + data.end;
+                    let data = self.rx.start + data.start..self.rx.start + data.end;
                     self.handle(header, data)?;
-                    self.start += len;
+                    self.rx.start += len;
                 }
                 Err(PduError::DataDigest { cccid, len, .. }) => {
                     // The PDU is intact but its data is not: fail that command, keep the connection.
                     tracing::warn!(cid = cccid, "data digest mismatch");
                     self.writes.retain(|_, w| w.sqe.cid() != cccid);
                     self.respond(cccid, Status::DATA_TRANSFER_ERROR, 0, 0);
-                    self.start += len;
+                    self.rx.start += len;
                 }
                 Err(e) => {
                     return Err(self.terminate(
@@ -221,7 +207,7 @@ impl Connection {
 
     /// Queues a C2HTermReq quoting the offending header; the caller closes the connection after the flush.
     fn terminate(&mut self, fes: FatalErrorStatus, fei: u32, reason: &str) -> Fault {
-        let offending = tcp::offending_header(&self.rbuf[self.start..self.end]).to_vec();
+        let offending = tcp::offending_header(&self.rx.data[self.rx.start..self.rx.end]).to_vec();
         tcp::encode_term_req(&mut self.out, Direction::ControllerToHost, fes, fei, &offending);
         // Best effort: the connection is going away either way.
         let _ = self.stream.try_write(&self.out);
@@ -352,7 +338,7 @@ impl Connection {
         let invalid = |offset: u16, in_data: bool| {
             (Status::CONNECT_INVALID_PARAMETERS.with_dnr(), fabrics::connect_ipo_iattr(offset, in_data))
         };
-        let Ok(params) = ConnectData::read_from_bytes(&self.rbuf[data.clone()]) else {
+        let Ok(params) = ConnectData::read_from_bytes(&self.rx.data[data.clone()]) else {
             return (Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0);
         };
         let (Some(subnqn), Some(hostnqn)) = (params.subnqn(), params.hostnqn()) else {
@@ -365,7 +351,7 @@ impl Connection {
             return invalid(fabrics::connect_command_offset::SQSIZE, false);
         }
         let qid = connect.qid();
-        let controller = if qid == 0 {
+        let (controller, events) = if qid == 0 {
             let subsystem = if subnqn == fabrics::DISCOVERY_NQN {
                 None
             } else {
@@ -400,16 +386,7 @@ impl Connection {
             controller.touch();
             self.target.remember_controller(&controller);
             tracing::info!(cntlid, %subnqn, %hostnqn, kato_ms = connect.kato_ms(), "controller created");
-            self.queue = Some(Queue {
-                qid,
-                controller: controller.clone(),
-                sqsize: connect.sqsize(),
-                sq_head: 1,
-                sqflow_disabled: connect.cattr() & fabrics::CATTR_DISABLE_SQ_FLOW_CONTROL != 0,
-                closed: controller.closed(),
-                events: Some(events),
-            });
-            controller
+            (controller, Some(events))
         } else {
             let Some(controller) = self.target.controller(params.cntlid()) else {
                 return invalid(fabrics::connect_data_offset::CNTLID, true);
@@ -428,17 +405,17 @@ impl Connection {
             if !controller.queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(qid) {
                 return invalid(fabrics::connect_command_offset::QID, false);
             }
-            self.queue = Some(Queue {
-                qid,
-                controller: controller.clone(),
-                sqsize: connect.sqsize(),
-                sq_head: 1,
-                sqflow_disabled: connect.cattr() & fabrics::CATTR_DISABLE_SQ_FLOW_CONTROL != 0,
-                closed: controller.closed(),
-                events: None,
-            });
-            controller
+            (controller, None)
         };
+        self.queue = Some(Queue {
+            qid,
+            controller: controller.clone(),
+            sqsize: connect.sqsize(),
+            sq_head: 1,
+            sqflow_disabled: connect.cattr() & fabrics::CATTR_DISABLE_SQ_FLOW_CONTROL != 0,
+            closed: controller.closed(),
+            events,
+        });
         self.span.record("qid", qid);
         self.span.record("cntlid", controller.cntlid);
         (Status::SUCCESS, fabrics::connect_success_dw0(controller.cntlid, 0))
@@ -506,7 +483,7 @@ impl Connection {
                             return;
                         }
                         let mut buf = self.buffer(len);
-                        buf.copy_from_slice(&self.rbuf[from..from + len]);
+                        buf.copy_from_slice(&self.rx.data[from..from + len]);
                         self.inflight.push(Box::pin(write(ns, cid, slba, buf)));
                     }
                     _ => self.request_data(sqe, len),
@@ -536,7 +513,7 @@ impl Connection {
                 match sqe.sgl().kind() {
                     SglKind::InCapsule { offset: 0, length } if length as usize >= len && data.len() >= len => {
                         let mut list = self.buffer(len);
-                        list.copy_from_slice(&self.rbuf[data.start..data.start + len]);
+                        list.copy_from_slice(&self.rx.data[data.start..data.start + len]);
                         self.inflight.push(Box::pin(deallocate(ns, sqe, list)));
                     }
                     SglKind::Transport { length } if length as usize >= len && length as usize <= MAX_TRANSFER => {
@@ -570,7 +547,7 @@ impl Connection {
         if offset != pending.received || offset + data.len() > pending.buf.len() {
             return Err(self.terminate(FatalErrorStatus::DataTransferOutOfRange, 0, "H2CData outside the R2T"));
         }
-        pending.buf[offset..offset + data.len()].copy_from_slice(&self.rbuf[data.clone()]);
+        pending.buf[offset..offset + data.len()].copy_from_slice(&self.rx.data[data.clone()]);
         pending.received += data.len();
         if pending.received < pending.buf.len() {
             return Ok(());

@@ -305,3 +305,73 @@ fn read_u32(bytes: &[u8]) -> u32 {
     le.copy_from_slice(&bytes[..4]);
     u32::from_le_bytes(le)
 }
+
+/// The receive window of a PDU stream: `data[start..end]` holds bytes received and not yet consumed. Bytes are
+/// read into [`RecvBuffer::spare`]; whole PDUs are consumed from `start`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecvBuffer {
+    /// The buffer; only `start..end` holds received bytes.
+    pub data: Vec<u8>,
+    /// First unconsumed byte.
+    pub start: usize,
+    /// One past the last received byte.
+    pub end: usize,
+}
+
+impl RecvBuffer {
+    /// An empty window over `capacity` bytes.
+    pub fn new(capacity: usize) -> Self {
+        Self { data: vec![0; capacity], start: 0, end: 0 }
+    }
+
+    /// The bytes received and not yet consumed.
+    pub fn pending(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    /// Where the next read lands.
+    pub fn spare(&mut self) -> &mut [u8] {
+        &mut self.data[self.end..]
+    }
+
+    /// Makes room for the current PDU after the decoder answered [`Decoded::NeedMore`] with `total` bytes:
+    /// moves the pending bytes to the front when the PDU would not fit behind them, and grows the buffer when
+    /// the PDU is larger than all of it (the decoder bounds `total` by its PDU length limit).
+    pub fn make_room(&mut self, total: usize) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.start + total > self.data.len() {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if total > self.data.len() {
+                self.data.resize(total.next_power_of_two(), 0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod recv_buffer_tests {
+    use super::RecvBuffer;
+
+    #[test]
+    fn compacts_and_grows() {
+        let mut rx = RecvBuffer::new(16);
+        rx.spare()[..12].copy_from_slice(b"abcdefghijkl");
+        rx.end = 12;
+        rx.start = 10;
+        // A PDU of 8 bytes starting at "kl" does not fit behind them: moved to the front.
+        rx.make_room(8);
+        assert_eq!((rx.start, rx.end, rx.pending()), (0, 2, &b"kl"[..]));
+        // Larger than the buffer: grown to a power of two.
+        rx.make_room(40);
+        assert_eq!(rx.data.len(), 64);
+        assert_eq!(rx.pending(), b"kl");
+        rx.start = rx.end;
+        rx.make_room(4);
+        assert_eq!((rx.start, rx.end), (0, 0));
+    }
+}

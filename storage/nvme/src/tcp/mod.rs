@@ -13,7 +13,7 @@ mod pdu;
 #[cfg(test)]
 mod tests;
 
-pub use decode::{Decoded, Decoder, PduError};
+pub use decode::{Decoded, Decoder, PduError, RecvBuffer};
 pub use digest::{DataDigest, crc32c, data_digest, header_digest};
 pub use encode::{
     DataPdu, TxOptions, encode_c2h_data_header, encode_capsule_cmd, encode_capsule_resp, encode_h2c_data_header,
