@@ -106,7 +106,8 @@ impl Reconciler for StorageReconciler {
         let subsystems = store.list_all::<SubsystemSpec>()?;
         let registry = self.target.registry();
 
-        let mut wanted_listeners: BTreeMap<SocketAddr, Vec<String>> = BTreeMap::new();
+        // Address → (status key, generation of the owning subsystem) of every listener exported there.
+        let mut wanted_listeners: BTreeMap<SocketAddr, Vec<(String, u64)>> = BTreeMap::new();
         for s in &subsystems {
             let spec = &s.spec;
             let served = match registry.by_nqn(&spec.nqn) {
@@ -152,7 +153,7 @@ impl Reconciler for StorageReconciler {
             let addresses: BTreeSet<SocketAddr> = spec.listeners.values().map(|l| l.address).collect();
             changes += usize::from(served.set_listeners(addresses.clone()));
             for (l_id, l) in &spec.listeners {
-                wanted_listeners.entry(l.address).or_default().push(format!("{}/{l_id}", s.id));
+                wanted_listeners.entry(l.address).or_default().push((format!("{}/{l_id}", s.id), s.meta.generation));
             }
             statuses.push((ObjectKey::of::<SubsystemSpec>(&s.id), status(ObjectState::Ready, "", s.meta.generation)));
         }
@@ -164,18 +165,75 @@ impl Reconciler for StorageReconciler {
         let (bound, failed) = self.target.set_listeners(addresses).await;
         changes += bound;
         for (address, listeners) in wanted_listeners {
-            let generation = subsystems
-                .iter()
-                .find(|s| listeners.iter().any(|l| l.starts_with(&format!("{}/", s.id))))
-                .map_or(0, |s| s.meta.generation);
-            let state = match failed.get(&address) {
-                Some(reason) => status(ObjectState::Error, format!("binding {address}: {reason}"), generation),
-                None => status(ObjectState::Ready, "", generation),
-            };
-            for l in listeners {
-                statuses.push((ObjectKey { kind: "listeners".into(), id: l }, state.clone()));
+            for (id, generation) in listeners {
+                let state = match failed.get(&address) {
+                    Some(reason) => status(ObjectState::Error, format!("binding {address}: {reason}"), generation),
+                    None => status(ObjectState::Ready, "", generation),
+                };
+                statuses.push((ObjectKey { kind: "listeners".into(), id }, state));
             }
         }
+        if changes > 0 {
+            // Subsystems, hosts or addresses may differ from what discovery reported before.
+            self.target.discovery_changed();
+        }
         Ok(Pass { changes, statuses })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::model::{ListenerSpec, NamespaceSpec};
+
+    fn subsystem(nqn: &str, volume: &str, address: SocketAddr) -> SubsystemSpec {
+        SubsystemSpec {
+            nqn: nqn.into(),
+            serial: "S1".into(),
+            model: "m".into(),
+            allow_any_host: true,
+            allowed_hosts: BTreeSet::new(),
+            namespaces: [("n1".into(), NamespaceSpec { nsid: 1, volume: volume.into(), uuid: [1; 16] })].into(),
+            listeners: [("tcp".into(), ListenerSpec { address })].into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn converges_once_then_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let volume = VolumeSpec { block_size: 512, size_bytes: 1 << 20, backend: Backend::Malloc };
+        store.create("v1", volume.clone()).unwrap();
+        store.create("v2", volume).unwrap();
+        // Two subsystems share one address.
+        let address = SocketAddr::from(([127, 0, 0, 1], 0));
+        store.create("a", subsystem("nqn.2026-11.io.test:a", "v1", address)).unwrap();
+        store.create("b", subsystem("nqn.2026-11.io.test:b", "v2", address)).unwrap();
+        store.update("b", subsystem("nqn.2026-11.io.test:b", "v2", address), None).unwrap();
+
+        let target = Target::new();
+        let reconciler = StorageReconciler::new(target.clone(), None);
+        let generation = target.discovery_generation();
+        let first = reconciler.reconcile(&store).await.unwrap();
+        assert!(first.changes > 0);
+        assert!(target.discovery_generation() > generation, "discovery must see the new subsystems");
+        for (key, status) in &first.statuses {
+            assert_eq!(status.state, ObjectState::Ready, "{key}: {}", status.reason);
+        }
+        let listener_b = first.statuses.iter().find(|(k, _)| k.kind == "listeners" && k.id == "b/tcp").unwrap();
+        assert_eq!(listener_b.1.observed_generation, store.get::<SubsystemSpec>("b").unwrap().meta.generation);
+        assert_eq!(target.registry().all().len(), 2);
+
+        let generation = target.discovery_generation();
+        let second = reconciler.reconcile(&store).await.unwrap();
+        assert_eq!(second.changes, 0, "unchanged intent must change nothing");
+        assert_eq!(target.discovery_generation(), generation);
+
+        store.delete::<SubsystemSpec>("a", false).unwrap();
+        let third = reconciler.reconcile(&store).await.unwrap();
+        assert!(third.changes > 0);
+        assert!(target.registry().by_nqn("nqn.2026-11.io.test:a").is_none());
     }
 }
