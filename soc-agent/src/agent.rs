@@ -36,6 +36,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         tracing::warn!(listen = %config.api.listen, "control API is plaintext on a non-loopback address (insecure_plaintext)");
     }
 
+    let mut signals = StopSignals::install().context("installing the SIGTERM/SIGINT handlers")?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir)?;
@@ -130,7 +131,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         "serving the control API"
     );
 
-    let signal = shutdown_signal().await;
+    let signal = signals.recv().await;
     tracing::info!(signal, "shutting down: refusing new requests, draining in-flight ones");
     ready.store(false, Ordering::Release);
     health_reporter.set_not_serving::<AgentServiceServer<AgentApi>>().await;
@@ -168,17 +169,23 @@ async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("{addr}: {e}")))
 }
 
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "cannot install signal handlers; stopping");
-            return "none";
+/// SIGTERM and SIGINT handlers. Installed before the agent announces that it serves, so a stop request that
+/// arrives right after start-up is a graceful stop rather than the default (immediate) termination.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
     }
 }
