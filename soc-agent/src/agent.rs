@@ -103,6 +103,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         let listener = bind(config.admin.listen).await.context("binding the admin listener")?;
         let board = status_board.clone();
         let scrape_metrics = metrics.clone();
+        let storage_stats = target.stats().clone();
         let state = crate::admin::AdminState {
             metrics: metrics.clone(),
             ready: ready.clone(),
@@ -110,6 +111,9 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
                 for subsystem in board.subsystems() {
                     let c = board.counters(subsystem);
                     scrape_metrics.reconcile_totals(subsystem, c.passes, c.changes, c.errors);
+                }
+                for (volume, stats) in storage_stats.snapshot() {
+                    scrape_metrics.storage_volume(&volume, &stats);
                 }
             }),
         };

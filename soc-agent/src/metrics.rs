@@ -34,6 +34,11 @@ struct Subsystem {
     subsystem: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Volume {
+    volume: String,
+}
+
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
@@ -42,6 +47,16 @@ struct Inner {
     reconcile_passes: Family<Subsystem, Gauge>,
     reconcile_changes: Family<Subsystem, Gauge>,
     reconcile_errors: Family<Subsystem, Gauge>,
+    /// Per-volume I/O counters of the storage target, read from its statistics at scrape time.
+    volume_ops: Family<VolumeOp, Gauge>,
+    volume_bytes: Family<VolumeOp, Gauge>,
+    volume_errors: Family<Volume, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeOp {
+    volume: String,
+    op: &'static str,
 }
 
 /// Handle to the agent's metric families; cheap to clone.
@@ -75,6 +90,12 @@ impl Metrics {
         );
         let reconcile_errors = Family::<Subsystem, Gauge>::default();
         registry.register("reconcile_errors", "Reconcile passes that failed since start", reconcile_errors.clone());
+        let volume_ops = Family::<VolumeOp, Gauge>::default();
+        registry.register("storage_volume_ops", "I/O commands completed per volume since start", volume_ops.clone());
+        let volume_bytes = Family::<VolumeOp, Gauge>::default();
+        registry.register("storage_volume_bytes", "Bytes read or written per volume since start", volume_bytes.clone());
+        let volume_errors = Family::<Volume, Gauge>::default();
+        registry.register("storage_volume_errors", "Failed I/O commands per volume since start", volume_errors.clone());
         Self(Arc::new(Inner {
             registry,
             api_requests,
@@ -82,6 +103,9 @@ impl Metrics {
             reconcile_passes,
             reconcile_changes,
             reconcile_errors,
+            volume_ops,
+            volume_bytes,
+            volume_errors,
         }))
     }
 
@@ -104,6 +128,24 @@ impl Metrics {
         set(&self.0.reconcile_errors, errors);
     }
 
+    /// Publishes one volume's I/O counters.
+    pub fn storage_volume(&self, volume: &str, stats: &dpu_storage::bdev::VolumeStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let op = |op| VolumeOp { volume: volume.to_owned(), op };
+        for (name, count) in
+            [("read", &stats.reads), ("write", &stats.writes), ("flush", &stats.flushes), ("discard", &stats.discards)]
+        {
+            self.0.volume_ops.get_or_create(&op(name)).set(gauge(count.load(Relaxed)));
+        }
+        self.0.volume_bytes.get_or_create(&op("read")).set(gauge(stats.read_bytes.load(Relaxed)));
+        self.0.volume_bytes.get_or_create(&op("write")).set(gauge(stats.written_bytes.load(Relaxed)));
+        self.0
+            .volume_errors
+            .get_or_create(&Volume { volume: volume.to_owned() })
+            .set(gauge(stats.errors.load(Relaxed)));
+    }
+
     /// The OpenMetrics text exposition of every family.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -123,7 +165,12 @@ mod tests {
         metrics.api_request("/dpu.v1.AgentService/GetAgentInfo", Role::Viewer);
         metrics.api_denied("/dpu.v1.AgentService/UpdateAgentSettings");
         metrics.reconcile_totals("settings", 3, 1, 0);
+        let stats = dpu_storage::bdev::VolumeStats::default();
+        stats.record(dpu_storage::bdev::IoKind::Read, 4096, 10, true);
+        metrics.storage_volume("images", &stats);
         let text = metrics.encode();
+        assert!(text.contains("dpu_storage_volume_ops{volume=\"images\",op=\"read\"} 1"), "{text}");
+        assert!(text.contains("dpu_storage_volume_bytes{volume=\"images\",op=\"read\"} 4096"), "{text}");
         assert!(text.contains("dpu_agent_build_info{"), "{text}");
         assert!(
             text.contains("dpu_api_requests_total{method=\"/dpu.v1.AgentService/GetAgentInfo\",role=\"viewer\"} 1"),

@@ -100,7 +100,7 @@ async fn settings_persist_across_a_graceful_restart() {
     let again = client.update_agent_settings(settings_update("debug")).await.unwrap().into_inner();
     assert_eq!(again.generation, 1);
 
-    let metrics = reqwest_metrics(agent.admin).await;
+    let metrics = common::metrics(agent.admin).await;
     assert!(metrics.contains("dpu_api_requests_total{method=\"/dpu.v1.AgentService/UpdateAgentSettings\""));
 
     assert_eq!(agent.stop().await.code(), Some(0), "SIGTERM must stop the agent cleanly");
@@ -110,17 +110,6 @@ async fn settings_persist_across_a_graceful_restart() {
     let settings = client.get_agent_settings(pb::GetAgentSettingsRequest::default()).await.unwrap().into_inner();
     assert_eq!((settings.log_filter.as_str(), settings.generation), ("debug", 1));
     assert_eq!(agent.stop().await.code(), Some(0));
-}
-
-/// Fetches /metrics with a bare HTTP/1.1 request (no client library needed for one GET).
-async fn reqwest_metrics(admin: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
 }
 
 #[tokio::test]

@@ -96,5 +96,7 @@ async fn flushed_writes_survive_sigkill_and_intent_is_restored() {
     }
     assert_eq!(host.namespace(1).map(|n| n.bytes()), Some(64 << 20));
     drop(host);
+    let metrics = common::metrics(agent.admin).await;
+    assert!(metrics.contains("dpu_storage_volume_ops{volume=\"disk\",op=\"read\"} 3"), "{metrics}");
     assert_eq!(agent.stop().await.code(), Some(0));
 }

@@ -111,3 +111,14 @@ impl Agent {
         Endpoint::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
     }
 }
+
+/// Fetches /metrics with a bare HTTP/1.1 request (no client library needed for one GET).
+pub async fn metrics(admin: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
