@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use dpu_intent::Resource;
+use dpu_nvme::spec::fabrics;
 use serde::{Deserialize, Serialize};
 
 /// Highest namespace id the target serves.
@@ -103,32 +104,55 @@ impl Resource for SubsystemSpec {
     const KIND: &'static str = "subsystems";
 }
 
-/// Checks an NVMe Qualified Name: `nqn.yyyy-mm.reverse.domain:suffix` or the UUID form, at most 223 bytes.
+/// Checks an NVMe Qualified Name with the wire rules of `dpu-nvme` (`nqn.yyyy-mm.reverse.domain:suffix` or the
+/// UUID form, at most 223 bytes), and accepts only printable ASCII without spaces, so an NQN can be typed and
+/// logged unambiguously.
 pub fn validate_nqn(field: &str, nqn: &str) -> Result<(), Invalid> {
-    if nqn.len() > 223 {
-        return invalid(field, format!("{} bytes is longer than the 223 an NQN may have", nqn.len()));
+    if let Err(e) = fabrics::validate_nqn(nqn) {
+        return invalid(field, format!("{nqn:?}: {e}"));
     }
-    let Some(rest) = nqn.strip_prefix("nqn.") else {
-        return invalid(field, format!("{nqn:?} does not start with \"nqn.\""));
-    };
-    let date_ok = rest.len() > 8
-        && rest.as_bytes()[..4].iter().all(u8::is_ascii_digit)
-        && rest.as_bytes()[4] == b'-'
-        && rest.as_bytes()[5..7].iter().all(u8::is_ascii_digit)
-        && rest.as_bytes()[7] == b'.';
-    if !date_ok {
-        return invalid(field, format!("{nqn:?} lacks the yyyy-mm. date after \"nqn.\""));
-    }
-    if !nqn.is_ascii() || nqn.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+    if !nqn.bytes().all(|b| b.is_ascii_graphic()) {
         return invalid(field, format!("{nqn:?} must be printable ASCII without spaces"));
     }
     Ok(())
 }
 
+/// A random (version 4) UUID, for namespaces created without one and for host identities.
+pub fn random_uuid() -> [u8; 16] {
+    use std::hash::BuildHasher;
+    let state = std::collections::hash_map::RandomState::new();
+    let (a, b) = (state.hash_one(std::process::id()), state.hash_one(std::time::SystemTime::now()));
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&a.to_le_bytes());
+    id[8..].copy_from_slice(&b.to_le_bytes());
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    id
+}
+
+/// RFC 4122 text form: `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+pub fn format_uuid(id: &[u8; 16]) -> String {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+/// Parses the text form (hyphens optional); `None` if it is not 32 hex digits.
+pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+    let hex: Vec<u8> = text.bytes().filter(|b| *b != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
 impl SubsystemSpec {
     pub fn validate(&self) -> Result<(), Invalid> {
         validate_nqn("subsystem.nqn", &self.nqn)?;
-        if self.nqn == DISCOVERY_NQN {
+        if self.nqn == fabrics::DISCOVERY_NQN {
             return invalid("subsystem.nqn", "is the well-known discovery NQN");
         }
         let ascii = |field: &str, value: &str, max: usize| {
@@ -165,9 +189,6 @@ impl SubsystemSpec {
     }
 }
 
-/// The well-known NQN of the discovery subsystem.
-pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +212,17 @@ mod tests {
         assert!(validate_nqn("f", "nqn.14-08.org:x").is_err());
         assert!(validate_nqn("f", &format!("nqn.2014-08.{}", "a".repeat(220))).is_err());
         assert!(validate_nqn("f", "nqn.2014-08.org:a b").is_err());
+        assert!(validate_nqn("f", &format!("nqn.2014-08.org:{}", "\u{e9}")).is_err());
+    }
+
+    #[test]
+    fn uuids_round_trip() {
+        let u = random_uuid();
+        assert_eq!(u[6] >> 4, 4, "version 4");
+        assert_eq!(parse_uuid(&format_uuid(&u)), Some(u));
+        assert_ne!(random_uuid(), u);
+        assert_eq!(parse_uuid("xyz"), None);
+        assert_eq!(parse_uuid(&"g".repeat(32)), None);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use dpu_intent::reconcile::{ObjectKey, StatusBoard};
 use dpu_intent::{Resource, Store, Stored};
 use dpu_proto::v1 as pb;
-use dpu_storage::model::{Backend, ListenerSpec, NamespaceSpec, SubsystemSpec, VolumeSpec};
+use dpu_storage::model::{Backend, ListenerSpec, NamespaceSpec, SubsystemSpec, VolumeSpec, format_uuid, random_uuid};
 use dpu_storage::target::StatsSource;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
@@ -169,38 +169,9 @@ fn page_token(token: &str) -> Option<&str> {
     Some(token).filter(|t| !t.is_empty())
 }
 
-fn format_uuid(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
-}
-
-fn parse_uuid(s: &str) -> Result<[u8; 16], Status> {
-    let hex: String = s.chars().filter(|c| *c != '-').collect();
-    let bad = || Status::invalid_argument(format!("namespace.uuid: {s:?} is not a UUID"));
-    if hex.len() != 32 {
-        return Err(bad());
-    }
-    let mut out = [0u8; 16];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    Ok(out)
-}
-
-/// A random version-4 UUID from the kernel's generator.
-fn random_uuid() -> [u8; 16] {
-    let mut u = [0u8; 16];
-    if let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
-        && let Ok(parsed) = parse_uuid(text.trim())
-    {
-        u = parsed;
-    } else {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        u[..16].copy_from_slice(&nanos.as_nanos().to_le_bytes());
-        u[6] = (u[6] & 0x0f) | 0x40;
-        u[8] = (u[8] & 0x3f) | 0x80;
-    }
-    u
+fn parse_uuid(text: &str) -> Result<[u8; 16], Status> {
+    dpu_storage::model::parse_uuid(text)
+        .ok_or_else(|| Status::invalid_argument(format!("namespace.uuid: {text:?} is not a UUID")))
 }
 
 /// Validates an incoming volume into the domain type.
@@ -535,9 +506,8 @@ mod tests {
     }
 
     #[test]
-    fn uuids_round_trip() {
-        let u = random_uuid();
-        assert_eq!(parse_uuid(&format_uuid(&u)).unwrap(), u);
-        assert!(parse_uuid("xyz").is_err());
+    fn uuid_field() {
+        assert_eq!(parse_uuid("xyz").unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(parse_uuid(&format_uuid(&[9; 16])).unwrap(), [9; 16]);
     }
 }

@@ -14,8 +14,8 @@
 
 mod queue;
 
+pub use crate::model::{format_uuid, random_uuid};
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -179,24 +179,6 @@ impl ConnectOptions {
             busy_poll: None,
         }
     }
-}
-
-/// A random (version 4) UUID.
-pub fn random_uuid() -> [u8; 16] {
-    let state = RandomState::new();
-    let (a, b) = (state.hash_one(std::process::id()), state.hash_one(std::time::SystemTime::now()));
-    let mut id = [0u8; 16];
-    id[..8].copy_from_slice(&a.to_le_bytes());
-    id[8..].copy_from_slice(&b.to_le_bytes());
-    id[6] = (id[6] & 0x0f) | 0x40;
-    id[8] = (id[8] & 0x3f) | 0x80;
-    id
-}
-
-/// The canonical text form of a UUID.
-pub fn format_uuid(id: &[u8; 16]) -> String {
-    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
 }
 
 /// What the host knows about an active namespace.

@@ -302,7 +302,7 @@ impl Controller {
         let mut id = IdentifyController::new_zeroed();
         let (serial, model, nqn) = match &self.subsystem {
             Some(s) => (s.serial.as_str(), s.model.as_str(), s.nqn.as_str()),
-            None => ("discovery", "dpu-agent discovery", crate::model::DISCOVERY_NQN),
+            None => ("discovery", "dpu-agent discovery", dpu_nvme::spec::fabrics::DISCOVERY_NQN),
         };
         // The values were validated when the intent was accepted; a failure here leaves the field blank.
         let _ = id.set_sn(serial);

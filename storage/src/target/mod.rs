@@ -96,13 +96,6 @@ impl Target {
         self.controllers().remove(&cntlid);
     }
 
-    /// Closes every association (agent shutdown).
-    pub fn close_all(&self) {
-        for controller in self.controllers().values().filter_map(Weak::upgrade) {
-            controller.close(false);
-        }
-    }
-
     /// Binds listeners on `wanted` addresses not yet bound and closes those no longer wanted (established
     /// connections stay up). Returns the number of listeners opened or closed and the bind failures.
     pub async fn set_listeners(&self, wanted: BTreeSet<SocketAddr>) -> (usize, BTreeMap<SocketAddr, String>) {
