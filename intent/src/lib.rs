@@ -34,6 +34,20 @@ use serde::{Deserialize, Serialize};
 
 pub use store::{Batch, Store};
 
+/// An intent value that breaks a rule, naming the field (`volume.block_size`, `cluster.endpoints[2].address`).
+/// The API maps it to `InvalidArgument` with the field in the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+/// `Err(Invalid)` for `field`, for validators that return early.
+pub fn invalid<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, Invalid> {
+    Err(Invalid { field: field.into(), message: message.into() })
+}
+
 /// A typed collection stored in the intent store, following Google AIP resource naming.
 pub trait Resource: Serialize + serde::de::DeserializeOwned + PartialEq + Clone + Send + Sync + 'static {
     /// Collection name, e.g. "volumes"; also the first segment of the resource name "volumes/{id}".

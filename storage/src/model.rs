@@ -13,17 +13,8 @@ use serde::{Deserialize, Serialize};
 /// Highest namespace id the target serves.
 pub const MAX_NSID: u32 = 1024;
 
-/// An intent value that breaks a rule, naming the field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct Invalid {
-    pub field: String,
-    pub message: String,
-}
-
-fn invalid<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, Invalid> {
-    Err(Invalid { field: field.into(), message: message.into() })
-}
+pub use dpu_intent::Invalid;
+use dpu_intent::invalid;
 
 /// Where a volume's blocks live.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
