@@ -935,7 +935,8 @@ impl PolicySpec {
 
 /// Everything one configuration source wants the proxy to run: the intent store (API), or an xDS control plane.
 /// References (listener → route table → cluster → certificate) resolve within one source.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MeshSpecs {
     pub workloads: BTreeMap<String, WorkloadSpec>,
     pub certificates: BTreeMap<String, CertificateSpec>,
