@@ -4,6 +4,8 @@
 
 #![allow(clippy::print_stdout)] // Printing results is this program's job.
 
+mod mesh;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -60,6 +62,9 @@ enum Command {
     /// NVMe-oF target: volumes, subsystems, namespaces, listeners, stats.
     #[command(subcommand)]
     Storage(StorageCommand),
+    /// Shared service-mesh proxy: apply a spec file, get/list/delete objects, dump the running config.
+    #[command(subcommand)]
+    Mesh(mesh::MeshCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -538,6 +543,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<Value> {
             json!({ "service": service, "status": status })
         }
         Command::Storage(command) => storage(channel, command).await?,
+        Command::Mesh(command) => mesh::mesh(channel, command).await?,
         Command::Settings(SettingsCommand::Get) => settings_json(
             agent.get_agent_settings(pb::GetAgentSettingsRequest { name: "settings".into() }).await?.into_inner(),
         ),

@@ -3,6 +3,8 @@
 //! Generated types stay at the API edge: the agent converts them into validated domain types with `TryFrom`
 //! and the rest of the code never sees protobuf.
 
+pub mod mesh;
+
 /// Messages and services of package `dpu.v1`.
 pub mod v1 {
     #![allow(missing_debug_implementations, clippy::all, rust_2018_idioms)]
