@@ -92,6 +92,23 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+// Defaults for fields a spec file may leave out.
+fn one() -> u32 {
+    1
+}
+fn default_connect_timeout_ms() -> u32 {
+    1000
+}
+fn default_budget_percent() -> u32 {
+    20
+}
+fn default_min_retry_concurrency() -> u32 {
+    3
+}
+fn default_max_request_headers_bytes() -> u32 {
+    64 * 1024
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Workloads (tenants)
 // ---------------------------------------------------------------------------------------------------------------
@@ -107,12 +124,15 @@ pub struct WorkloadSpec {
     pub port: String,
     /// The packet mark the fabric puts on traffic from that port; `0` trusts the source address alone (hosts
     /// without a fabric, tests).
+    #[serde(default)]
     pub port_mark: u32,
     /// The pod's addresses; no two workloads share one.
     pub addresses: Vec<IpAddr>,
     pub identity: SpiffeId,
     /// Certificate (`meshCertificates/{id}`) presented for this workload's outbound mTLS; empty: none.
+    #[serde(default)]
     pub certificate: String,
+    #[serde(default)]
     pub limits: WorkloadLimits,
 }
 
@@ -214,13 +234,20 @@ pub struct ClusterSpec {
     /// How we speak to the endpoints. `Tcp` clusters serve only L4 handlers.
     pub protocol: UpstreamProtocol,
     pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
     pub lb: LbPolicy,
+    #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u32,
     /// Pooled upstream connections idle longer than this are closed; `0`: never.
+    #[serde(default)]
     pub idle_timeout_ms: u32,
+    #[serde(default)]
     pub circuit_breaker: CircuitBreaker,
+    #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default)]
     pub tls: Option<UpstreamTls>,
 }
 
@@ -237,25 +264,30 @@ pub enum UpstreamProtocol {
 pub struct Endpoint {
     pub address: SocketAddr,
     /// Relative weight, 1..=128.
+    #[serde(default = "one")]
     pub weight: u32,
     /// `region/zone/subzone`, free form; reported in metrics and the config dump.
+    #[serde(default)]
     pub locality: String,
     /// Operator-set health: unhealthy and draining endpoints get no new requests; draining ones keep their
     /// established connections.
+    #[serde(default)]
     pub health: EndpointHealth,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndpointHealth {
+    #[default]
     Healthy,
     Unhealthy,
     Draining,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum LbPolicy {
+    #[default]
     RoundRobin,
     /// Power of two choices over outstanding requests weighted by an EWMA of latency.
     LeastRequest,
@@ -321,8 +353,10 @@ pub struct OutlierDetection {
 pub struct UpstreamTls {
     /// `meshCertificates/{id}` presented as the client certificate; also supplies the trust bundle.
     pub certificate: String,
+    #[serde(default)]
     pub server_identities: Vec<SpiffeId>,
     /// SNI sent; empty: none.
+    #[serde(default)]
     pub sni: String,
 }
 
@@ -415,13 +449,18 @@ pub struct VirtualHost {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
+    #[serde(default)]
     pub name: String,
     #[serde(rename = "match")]
     pub matcher: RouteMatch,
     pub action: RouteAction,
+    #[serde(default)]
     pub request_headers_to_add: Vec<HeaderValue>,
+    #[serde(default)]
     pub request_headers_to_remove: Vec<String>,
+    #[serde(default)]
     pub response_headers_to_add: Vec<HeaderValue>,
+    #[serde(default)]
     pub response_headers_to_remove: Vec<String>,
 }
 
@@ -429,6 +468,7 @@ pub struct Route {
 pub struct RouteMatch {
     pub path: PathMatch,
     /// All must match.
+    #[serde(default)]
     pub headers: Vec<HeaderMatch>,
 }
 
@@ -446,6 +486,7 @@ pub struct HeaderMatch {
     /// Lowercase header name; pseudo-headers `:method`, `:authority`, `:scheme` are matchable.
     pub name: String,
     pub value: StringMatch,
+    #[serde(default)]
     pub invert: bool,
 }
 
@@ -464,6 +505,7 @@ pub struct HeaderValue {
     pub name: String,
     pub value: String,
     /// Append to an existing value instead of replacing it.
+    #[serde(default)]
     pub append: bool,
 }
 
@@ -480,11 +522,15 @@ pub struct Forward {
     /// One or more clusters with weights (a canary split); weights need not sum to anything.
     pub clusters: Vec<WeightedCluster>,
     /// Whole-request deadline including retries; `0`: none. A gRPC `grpc-timeout` shorter than this wins.
+    #[serde(default)]
     pub timeout_ms: u32,
     /// Replaces the matched path prefix (prefix matches only); `None` leaves the path alone.
+    #[serde(default)]
     pub prefix_rewrite: Option<String>,
     /// Replaces the Host / `:authority`; `None` keeps it.
+    #[serde(default)]
     pub host_rewrite: Option<String>,
+    #[serde(default)]
     pub retry: Option<RetryPolicy>,
 }
 
@@ -492,6 +538,7 @@ pub struct Forward {
 pub struct WeightedCluster {
     /// `meshClusters/{id}`.
     pub cluster: String,
+    #[serde(default = "one")]
     pub weight: u32,
 }
 
@@ -500,12 +547,15 @@ pub struct RetryPolicy {
     /// Retries after the first try.
     pub attempts: u32,
     /// `0`: the route timeout bounds each try.
+    #[serde(default)]
     pub per_try_timeout_ms: u32,
     pub retry_on: BTreeSet<RetryOn>,
     /// Retries may be at most this percentage of a cluster's active requests (a retry budget; the circuit
     /// breaker's `max_retries` applies on top).
+    #[serde(default = "default_budget_percent")]
     pub budget_percent: u32,
     /// Retries always allowed regardless of the budget, so a quiet cluster can still retry.
+    #[serde(default = "default_min_retry_concurrency")]
     pub min_retry_concurrency: u32,
 }
 
@@ -528,8 +578,11 @@ pub enum RetryOn {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Redirect {
     /// `None` keeps the request's.
+    #[serde(default)]
     pub scheme: Option<String>,
+    #[serde(default)]
     pub host: Option<String>,
+    #[serde(default)]
     pub path: Option<String>,
     /// 301, 302, 303, 307 or 308.
     pub status: u16,
@@ -683,23 +736,31 @@ impl Route {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerSpec {
     pub address: SocketAddr,
+    #[serde(default)]
     pub transparent: bool,
+    #[serde(default)]
     pub destinations: Vec<Destination>,
     pub default: Handler,
     /// Terminate TLS (mTLS when `require_client_certificate`).
+    #[serde(default)]
     pub tls: Option<DownstreamTls>,
     /// `meshPolicies/{id}` applied in order; a connection or request must pass all of them.
+    #[serde(default)]
     pub policies: Vec<String>,
+    #[serde(default)]
     pub timeouts: ListenerTimeouts,
     /// Largest request head (request line + headers) accepted; larger gets 431.
+    #[serde(default = "default_max_request_headers_bytes")]
     pub max_request_headers_bytes: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Destination {
     /// `None`: any address.
+    #[serde(default)]
     pub prefix: Option<IpPrefix>,
     /// `0`: any port.
+    #[serde(default)]
     pub port: u16,
     pub handler: Handler,
 }
@@ -732,6 +793,7 @@ pub enum HttpCodec {
 pub struct DownstreamTls {
     /// `meshCertificates/{id}` presented to clients; its trust bundle checks client certificates.
     pub certificate: String,
+    #[serde(default)]
     pub require_client_certificate: bool,
 }
 
@@ -871,6 +933,7 @@ pub enum PolicyAction {
 /// Each non-empty list must match (one of its entries); empty lists match anything. `methods`, `paths` and
 /// `headers` are L7 and make the rule apply to HTTP only.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PolicyRule {
     /// Source SPIFFE IDs: exact, or `*` / `prefix*` / `*suffix` patterns.
     pub principals: Vec<String>,
@@ -1155,6 +1218,22 @@ mod tests {
         };
         let err = table.validate().unwrap_err();
         assert_eq!(err.field, "route_table.virtual_hosts[0].routes[0].match.path");
+    }
+
+    #[test]
+    fn spec_files_may_leave_defaults_out() {
+        let specs: MeshSpecs = serde_json::from_str(
+            r#"{"clusters": {"web": {"protocol": "http1", "endpoints": [{"address": "127.0.0.1:8080"}]}},
+                "listeners": {"in": {"address": "127.0.0.1:15006",
+                                     "default": {"kind": "http", "route_table": "web", "codec": "auto"}}}}"#,
+        )
+        .unwrap();
+        let web = &specs.clusters["web"];
+        assert_eq!((web.endpoints[0].weight, web.connect_timeout_ms, &web.lb), (1, 1000, &LbPolicy::RoundRobin));
+        web.validate().unwrap();
+        let listener = &specs.listeners["in"];
+        assert_eq!(listener.timeouts, ListenerTimeouts::default());
+        listener.validate().unwrap();
     }
 
     #[test]
