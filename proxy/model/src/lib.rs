@@ -627,11 +627,7 @@ impl Route {
         }
         for (h, m) in self.matcher.headers.iter().enumerate() {
             let hfield = format!("{field}.match.headers[{h}]");
-            if !m.name.starts_with(':') {
-                validate_header_name(&format!("{hfield}.name"), &m.name)?;
-            } else if !matches!(m.name.as_str(), ":method" | ":authority" | ":scheme" | ":path") {
-                return invalid(format!("{hfield}.name"), format!("{} is not a matchable pseudo-header", m.name));
-            }
+            validate_matched_header_name(&format!("{hfield}.name"), &m.name)?;
             match &m.value {
                 StringMatch::Exact(v) | StringMatch::Prefix(v) => validate_header_value(&format!("{hfield}.value"), v)?,
                 StringMatch::Regex(re) => validate_regex(&format!("{hfield}.value"), re)?,
@@ -982,7 +978,7 @@ impl PolicySpec {
                 }
             }
             for (h, m) in rule.headers.iter().enumerate() {
-                validate_header_name(&format!("{field}.headers[{h}].name"), &m.name)?;
+                validate_matched_header_name(&format!("{field}.headers[{h}].name"), &m.name)?;
                 if let StringMatch::Regex(re) = &m.value {
                     validate_regex(&format!("{field}.headers[{h}].value"), re)?;
                 }
@@ -1122,6 +1118,18 @@ pub fn validate_header_name(field: &str, name: &str) -> Result<(), Invalid> {
         return invalid(field, format!("{name:?} is not a lowercase header name"));
     }
     Ok(())
+}
+
+/// A header name a match may test: a lowercase header name or one of the pseudo-headers `:method`,
+/// `:authority`, `:scheme`, `:path`.
+fn validate_matched_header_name(field: &str, name: &str) -> Result<(), Invalid> {
+    if name.starts_with(':') {
+        if !matches!(name, ":method" | ":authority" | ":scheme" | ":path") {
+            return invalid(field, format!("{name} is not a matchable pseudo-header"));
+        }
+        return Ok(());
+    }
+    validate_header_name(field, name)
 }
 
 /// Visible ASCII, spaces and tabs; no CR/LF (header injection).
