@@ -4,7 +4,13 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["dpu/v1/agent.proto", "dpu/v1/resource.proto", "dpu/v1/storage.proto", "dpu/v1/mesh.proto"];
+    let protos = [
+        "dpu/v1/agent.proto",
+        "dpu/v1/resource.proto",
+        "dpu/v1/storage.proto",
+        "dpu/v1/mesh.proto",
+        "dpu/v1/fabric.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -31,6 +31,7 @@ command -v rustup >/dev/null || { echo "rustup is required (https://rustup.rs)";
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cross/deps.sh
 images/deps.sh
+tests/mesh/deps.sh
 
 step "format"
 cargo fmt --all -- --check
@@ -58,6 +59,9 @@ cargo build --locked --release --bin dpu-agent --bin dpuctl
 
 step "interop: grpcio, openssl, curl"
 DPU_PROFILE=release tests/interop.sh
+
+step "mesh interop: curl, h2load, grpcio, Envoy (mTLS both ways)"
+DPU_PROFILE=release tests/mesh-interop.sh
 
 step "fuzz smoke: every target for ${DPU_FUZZ_SECONDS:-10}s"
 fuzz/run.sh "${DPU_FUZZ_SECONDS:-10}"

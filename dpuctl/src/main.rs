@@ -4,6 +4,7 @@
 
 #![allow(clippy::print_stdout)] // Printing results is this program's job.
 
+mod fabric;
 mod mesh;
 
 use std::path::PathBuf;
@@ -65,6 +66,9 @@ enum Command {
     /// Shared service-mesh proxy: apply a spec file, get/list/delete objects, dump the running config.
     #[command(subcommand)]
     Mesh(mesh::MeshCommand),
+    /// eSwitch fabric: ports, settings, pod attachments (attach/detach), rule stats.
+    #[command(subcommand)]
+    Fabric(fabric::FabricCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -544,6 +548,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<Value> {
         }
         Command::Storage(command) => storage(channel, command).await?,
         Command::Mesh(command) => mesh::mesh(channel, command).await?,
+        Command::Fabric(command) => fabric::fabric(channel, command).await?,
         Command::Settings(SettingsCommand::Get) => settings_json(
             agent.get_agent_settings(pb::GetAgentSettingsRequest { name: "settings".into() }).await?.into_inner(),
         ),

@@ -5,7 +5,25 @@
 //! swaps it in atomically: established connections keep running, new connections and new requests see the new
 //! snapshot, removed listeners drain.
 
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod authz;
+pub mod cluster;
+pub mod fairness;
+pub mod http;
+pub mod listener;
+pub mod metrics;
 pub mod model;
+pub mod proxy;
+pub mod reconcile;
+pub mod route;
+pub mod snapshot;
+pub mod tcp;
+pub mod tls;
+pub mod xds;
+
+pub use proxy::Proxy;
 
 /// Error type carried by proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,5 +1,6 @@
-//! The admin HTTP listener: `/metrics` (OpenMetrics text), `/healthz` (process alive) and `/readyz` (API
-//! serving). Plain HTTP/1.1; bind it to loopback or a management network.
+//! The admin HTTP listener: `/metrics` (OpenMetrics text), `/healthz` (process alive), `/readyz` (API
+//! serving) and `/config_dump` (what the mesh proxy runs, private keys redacted). Plain HTTP/1.1; bind it to
+//! loopback or a management network.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,6 +25,8 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     /// Refreshes gauges that are read from other components just before a scrape.
     pub before_scrape: Arc<dyn Fn() + Send + Sync>,
+    /// The mesh proxy's configuration dump.
+    pub config_dump: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -48,9 +51,17 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             text(StatusCode::OK, state.metrics.encode(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        "/config_dump" => {
+            let dump = serde_json::to_string_pretty(&(state.config_dump)()).unwrap_or_default();
+            text(StatusCode::OK, dump + "\n", "application/json")
+        }
         "/readyz" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into(), "text/plain"),
-        _ => text(StatusCode::NOT_FOUND, "not found; try /metrics, /healthz, /readyz\n".into(), "text/plain"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics, /healthz, /readyz, /config_dump\n".into(),
+            "text/plain",
+        ),
     }
 }
 

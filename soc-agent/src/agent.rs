@@ -9,6 +9,8 @@ use anyhow::Context as _;
 use dpu_intent::Store;
 use dpu_intent::reconcile::{Controller, ControllerConfig, StatusBoard};
 use dpu_proto::v1::agent_service_server::AgentServiceServer;
+use dpu_proto::v1::fabric_service_server::FabricServiceServer;
+use dpu_proto::v1::mesh_service_server::MeshServiceServer;
 use dpu_proto::v1::storage_service_server::StorageServiceServer;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -16,6 +18,8 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::api::agent::AgentApi;
 use crate::api::auth::AuthLayer;
+use crate::api::fabric::FabricApi;
+use crate::api::mesh::MeshApi;
 use crate::api::storage::StorageApi;
 use crate::config::Config;
 use crate::logging::LogControl;
@@ -41,7 +45,12 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir)?;
 
-    let metrics = Metrics::new(started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0));
+    let mut proxy = None;
+    let metrics = Metrics::with_data_paths(
+        started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        |registry| proxy = Some(dpu_proxy::Proxy::new(registry)),
+    );
+    let proxy = proxy.expect("registered above");
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let drift = Duration::from_secs(config.reconcile.drift_seconds);
 
@@ -67,6 +76,36 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         .spawn(shutdown_rx.clone()),
     );
 
+    // Fabric: the representor ports over rtnetlink; link events (representors appearing or going) trigger a pass.
+    let fabric_switch: Arc<dyn dpu_fabric::switch::Switch> = Arc::new(
+        dpu_fabric::switch::NetlinkSwitch::open(dpu_fabric::ports::InventoryConfig::default())
+            .context("opening the fabric's netlink sockets")?,
+    );
+    let fabric_controller = Controller::new(
+        dpu_fabric::reconcile::FabricReconciler::new(fabric_switch.clone()),
+        store.clone(),
+        status_board.clone(),
+        controller_config,
+    );
+    if let Err(e) = dpu_fabric::reconcile::watch_links(fabric_controller.trigger()) {
+        tracing::warn!(error = %e, "cannot watch link events: fabric drift is repaired on the periodic resync only");
+    }
+    reconcilers.push(fabric_controller.spawn(shutdown_rx.clone()));
+
+    // Mesh: the shared proxy, configured from intent (MeshService) and optionally from an xDS control plane.
+    reconcilers.push(
+        Controller::new(
+            dpu_proxy::reconcile::MeshReconciler::new(proxy.clone()),
+            store.clone(),
+            status_board.clone(),
+            controller_config,
+        )
+        .spawn(shutdown_rx.clone()),
+    );
+    if let Some(xds) = &config.mesh.xds {
+        reconcilers.push(spawn_xds(xds, proxy.clone(), shutdown_rx.clone())?);
+    }
+
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(dpu_proto::FILE_DESCRIPTOR_SET)
@@ -80,6 +119,8 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         .context("building the reflection service")?;
     let agent_api = AgentApi::new(store.clone(), status_board.clone(), started, started_at);
     let storage_api = StorageApi::new(store.clone(), status_board.clone(), target.stats().clone());
+    let mesh_api = MeshApi::new(store.clone(), status_board.clone(), proxy.clone());
+    let fabric_api = FabricApi::new(store.clone(), status_board.clone(), fabric_switch);
 
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &config.api.tls {
@@ -91,7 +132,9 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(AgentServiceServer::new(agent_api))
-        .add_service(StorageServiceServer::new(storage_api));
+        .add_service(StorageServiceServer::new(storage_api))
+        .add_service(MeshServiceServer::new(mesh_api))
+        .add_service(FabricServiceServer::new(fabric_api));
 
     let listener = bind(config.api.listen).await.context("binding the gRPC API")?;
     let api_addr = listener.local_addr()?;
@@ -104,6 +147,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         let board = status_board.clone();
         let scrape_metrics = metrics.clone();
         let storage_stats = target.stats().clone();
+        let dump_proxy = proxy.clone();
         let state = crate::admin::AdminState {
             metrics: metrics.clone(),
             ready: ready.clone(),
@@ -116,6 +160,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
                     scrape_metrics.storage_volume(&volume, &stats);
                 }
             }),
+            config_dump: Arc::new(move || dump_proxy.config_dump()),
         };
         tracing::info!(addr = %listener.local_addr()?, "admin listener (metrics, healthz, readyz)");
         Some(tokio::spawn(crate::admin::serve(listener, state, shutdown_rx.clone())))
@@ -147,6 +192,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
         Err(_) => tracing::warn!(seconds = drain.as_secs(), "in-flight requests did not finish in time"),
     }
+    proxy.shutdown(drain).await;
     let _ = shutdown_tx.send(true);
     for reconciler in reconcilers {
         if let Err(e) = reconciler.await {
@@ -158,6 +204,49 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs the xDS client: every accepted update becomes the proxy's `xds` source.
+fn spawn_xds(
+    xds: &crate::config::XdsConfig,
+    proxy: dpu_proxy::Proxy,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut tls = None;
+    if xds.server.starts_with("https://") {
+        let ca = xds.ca.as_ref().context("mesh.xds.ca: required for an https server")?;
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        tls = Some(tonic::transport::ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)));
+    }
+    let config = dpu_proxy::xds::XdsConfig {
+        server: xds.server.parse().context("mesh.xds.server")?,
+        node_id: xds.node_id.clone(),
+        node_cluster: xds.node_cluster.clone(),
+        tls,
+    };
+    tracing::info!(server = %xds.server, node = %xds.node_id, "mesh configuration also comes from xDS");
+    Ok(tokio::spawn(async move {
+        let apply = |specs| {
+            let proxy = proxy.clone();
+            async move {
+                let report = proxy.apply("xds", specs).await;
+                match report.errors.as_slice() {
+                    [] => Ok(()),
+                    errors => Err(errors
+                        .iter()
+                        .map(|e| format!("{}/{}: {}: {}", e.kind, e.id, e.field, e.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")),
+                }
+            }
+        };
+        let stop = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        if let Err(e) = dpu_proxy::xds::run(config, apply, stop).await {
+            tracing::error!(error = %e, "xDS client stopped");
+        }
+    }))
 }
 
 fn server_tls(tls: &crate::config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {

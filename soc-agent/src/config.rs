@@ -48,6 +48,33 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub mesh: MeshConfig,
+}
+
+/// The shared service-mesh proxy. Its listeners, clusters and routes are intent (MeshService); this section
+/// only says where else configuration may come from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    /// An xDS control plane (Envoy ADS) that drives the proxy alongside the API; none when unset.
+    #[serde(default)]
+    pub xds: Option<XdsConfig>,
+}
+
+/// Where the xDS control plane is and who the proxy says it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdsConfig {
+    /// `http://host:port` (plaintext, e.g. istiod's 15010) or `https://host:port`.
+    pub server: String,
+    /// Envoy node id, e.g. `router~10.0.0.2~dpu-0.default~default.svc.cluster.local`.
+    pub node_id: String,
+    #[serde(default)]
+    pub node_cluster: String,
+    /// CA certificate (PEM) that signed the server's certificate, for https.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 /// The NVMe-oF target.
@@ -189,6 +216,7 @@ impl Default for Config {
             log: LogConfig::default(),
             reconcile: ReconcileConfig::default(),
             storage: StorageConfig::default(),
+            mesh: MeshConfig::default(),
         }
     }
 }
@@ -220,6 +248,9 @@ impl Config {
             resolve(&mut tls.cert);
             resolve(&mut tls.key);
             resolve(&mut tls.client_ca);
+        }
+        if let Some(ca) = self.mesh.xds.as_mut().and_then(|x| x.ca.as_mut()) {
+            resolve(ca);
         }
     }
 
@@ -255,6 +286,27 @@ impl Config {
         }
         if self.reconcile.drift_seconds == 0 {
             return Err(invalid("reconcile.drift_seconds", "must be at least 1"));
+        }
+        if let Some(xds) = &self.mesh.xds {
+            let ok = (xds.server.starts_with("http://") || xds.server.starts_with("https://"))
+                && xds.server.parse::<http::Uri>().is_ok_and(|u| u.authority().is_some());
+            if !ok {
+                return Err(invalid("mesh.xds.server", format!("{:?} is not http(s)://host:port", xds.server)));
+            }
+            if xds.node_id.is_empty() {
+                return Err(invalid("mesh.xds.node_id", "must not be empty"));
+            }
+            match &xds.ca {
+                Some(ca) => {
+                    if let Err(e) = std::fs::metadata(ca) {
+                        return Err(invalid("mesh.xds.ca", format!("{}: {e}", ca.display())));
+                    }
+                }
+                None if xds.server.starts_with("https://") => {
+                    return Err(invalid("mesh.xds.ca", "required for an https server"));
+                }
+                None => {}
+            }
         }
         Ok(())
     }

@@ -66,7 +66,15 @@ pub struct Metrics(Arc<Inner>);
 impl Metrics {
     /// Registers every family. `start_time` is the process start in seconds since the epoch.
     pub fn new(start_time: f64) -> Self {
-        let mut registry = Registry::with_prefix("dpu");
+        Self::with_data_paths(start_time, |_| {})
+    }
+
+    /// Registers the agent's families (prefixed `dpu_`) and lets data paths register theirs in the same
+    /// registry under their own names (the proxy's follow Istio's, unprefixed).
+    pub fn with_data_paths(start_time: f64, register: impl FnOnce(&mut Registry)) -> Self {
+        let mut root = Registry::default();
+        register(&mut root);
+        let registry = root.sub_registry_with_prefix("dpu");
         let build = Family::<Build, Gauge>::default();
         build
             .get_or_create(&Build { version: crate::VERSION, revision: crate::GIT_REVISION, target: crate::TARGET })
@@ -97,7 +105,7 @@ impl Metrics {
         let volume_errors = Family::<Volume, Gauge>::default();
         registry.register("storage_volume_errors", "Failed I/O commands per volume since start", volume_errors.clone());
         Self(Arc::new(Inner {
-            registry,
+            registry: root,
             api_requests,
             api_denied,
             reconcile_passes,

@@ -3,6 +3,8 @@
 
 pub mod agent;
 pub mod auth;
+pub mod fabric;
+pub mod mesh;
 pub mod storage;
 
 use std::collections::BTreeSet;

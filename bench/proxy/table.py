@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Prints the Markdown table of bench/proxy.sh from its work directory.
+
+    table.py WORKDIR SECONDS IDLE_CONNECTIONS
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def wrk_rps(path: Path) -> float:
+    text = path.read_text()
+    m = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    if not m:
+        sys.exit(f"table.py: no Requests/sec in {path}:\n{text}")
+    errors = re.search(r"^\s+Non-2xx or 3xx responses: (\d+)", text, re.M)
+    if errors:
+        sys.exit(f"table.py: {path} has {errors.group(1)} non-2xx responses")
+    return float(m.group(1))
+
+
+def oha(path: Path) -> dict:
+    d = json.loads(path.read_text())
+    codes = d.get("statusCodeDistribution", {})
+    bad = {k: v for k, v in codes.items() if k != "200"}
+    if bad or d.get("errorDistribution"):
+        sys.exit(f"table.py: {path}: status codes {codes}, errors {d.get('errorDistribution')}")
+    return {
+        "p50_us": d["latencyPercentiles"]["p50"] * 1e6,
+        "p99_us": d["latencyPercentiles"]["p99"] * 1e6,
+        "rps": d["summary"]["requestsPerSec"],
+        "seconds": d["summary"]["total"],
+    }
+
+
+def main() -> None:
+    work, seconds, idle_n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    r = {}
+    for t in ("direct", "dpu", "envoy"):
+        r[t] = {"max_rps": wrk_rps(work / f"wrk-{t}.txt"), **oha(work / f"oha-{t}.json")}
+    for t in ("dpu", "envoy"):
+        before, after, hz = (int(x) for x in (work / f"cpu-{t}.txt").read_text().split())
+        cpu_ms_per_s = (after - before) * 1000 / hz / r[t]["seconds"]
+        r[t]["cpu_per_krps"] = cpu_ms_per_s / (r[t]["rps"] / 1000)
+        idle, loaded = (int(x) for x in (work / f"rss-{t}.txt").read_text().split())
+        r[t]["rss_idle_mib"] = idle / 1024
+        r[t]["rss_loaded_mib"] = loaded / 1024
+        r[t]["add_p50"] = r[t]["p50_us"] - r["direct"]["p50_us"]
+        r[t]["add_p99"] = r[t]["p99_us"] - r["direct"]["p99_us"]
+
+    d, e = r["dpu"], r["envoy"]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}×" if b > 0 else "n/a"
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    rows = [
+        ("max RPS (wrk -t1 -c64)", f"{d['max_rps']:,.0f}", f"{e['max_rps']:,.0f}",
+         f"{ratio(d['max_rps'], e['max_rps'])} (target ≥ 1.3×: {verdict(d['max_rps'] >= 1.3 * e['max_rps'])})"),
+        ("added p50 latency at 1000 rps (µs)", f"{d['add_p50']:.0f}", f"{e['add_p50']:.0f}",
+         ratio(d["add_p50"], e["add_p50"])),
+        ("added p99 latency at 1000 rps (µs)", f"{d['add_p99']:.0f}", f"{e['add_p99']:.0f}",
+         f"{ratio(d['add_p99'], e['add_p99'])} (target ≤ 0.5×: "
+         f"{verdict(e['add_p99'] > 0 and d['add_p99'] <= 0.5 * e['add_p99'])})"),
+        (f"RSS with {idle_n:,} idle connections (MiB)", f"{d['rss_loaded_mib']:.1f}", f"{e['rss_loaded_mib']:.1f}",
+         f"{ratio(d['rss_loaded_mib'], e['rss_loaded_mib'])} (target ≤ 0.5×: "
+         f"{verdict(d['rss_loaded_mib'] <= 0.5 * e['rss_loaded_mib'])})"),
+        ("RSS before them, idle (MiB)", f"{d['rss_idle_mib']:.1f}", f"{e['rss_idle_mib']:.1f}",
+         ratio(d["rss_idle_mib"], e["rss_idle_mib"])),
+        ("CPU per 1000 rps (CPU-ms/s)", f"{d['cpu_per_krps']:.0f}", f"{e['cpu_per_krps']:.0f}",
+         ratio(d["cpu_per_krps"], e["cpu_per_krps"])),
+        ("p50 / p99 latency at 1000 rps (µs)", f"{d['p50_us']:.0f} / {d['p99_us']:.0f}",
+         f"{e['p50_us']:.0f} / {e['p99_us']:.0f}", ""),
+    ]
+    print(f"Targets: RPS ≥ 1.3× Envoy, added p99 ≤ 0.5× Envoy's, RSS at {idle_n // 1000}k ≤ 0.5× Envoy's. "
+          f"{seconds} s per load run.\n")
+    print("| | dpu-agent | Envoy | ratio |")
+    print("|---|---:|---:|---:|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    dr = r["direct"]
+    print(f"\nnginx directly: {dr['max_rps']:,.0f} RPS max; at 1000 rps p50 {dr['p50_us']:.0f} µs, "
+          f"p99 {dr['p99_us']:.0f} µs. Fixed-rate runs achieved "
+          + ", ".join(f"{t} {r[t]['rps']:.0f} rps" for t in ("direct", "dpu", "envoy")) + ".")
+
+
+if __name__ == "__main__":
+    main()

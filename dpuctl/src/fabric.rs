@@ -1,0 +1,199 @@
+//! `dpuctl fabric`: the eSwitch data path. `ports` lists the representor ports; `set` changes the fabric
+//! settings (uplink, proxy capture device); `attach` / `detach` connect a VF to a pod network; `stats` shows the
+//! installed rules with their counters and offload state.
+
+use clap::{Subcommand, ValueEnum};
+use dpu_proto::v1 as pb;
+use dpu_proto::v1::fabric_service_client::FabricServiceClient;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use crate::resource_state;
+
+#[derive(Debug, Subcommand)]
+pub enum FabricCommand {
+    /// The fabric settings.
+    Get,
+    /// Change the fabric settings; only the options given change.
+    Set {
+        /// Physical port leading to the other hosts, e.g. p0; "" to clear.
+        #[arg(long)]
+        uplink: Option<String>,
+        /// Netdev the proxy captures steered traffic on; "" to clear.
+        #[arg(long)]
+        capture_device: Option<String>,
+    },
+    /// The eSwitch ports on this DPU.
+    Ports,
+    /// Attach a VF to a pod network.
+    Attach {
+        /// Attachment id, e.g. the pod's name.
+        id: String,
+        /// The VF, e.g. pf0vf3.
+        #[arg(long)]
+        port: String,
+        #[arg(long)]
+        mac: String,
+        /// Address with prefix, e.g. 10.0.0.3/24 (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<String>,
+        #[arg(long)]
+        vlan: u32,
+        #[arg(long, value_enum, default_value_t = Mode::Direct)]
+        mode: Mode,
+        /// Mesh mode: TCP port steered to the proxy (repeatable).
+        #[arg(long = "service-port")]
+        service_ports: Vec<u32>,
+        /// Rate limit in bits per second; 0 for none.
+        #[arg(long, default_value_t = 0)]
+        rate_limit_bps: u64,
+        #[arg(long, default_value = "")]
+        spiffe_id: String,
+        /// Packet mark; 0 lets the agent choose.
+        #[arg(long, default_value_t = 0)]
+        mark: u32,
+    },
+    /// One attachment.
+    Show { id: String },
+    /// Every attachment.
+    List,
+    /// Detach: stop forwarding to and from the VF.
+    Detach {
+        id: String,
+        #[arg(long)]
+        allow_missing: bool,
+    },
+    /// Installed rules per port with counters and offload state.
+    Stats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Direct,
+    Mesh,
+}
+
+fn fabric_json(f: pb::Fabric) -> Value {
+    json!({ "name": f.name, "uplink": f.uplink, "capture_device": f.capture_device, "generation": f.generation,
+            "status": resource_state(f.status.as_ref()) })
+}
+
+fn attachment_json(a: pb::Attachment) -> Value {
+    let mode = match pb::AttachmentMode::try_from(a.mode) {
+        Ok(pb::AttachmentMode::Mesh) => "mesh",
+        _ => "direct",
+    };
+    json!({ "name": a.name, "port": a.port, "mac": a.mac, "ips": a.ips, "vlan": a.vlan, "mode": mode,
+            "service_ports": a.service_ports, "rate_limit_bps": a.rate_limit_bps, "spiffe_id": a.spiffe_id,
+            "mark": a.mark, "generation": a.generation, "status": resource_state(a.status.as_ref()) })
+}
+
+fn port_json(p: pb::Port) -> Value {
+    json!({ "name": p.name, "state": p.attachment, "port": p.port, "flavour": p.flavour, "netdev": p.netdev,
+            "ifindex": p.ifindex, "hw_tc_offload": p.hw_tc_offload })
+}
+
+fn rule_json(port: &str, r: &pb::RuleStats) -> Value {
+    let placement = if r.in_hw {
+        "in_hw"
+    } else if r.skip_sw {
+        "skip_sw"
+    } else {
+        "software"
+    };
+    json!({ "name": format!("{port}/{}", r.priority), "state": placement, "handle": format!("{:#x}", r.handle),
+            "match": r.r#match, "actions": r.actions.join(", "), "packets": r.packets, "bytes": r.bytes,
+            "in_hw_count": r.in_hw_count })
+}
+
+pub async fn fabric(channel: Channel, command: &FabricCommand) -> anyhow::Result<Value> {
+    let mut c = FabricServiceClient::new(channel);
+    Ok(match command {
+        FabricCommand::Get => {
+            fabric_json(c.get_fabric(pb::GetFabricRequest { name: String::new() }).await?.into_inner())
+        }
+        FabricCommand::Set { uplink, capture_device } => {
+            let mut paths = Vec::new();
+            let mut fabric = pb::Fabric::default();
+            if let Some(u) = uplink {
+                fabric.uplink.clone_from(u);
+                paths.push("uplink".to_owned());
+            }
+            if let Some(d) = capture_device {
+                fabric.capture_device.clone_from(d);
+                paths.push("capture_device".to_owned());
+            }
+            if paths.is_empty() {
+                anyhow::bail!("nothing to change: give --uplink or --capture-device");
+            }
+            let request = pb::UpdateFabricRequest {
+                fabric: Some(fabric),
+                update_mask: Some(prost_types::FieldMask { paths }),
+                expected_generation: 0,
+            };
+            fabric_json(c.update_fabric(request).await?.into_inner())
+        }
+        FabricCommand::Ports => {
+            let ports = c.list_ports(pb::ListPortsRequest {}).await?.into_inner().ports;
+            json!({ "ports": ports.into_iter().map(port_json).collect::<Vec<_>>() })
+        }
+        FabricCommand::Attach { id, port, mac, ips, vlan, mode, service_ports, rate_limit_bps, spiffe_id, mark } => {
+            let mode = match mode {
+                Mode::Direct => pb::AttachmentMode::Direct,
+                Mode::Mesh => pb::AttachmentMode::Mesh,
+            };
+            let attachment = pb::Attachment {
+                port: port.clone(),
+                mac: mac.clone(),
+                ips: ips.clone(),
+                vlan: *vlan,
+                mode: mode.into(),
+                service_ports: service_ports.clone(),
+                rate_limit_bps: *rate_limit_bps,
+                spiffe_id: spiffe_id.clone(),
+                mark: *mark,
+                ..Default::default()
+            };
+            let request = pb::CreateAttachmentRequest { attachment_id: id.clone(), attachment: Some(attachment) };
+            attachment_json(c.create_attachment(request).await?.into_inner())
+        }
+        FabricCommand::Show { id } => attachment_json(
+            c.get_attachment(pb::GetAttachmentRequest { name: format!("attachments/{id}") }).await?.into_inner(),
+        ),
+        FabricCommand::List => {
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page =
+                    c.list_attachments(pb::ListAttachmentsRequest { page_size: 0, page_token }).await?.into_inner();
+                all.extend(page.attachments.into_iter().map(attachment_json));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            json!({ "attachments": all })
+        }
+        FabricCommand::Detach { id, allow_missing } => {
+            let name = format!("attachments/{id}");
+            c.delete_attachment(pb::DeleteAttachmentRequest { name: name.clone(), allow_missing: *allow_missing })
+                .await?;
+            json!({ "deleted": name })
+        }
+        FabricCommand::Stats => {
+            let stats = c.get_fabric_stats(pb::GetFabricStatsRequest {}).await?.into_inner();
+            let rules: Vec<Value> =
+                stats.ports.iter().flat_map(|p| p.rules.iter().map(|r| rule_json(&p.port, r))).collect();
+            let ports: Vec<Value> = stats
+                .ports
+                .iter()
+                .map(|p| {
+                    let packets: u64 = p.rules.iter().map(|r| r.packets).sum();
+                    json!({ "name": p.port, "state": p.attachment, "netdev": p.netdev,
+                            "hw_tc_offload": p.hw_tc_offload, "rules": p.rules.len(), "packets": packets })
+                })
+                .collect();
+            json!({ "ports": ports, "rules": rules })
+        }
+    })
+}

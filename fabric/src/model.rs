@@ -1,0 +1,452 @@
+//! Validated fabric intent: what the API accepted, as stored in the intent store.
+//!
+//! - `fabrics/default` ([`FabricSpec`]): the node's uplink port and the proxy's capture device;
+//! - `attachments/{id}` ([`AttachmentSpec`]): one VF attached to a pod network.
+//!
+//! A port is named by its eSwitch identity ([`PortId`]: controller, PF, VF or SF number), never by the netdev
+//! name its representor happens to have.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+pub use dpu_intent::Invalid;
+use dpu_intent::{Resource, invalid};
+use serde::{Deserialize, Serialize};
+
+/// Id of the one [`FabricSpec`] object.
+pub const FABRIC_ID: &str = "default";
+
+/// First packet mark handed out to attachments that do not choose one; marks below are left to the host.
+pub const MARK_BASE: u32 = 0x00fa_0000;
+
+/// What an eSwitch port stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "number")]
+pub enum Function {
+    /// The physical port (uplink), `p{pf}`.
+    Physical,
+    /// The host's PCI physical function, `pf{pf}hpf`.
+    HostPf,
+    /// A PCI virtual function, `pf{pf}vf{n}`.
+    Vf(u16),
+    /// A scalable (sub)function, `pf{pf}sf{n}`.
+    Sf(u32),
+}
+
+/// Identity of an eSwitch port: (controller, PF number, function). Controller 0 is the local host; external
+/// hosts (multi-host / external controller) are 1 and up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PortId {
+    pub controller: u32,
+    pub pf: u16,
+    pub function: Function,
+}
+
+impl PortId {
+    /// `pf{pf}vf{vf}` on controller 0.
+    pub fn vf(pf: u16, vf: u16) -> Self {
+        Self { controller: 0, pf, function: Function::Vf(vf) }
+    }
+
+    /// True for VFs and SFs: the ports a pod can be attached to.
+    pub fn is_attachable(&self) -> bool {
+        matches!(self.function, Function::Vf(_) | Function::Sf(_))
+    }
+}
+
+impl fmt::Display for PortId {
+    /// The kernel's `phys_port_name` form: `p0`, `pf0hpf`, `pf0vf3`, `pf1sf7`, with a `c{n}` prefix for
+    /// controllers other than 0.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.controller != 0 {
+            write!(f, "c{}", self.controller)?;
+        }
+        match self.function {
+            Function::Physical => write!(f, "p{}", self.pf),
+            Function::HostPf => write!(f, "pf{}hpf", self.pf),
+            Function::Vf(n) => write!(f, "pf{}vf{n}", self.pf),
+            Function::Sf(n) => write!(f, "pf{}sf{n}", self.pf),
+        }
+    }
+}
+
+/// A port name that is not in `phys_port_name` form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a port name like p0, pf0hpf, pf0vf3, pf0sf2 or c1pf0vf3")]
+pub struct BadPortName(pub String);
+
+impl FromStr for PortId {
+    type Err = BadPortName;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || BadPortName(text.to_owned());
+        let number = |s: &str| -> Result<u32, BadPortName> {
+            if s.is_empty() || s.len() > 7 || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            s.parse().map_err(|_| bad())
+        };
+        let split_digits = |s: &str| -> (usize, usize) {
+            let end = s.bytes().position(|b| !b.is_ascii_digit()).unwrap_or(s.len());
+            (0, end)
+        };
+        let mut rest = text;
+        let mut controller = 0;
+        if let Some(r) = rest.strip_prefix('c') {
+            let (_, end) = split_digits(r);
+            controller = number(&r[..end])?;
+            rest = &r[end..];
+        }
+        if let Some(r) = rest.strip_prefix("pf") {
+            let (_, end) = split_digits(r);
+            let pf = u16::try_from(number(&r[..end])?).map_err(|_| bad())?;
+            let tail = &r[end..];
+            let function = if tail == "hpf" {
+                Function::HostPf
+            } else if let Some(n) = tail.strip_prefix("vf") {
+                Function::Vf(u16::try_from(number(n)?).map_err(|_| bad())?)
+            } else if let Some(n) = tail.strip_prefix("sf") {
+                Function::Sf(number(n)?)
+            } else {
+                return Err(bad());
+            };
+            return Ok(Self { controller, pf, function });
+        }
+        if let Some(r) = rest.strip_prefix('p') {
+            let pf = u16::try_from(number(r)?).map_err(|_| bad())?;
+            return Ok(Self { controller, pf, function: Function::Physical });
+        }
+        Err(bad())
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An Ethernet address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    pub const BROADCAST: Self = Self([0xff; 6]);
+
+    /// True for group (multicast and broadcast) addresses.
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 1 == 1
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0; 6]
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 6];
+        let parts: Vec<&str> = text.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!("{text:?} is not a MAC address like 02:00:00:00:00:01"));
+        }
+        for (byte, part) in out.iter_mut().zip(parts) {
+            if part.len() != 2 {
+                return Err(format!("{text:?} is not a MAC address like 02:00:00:00:00:01"));
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| format!("{text:?} has a non-hex octet {part:?}"))?;
+        }
+        Ok(Self(out))
+    }
+}
+
+/// An address with its prefix length, e.g. `10.0.0.5/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct IpNet {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{text:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?} has a prefix length that is not 0..={max}"))?,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+/// The L2 segment a pod network is carried on between hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "id")]
+pub enum Segment {
+    /// 802.1Q VLAN on the uplink, 1..=4094.
+    Vlan(u16),
+}
+
+impl fmt::Display for Segment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Vlan(id) => write!(f, "vlan {id}"),
+        }
+    }
+}
+
+/// How the fabric treats an attached pod's traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Mode {
+    /// The fabric forwards everything.
+    Direct,
+    /// TCP to `service_ports` is steered to the proxy's capture device (marked with the attachment's mark); the
+    /// rest is forwarded.
+    Mesh { service_ports: BTreeSet<u16> },
+}
+
+/// `attachments/{id}`: a VF attached to a pod network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentSpec {
+    pub port: PortId,
+    pub mac: MacAddr,
+    pub ips: BTreeSet<IpNet>,
+    pub segment: Segment,
+    pub mode: Mode,
+    /// Ingress rate limit (pod → fabric) in bits per second; `None` for unlimited.
+    #[serde(default)]
+    pub rate_limit_bps: Option<u64>,
+    /// The pod's workload identity (SPIFFE ID).
+    pub spiffe_id: String,
+    /// Packet mark the fabric puts on the pod's steered traffic; the proxy identifies the workload by it.
+    pub mark: u32,
+}
+
+impl Resource for AttachmentSpec {
+    const KIND: &'static str = "attachments";
+}
+
+/// Smallest rate limit accepted: 8 kbit/s (one 1500-byte burst per 1.5 s).
+pub const MIN_RATE_BPS: u64 = 8_000;
+
+impl AttachmentSpec {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !self.port.is_attachable() {
+            return invalid("attachment.port", format!("{} is not a VF or SF", self.port));
+        }
+        if self.mac.is_multicast() || self.mac.is_zero() {
+            return invalid("attachment.mac", format!("{} is not a unicast address", self.mac));
+        }
+        for ip in &self.ips {
+            if ip.addr.is_unspecified() || ip.addr.is_multicast() {
+                return invalid("attachment.ips", format!("{ip} is not a unicast address"));
+            }
+        }
+        match self.segment {
+            Segment::Vlan(id) if !(1..=4094).contains(&id) => {
+                return invalid("attachment.vlan", format!("{id} is not in 1..=4094"));
+            }
+            Segment::Vlan(_) => {}
+        }
+        if let Mode::Mesh { service_ports } = &self.mode {
+            if service_ports.is_empty() {
+                return invalid("attachment.service_ports", "mesh mode needs at least one service port");
+            }
+            if service_ports.contains(&0) {
+                return invalid("attachment.service_ports", "0 is not a port");
+            }
+        }
+        if let Some(rate) = self.rate_limit_bps
+            && rate < MIN_RATE_BPS
+        {
+            return invalid("attachment.rate_limit_bps", format!("{rate} is below the minimum {MIN_RATE_BPS}"));
+        }
+        if !self.spiffe_id.is_empty() {
+            validate_spiffe_id(&self.spiffe_id)?;
+        }
+        if self.mark == 0 {
+            return invalid("attachment.mark", "0 means unmarked; a mark is required");
+        }
+        Ok(())
+    }
+}
+
+/// `spiffe://trust-domain/path`, lower-case trust domain, no query or fragment.
+pub fn validate_spiffe_id(id: &str) -> Result<(), Invalid> {
+    let Some(rest) = id.strip_prefix("spiffe://") else {
+        return invalid("attachment.spiffe_id", format!("{id:?} does not start with spiffe://"));
+    };
+    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let domain_ok = !domain.is_empty()
+        && domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    if !domain_ok {
+        return invalid("attachment.spiffe_id", format!("{id:?} has an invalid trust domain"));
+    }
+    let path_ok = path.split('/').all(|seg| {
+        !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+    });
+    if path.is_empty() || !path_ok || id.len() > 2048 {
+        return invalid("attachment.spiffe_id", format!("{id:?} needs a path of segments [A-Za-z0-9._-]"));
+    }
+    Ok(())
+}
+
+/// `fabrics/default`: the node's fabric-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FabricSpec {
+    /// The physical port that leads to the other hosts (`p0`); `None`: pods talk only to pods on this host.
+    #[serde(default)]
+    pub uplink: Option<PortId>,
+    /// Netdev the proxy captures steered traffic on (mesh mode); `None`: mesh attachments are refused.
+    #[serde(default)]
+    pub capture_device: Option<String>,
+}
+
+impl Resource for FabricSpec {
+    const KIND: &'static str = "fabrics";
+}
+
+impl FabricSpec {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if let Some(uplink) = &self.uplink
+            && uplink.function != Function::Physical
+        {
+            return invalid("fabric.uplink", format!("{uplink} is not a physical port"));
+        }
+        if let Some(dev) = &self.capture_device {
+            validate_netdev_name("fabric.capture_device", dev)?;
+        }
+        Ok(())
+    }
+}
+
+/// Linux interface names: 1-15 bytes, no '/', whitespace or ':'.
+pub fn validate_netdev_name(field: &str, name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if ok { Ok(()) } else { invalid(field, format!("{name:?} is not a network device name")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attachment() -> AttachmentSpec {
+        AttachmentSpec {
+            port: PortId::vf(0, 3),
+            mac: "02:00:00:00:00:03".parse().unwrap(),
+            ips: ["10.0.0.3/24".parse().unwrap()].into(),
+            segment: Segment::Vlan(100),
+            mode: Mode::Direct,
+            rate_limit_bps: None,
+            spiffe_id: "spiffe://cluster.local/ns/default/sa/web".into(),
+            mark: MARK_BASE,
+        }
+    }
+
+    #[test]
+    fn port_names_round_trip() {
+        for name in ["p0", "p1", "pf0hpf", "pf0vf3", "pf1sf7", "c1pf0vf3", "c2p1", "c1pf0hpf"] {
+            let id: PortId = name.parse().unwrap();
+            assert_eq!(id.to_string(), name);
+        }
+        assert_eq!("pf0vf12".parse::<PortId>().unwrap(), PortId::vf(0, 12));
+        assert_eq!("c3pf1sf9".parse::<PortId>().unwrap().controller, 3);
+        for bad in ["", "pf", "pf0", "pf0vf", "eth0", "pf0vf-1", "pfxvf1", "pf0vf99999999", "p", "c1", "pf0vf1x"] {
+            assert!(bad.parse::<PortId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mac_and_prefix_parsing() {
+        let mac: MacAddr = "02:aB:00:00:00:01".parse().unwrap();
+        assert_eq!(mac.to_string(), "02:ab:00:00:00:01");
+        assert!(MacAddr::BROADCAST.is_multicast());
+        assert!("02:00:00:00:00".parse::<MacAddr>().is_err());
+        assert!("02:00:00:00:00:0g".parse::<MacAddr>().is_err());
+        let net: IpNet = "10.1.2.3/16".parse().unwrap();
+        assert_eq!((net.prefix, net.to_string().as_str()), (16, "10.1.2.3/16"));
+        assert_eq!("fd00::1".parse::<IpNet>().unwrap().prefix, 128);
+        assert!("10.0.0.1/33".parse::<IpNet>().is_err());
+        assert!("nope/1".parse::<IpNet>().is_err());
+    }
+
+    #[test]
+    fn attachment_rules() {
+        attachment().validate().unwrap();
+        let field = |a: AttachmentSpec| a.validate().unwrap_err().field;
+        assert_eq!(field(AttachmentSpec { port: "p0".parse().unwrap(), ..attachment() }), "attachment.port");
+        assert_eq!(field(AttachmentSpec { mac: MacAddr::BROADCAST, ..attachment() }), "attachment.mac");
+        assert_eq!(field(AttachmentSpec { segment: Segment::Vlan(4095), ..attachment() }), "attachment.vlan");
+        let mesh = Mode::Mesh { service_ports: BTreeSet::new() };
+        assert_eq!(field(AttachmentSpec { mode: mesh, ..attachment() }), "attachment.service_ports");
+        assert_eq!(field(AttachmentSpec { rate_limit_bps: Some(10), ..attachment() }), "attachment.rate_limit_bps");
+        assert_eq!(field(AttachmentSpec { mark: 0, ..attachment() }), "attachment.mark");
+        for bad in ["http://x/y", "spiffe://", "spiffe://UP/x", "spiffe://td", "spiffe://td/a//b", "spiffe://td/../x"] {
+            assert_eq!(
+                field(AttachmentSpec { spiffe_id: bad.into(), ..attachment() }),
+                "attachment.spiffe_id",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn fabric_rules() {
+        FabricSpec { uplink: Some("p0".parse().unwrap()), capture_device: Some("proxy0".into()) }.validate().unwrap();
+        let vf = FabricSpec { uplink: Some(PortId::vf(0, 1)), capture_device: None };
+        assert_eq!(vf.validate().unwrap_err().field, "fabric.uplink");
+        let long = FabricSpec { uplink: None, capture_device: Some("x".repeat(16)) };
+        assert_eq!(long.validate().unwrap_err().field, "fabric.capture_device");
+    }
+
+    #[test]
+    fn stored_form_is_stable() {
+        let json = serde_json::to_value(attachment()).unwrap();
+        assert_eq!(json["port"]["function"], serde_json::json!({"kind": "vf", "number": 3}));
+        assert_eq!(json["mac"], "02:00:00:00:00:03");
+        let back: AttachmentSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back, attachment());
+    }
+}

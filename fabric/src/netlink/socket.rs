@@ -1,0 +1,310 @@
+//! A blocking netlink socket (netlink-sys) with request/acknowledge and dump exchanges. Kernel refusals carry
+//! the kernel's extended-ack message.
+
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer};
+use netlink_sys::{Socket, SocketAddr};
+
+use super::attr::{Attr, Attrs, emit_all};
+use crate::FabricError;
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_CAPPED: u16 = 0x100;
+const NLM_F_ACK_TLVS: u16 = 0x200;
+const NLMSGERR_ATTR_MSG: u16 = 1;
+const HEADER_LEN: usize = 16;
+
+/// Builds one netlink message: header, then `payload`.
+pub fn frame(message_type: u16, flags: u16, sequence: u32, payload: &[u8]) -> Vec<u8> {
+    let len = HEADER_LEN + payload.len();
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
+    out.extend_from_slice(&message_type.to_ne_bytes());
+    out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(&sequence.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// One message of a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// A data message: (type, payload).
+    Data(u16, Vec<u8>),
+    /// An acknowledgement (errno 0) or an error with the kernel's message.
+    Ack { errno: i32, message: String },
+    /// End of a dump.
+    Done,
+}
+
+/// Splits a received datagram into messages of `sequence` (others are skipped).
+pub fn parse_replies(datagram: &[u8], sequence: u32) -> Result<Vec<Reply>, FabricError> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset + HEADER_LEN <= datagram.len() {
+        let buf = NetlinkBuffer::new_checked(&datagram[offset..])?;
+        let len = buf.length() as usize;
+        if len < HEADER_LEN {
+            return Err(FabricError::Decode(format!("message length {len} is below the header size")));
+        }
+        let (kind, flags, seq) = (buf.message_type(), buf.flags(), buf.sequence_number());
+        let payload = &datagram[offset + HEADER_LEN..offset + len];
+        offset += (len + 3) & !3;
+        if seq != sequence {
+            continue;
+        }
+        out.push(match kind {
+            NLMSG_DONE => Reply::Done,
+            NLMSG_ERROR => parse_error(payload, flags)?,
+            _ => Reply::Data(kind, payload.to_vec()),
+        });
+    }
+    Ok(out)
+}
+
+fn parse_error(payload: &[u8], flags: u16) -> Result<Reply, FabricError> {
+    let code = payload
+        .get(..4)
+        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or_else(|| FabricError::Decode("error message shorter than its code".into()))?;
+    let mut message = String::new();
+    if flags & NLM_F_ACK_TLVS != 0 {
+        // The request's header follows the code, with its payload unless the reply is capped.
+        let echoed = payload
+            .get(4..8)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(|| FabricError::Decode("error message without the request header".into()))?;
+        let skip = 4 + if flags & NLM_F_CAPPED != 0 { HEADER_LEN } else { echoed.max(HEADER_LEN) };
+        if let Some(tlvs) = payload.get(skip..) {
+            let attrs = Attrs::parse(tlvs)?;
+            message = attrs.string(NLMSGERR_ATTR_MSG)?.unwrap_or_default();
+        }
+    }
+    Ok(Reply::Ack { errno: -code, message })
+}
+
+/// A netlink socket of one protocol.
+#[derive(Debug)]
+pub struct NlSocket {
+    socket: Socket,
+    sequence: u32,
+}
+
+fn io(operation: &'static str) -> impl FnOnce(std::io::Error) -> FabricError {
+    move |source| FabricError::Socket { operation, source }
+}
+
+impl NlSocket {
+    /// Opens and binds a socket of `protocol` (`NETLINK_ROUTE` = 0, `NETLINK_GENERIC` = 16) with extended acks.
+    pub fn open(protocol: isize) -> Result<Self, FabricError> {
+        let mut socket = Socket::new(protocol).map_err(io("socket"))?;
+        socket.bind_auto().map_err(io("bind"))?;
+        socket.connect(&SocketAddr::new(0, 0)).map_err(io("connect"))?;
+        // Older kernels lack these options; requests still work, only without the kernel's messages.
+        let _ = socket.set_ext_ack(true);
+        let _ = socket.set_cap_ack(true);
+        let _ = socket.set_rx_buf_sz(4 << 20);
+        Ok(Self { socket, sequence: 1 })
+    }
+
+    fn send(&mut self, message_type: u16, flags: u16, payload: &[u8]) -> Result<u32, FabricError> {
+        self.sequence = self.sequence.wrapping_add(1).max(1);
+        let message = frame(message_type, flags | NLM_F_REQUEST, self.sequence, payload);
+        self.socket.send(&message, 0).map_err(io("send"))?;
+        Ok(self.sequence)
+    }
+
+    fn receive(&self, sequence: u32) -> Result<Vec<Reply>, FabricError> {
+        let (datagram, _) = self.socket.recv_from_full().map_err(io("receive"))?;
+        parse_replies(&datagram, sequence)
+    }
+
+    /// Sends a request and waits for its acknowledgement; `what` names the request in errors.
+    pub fn request(&mut self, message_type: u16, flags: u16, payload: &[u8], what: &str) -> Result<(), FabricError> {
+        let sequence = self.send(message_type, flags | NLM_F_ACK, payload)?;
+        loop {
+            for reply in self.receive(sequence)? {
+                if let Reply::Ack { errno, message } = reply {
+                    return match errno {
+                        0 => Ok(()),
+                        _ => Err(refusal(what, errno, message)),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Sends a dump request and collects the payloads of every data message.
+    pub fn dump(&mut self, message_type: u16, payload: &[u8], what: &str) -> Result<Vec<Vec<u8>>, FabricError> {
+        let sequence = self.send(message_type, NLM_F_DUMP, payload)?;
+        let mut out = Vec::new();
+        loop {
+            for reply in self.receive(sequence)? {
+                match reply {
+                    Reply::Data(_, payload) => out.push(payload),
+                    Reply::Done => return Ok(out),
+                    Reply::Ack { errno: 0, .. } => {}
+                    Reply::Ack { errno, message } => return Err(refusal(what, errno, message)),
+                }
+            }
+        }
+    }
+
+    /// Sends a request and returns the payload of its one data reply (generic netlink `get`).
+    pub fn query(&mut self, message_type: u16, payload: &[u8], what: &str) -> Result<Vec<u8>, FabricError> {
+        let sequence = self.send(message_type, NLM_F_ACK, payload)?;
+        let mut data = None;
+        loop {
+            for reply in self.receive(sequence)? {
+                match reply {
+                    Reply::Data(_, payload) => data = Some(payload),
+                    Reply::Done => {}
+                    Reply::Ack { errno: 0, .. } => {
+                        return data.ok_or_else(|| FabricError::Decode(format!("no reply to {what}")));
+                    }
+                    Reply::Ack { errno, message } => return Err(refusal(what, errno, message)),
+                }
+            }
+        }
+    }
+}
+
+fn refusal(what: &str, errno: i32, message: String) -> FabricError {
+    let message = if message.is_empty() { std::io::Error::from_raw_os_error(errno).to_string() } else { message };
+    FabricError::Kernel { request: what.to_owned(), errno, message }
+}
+
+const NETLINK_GENERIC: isize = 16;
+const GENL_ID_CTRL: u16 = 16;
+const CTRL_CMD_GETFAMILY: u8 = 3;
+const CTRL_ATTR_FAMILY_ID: u16 = 1;
+const CTRL_ATTR_FAMILY_NAME: u16 = 2;
+const ETHTOOL_MSG_FEATURES_GET: u8 = 11;
+const ETHTOOL_A_FEATURES_HEADER: u16 = 1;
+const ETHTOOL_A_FEATURES_ACTIVE: u16 = 4;
+const ETHTOOL_A_HEADER_DEV_NAME: u16 = 2;
+const ETHTOOL_A_BITSET_BITS: u16 = 3;
+const ETHTOOL_A_BITSET_BIT_NAME: u16 = 2;
+const ETHTOOL_A_BITSET_BIT_VALUE: u16 = 3;
+
+fn genl_payload(command: u8, version: u8, attrs: &[Attr]) -> Vec<u8> {
+    let mut out = vec![command, version, 0, 0];
+    emit_all(attrs, &mut out);
+    out
+}
+
+/// Ethtool over generic netlink: reads netdev features without ioctls.
+#[derive(Debug)]
+pub struct Ethtool {
+    socket: NlSocket,
+    family: u16,
+}
+
+impl Ethtool {
+    /// Opens a generic netlink socket and resolves the `ethtool` family.
+    pub fn open() -> Result<Self, FabricError> {
+        let mut socket = NlSocket::open(NETLINK_GENERIC)?;
+        let payload = genl_payload(CTRL_CMD_GETFAMILY, 1, &[Attr::string(CTRL_ATTR_FAMILY_NAME, "ethtool")]);
+        let reply = socket.query(GENL_ID_CTRL, &payload, "resolving the ethtool netlink family")?;
+        let attrs = Attrs::parse(reply.get(4..).unwrap_or_default())?;
+        let family = attrs
+            .u16(CTRL_ATTR_FAMILY_ID)?
+            .ok_or_else(|| FabricError::Decode("ethtool family reply without an id".into()))?;
+        Ok(Self { socket, family })
+    }
+
+    /// Whether `netdev` has the feature `name` (e.g. `hw-tc-offload`) active.
+    pub fn feature_active(&mut self, netdev: &str, name: &str) -> Result<bool, FabricError> {
+        let header = Attr::nested(ETHTOOL_A_FEATURES_HEADER, vec![Attr::string(ETHTOOL_A_HEADER_DEV_NAME, netdev)]);
+        let payload = genl_payload(ETHTOOL_MSG_FEATURES_GET, 1, &[header]);
+        let reply = self.socket.query(self.family, &payload, &format!("reading the features of {netdev}"))?;
+        active_feature(reply.get(4..).unwrap_or_default(), name)
+    }
+}
+
+/// Looks for `name` among the set bits of `ETHTOOL_A_FEATURES_ACTIVE` (verbose bitset without mask: only
+/// set bits are listed, each with its name).
+pub fn active_feature(attrs: &[u8], name: &str) -> Result<bool, FabricError> {
+    let attrs = Attrs::parse(attrs)?;
+    let Some(active) = attrs.nested(ETHTOOL_A_FEATURES_ACTIVE)? else { return Ok(false) };
+    let Some(bits) = active.nested(ETHTOOL_A_BITSET_BITS)? else { return Ok(false) };
+    for (_, bit) in bits.iter() {
+        let bit = Attrs::parse(bit)?;
+        if bit.string(ETHTOOL_A_BITSET_BIT_NAME)?.as_deref() == Some(name) {
+            return Ok(bit.get(ETHTOOL_A_BITSET_BIT_VALUE).is_some() || active.get(1).is_some());
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_reply(sequence: u32, errno: i32, message: &str) -> Vec<u8> {
+        let mut payload = (-errno).to_ne_bytes().to_vec();
+        payload.extend_from_slice(&frame(44, 0, sequence, &[])[..HEADER_LEN]);
+        emit_all(&[Attr::string(NLMSGERR_ATTR_MSG, message)], &mut payload);
+        frame(NLMSG_ERROR, NLM_F_CAPPED | NLM_F_ACK_TLVS, sequence, &payload)
+    }
+
+    #[test]
+    fn replies_with_extended_ack() {
+        let mut datagram = frame(44, 2, 7, &[1, 2, 3, 4]);
+        datagram.extend(frame(44, 2, 6, &[9, 9, 9, 9])); // another request's: skipped
+        datagram.extend(error_reply(7, 95, "Specified filter kind not found"));
+        let replies = parse_replies(&datagram, 7).unwrap();
+        assert_eq!(
+            replies,
+            vec![
+                Reply::Data(44, vec![1, 2, 3, 4]),
+                Reply::Ack { errno: 95, message: "Specified filter kind not found".into() }
+            ]
+        );
+        let done = frame(NLMSG_DONE, 2, 3, &0i32.to_ne_bytes());
+        assert_eq!(parse_replies(&done, 3).unwrap(), vec![Reply::Done]);
+        let e = refusal("adding a rule", 95, String::new());
+        assert!(e.to_string().contains("not supported"), "{e}");
+    }
+
+    #[test]
+    fn truncated_replies_are_errors() {
+        let mut bad = frame(44, 0, 1, &[0; 8]);
+        bad[0] = 200; // length past the datagram
+        assert!(parse_replies(&bad, 1).is_err());
+        let short_error = frame(NLMSG_ERROR, 0, 1, &[0, 0]);
+        assert!(parse_replies(&short_error, 1).is_err());
+    }
+
+    #[test]
+    fn feature_bits() {
+        let bit = |name: &str| Attr::nested(1, vec![Attr::u32(1, 3), Attr::string(ETHTOOL_A_BITSET_BIT_NAME, name)]);
+        let active = Attr::nested(
+            ETHTOOL_A_FEATURES_ACTIVE,
+            vec![
+                Attr::bytes(1, []),
+                Attr::nested(ETHTOOL_A_BITSET_BITS, vec![bit("rx-checksum"), bit("hw-tc-offload")]),
+            ],
+        );
+        let mut buf = Vec::new();
+        emit_all(&[active], &mut buf);
+        assert!(active_feature(&buf, "hw-tc-offload").unwrap());
+        assert!(!active_feature(&buf, "rx-gro-hw").unwrap());
+    }
+
+    #[test]
+    fn kernel_refusal_carries_the_extended_ack() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root (netlink writes)");
+            return;
+        }
+        let mut socket = NlSocket::open(0).unwrap();
+        // A filter on an interface index that cannot exist.
+        let mut payload = vec![0u8; 20];
+        payload[4..8].copy_from_slice(&0x7fff_fff0i32.to_ne_bytes());
+        let e = socket.request(44, 0x400 | 0x200, &payload, "adding a filter").unwrap_err();
+        assert!(e.errno().is_some(), "{e}");
+        assert!(e.to_string().starts_with("the kernel refused adding a filter: "), "{e}");
+    }
+}

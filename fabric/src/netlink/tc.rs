@@ -1,0 +1,636 @@
+//! rtnetlink traffic-control messages: the clsact qdisc, flower filters and the actions the fabric uses
+//! (mirred, vlan, skbedit, gact, police), encoded from [`Rule`]s and decoded back from the kernel's dumps.
+
+use std::net::IpAddr;
+
+use super::attr::{Attr, Attrs, emit_all};
+use crate::FabricError;
+use crate::model::{IpNet, MacAddr};
+use crate::rules::{Action, Keys, RuleId};
+
+pub const RTM_NEWQDISC: u16 = 36;
+pub const RTM_GETQDISC: u16 = 38;
+pub const RTM_NEWTFILTER: u16 = 44;
+pub const RTM_DELTFILTER: u16 = 45;
+pub const RTM_GETTFILTER: u16 = 46;
+
+/// `TC_H_CLSACT` (= `TC_H_INGRESS`), the clsact qdisc's parent.
+pub const TC_H_CLSACT: u32 = 0xffff_fff1;
+/// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)`: the ingress hook of clsact.
+pub const INGRESS_PARENT: u32 = 0xffff_fff2;
+const CLSACT_HANDLE: u32 = 0xffff_0000;
+
+const TCA_KIND: u16 = 1;
+const TCA_OPTIONS: u16 = 2;
+const TCA_CHAIN: u16 = 11;
+
+const TCA_FLOWER_ACT: u16 = 3;
+const TCA_FLOWER_KEY_ETH_DST: u16 = 4;
+const TCA_FLOWER_KEY_ETH_DST_MASK: u16 = 5;
+const TCA_FLOWER_KEY_ETH_SRC: u16 = 6;
+const TCA_FLOWER_KEY_ETH_SRC_MASK: u16 = 7;
+const TCA_FLOWER_KEY_ETH_TYPE: u16 = 8;
+const TCA_FLOWER_KEY_IP_PROTO: u16 = 9;
+const TCA_FLOWER_KEY_IPV4_DST: u16 = 12;
+const TCA_FLOWER_KEY_IPV4_DST_MASK: u16 = 13;
+const TCA_FLOWER_KEY_IPV6_DST: u16 = 16;
+const TCA_FLOWER_KEY_IPV6_DST_MASK: u16 = 17;
+const TCA_FLOWER_KEY_TCP_DST: u16 = 19;
+const TCA_FLOWER_FLAGS: u16 = 22;
+const TCA_FLOWER_KEY_VLAN_ID: u16 = 23;
+const TCA_FLOWER_KEY_VLAN_ETH_TYPE: u16 = 25;
+const TCA_FLOWER_IN_HW_COUNT: u16 = 86;
+
+/// `TCA_CLS_FLAGS_*`.
+pub const SKIP_HW: u32 = 1;
+pub const SKIP_SW: u32 = 2;
+pub const IN_HW: u32 = 4;
+pub const NOT_IN_HW: u32 = 8;
+
+const TCA_ACT_KIND: u16 = 1;
+const TCA_ACT_OPTIONS: u16 = 2;
+const TCA_ACT_STATS: u16 = 4;
+const TCA_ACT_COOKIE: u16 = 6;
+const TCA_STATS_BASIC: u16 = 1;
+
+const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_PIPE: i32 = 3;
+const TC_ACT_STOLEN: i32 = 4;
+
+const TCA_MIRRED_PARMS: u16 = 2;
+const TCA_EGRESS_REDIR: i32 = 1;
+const TCA_EGRESS_MIRROR: i32 = 2;
+const TCA_VLAN_PARMS: u16 = 2;
+const TCA_VLAN_PUSH_VLAN_ID: u16 = 3;
+const TCA_VLAN_PUSH_VLAN_PROTOCOL: u16 = 4;
+const TCA_VLAN_ACT_POP: i32 = 1;
+const TCA_VLAN_ACT_PUSH: i32 = 2;
+const TCA_SKBEDIT_PARMS: u16 = 2;
+const TCA_SKBEDIT_MARK: u16 = 5;
+const TCA_GACT_PARMS: u16 = 2;
+const TCA_POLICE_TBF: u16 = 1;
+const TCA_POLICE_RATE: u16 = 2;
+const TCA_POLICE_RESULT: u16 = 5;
+const TCA_POLICE_RATE64: u16 = 8;
+
+/// Length of `struct tc_gen` (index, capab, action, refcnt, bindcnt).
+const TC_GEN_LEN: usize = 20;
+/// Length of `struct tc_police`.
+const TC_POLICE_LEN: usize = 56;
+/// Largest packet the police action measures against its rate (covers GRO/TSO aggregates).
+const POLICE_MTU: u32 = 256 * 1024;
+/// Nanoseconds per psched tick (`PSCHED_SHIFT` = 6).
+const NS_PER_TICK: u128 = 64;
+
+/// `struct tcmsg`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcMsg {
+    pub ifindex: u32,
+    pub handle: u32,
+    pub parent: u32,
+    /// Filters: `prio << 16 | protocol` (protocol in network byte order).
+    pub info: u32,
+}
+
+pub const TCMSG_LEN: usize = 20;
+
+impl TcMsg {
+    pub fn emit(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&[0, 0, 0, 0]); // family AF_UNSPEC + padding
+        out.extend_from_slice(&self.ifindex.to_ne_bytes());
+        out.extend_from_slice(&self.handle.to_ne_bytes());
+        out.extend_from_slice(&self.parent.to_ne_bytes());
+        out.extend_from_slice(&self.info.to_ne_bytes());
+    }
+
+    pub fn parse(buf: &[u8]) -> Result<(Self, &[u8]), FabricError> {
+        if buf.len() < TCMSG_LEN {
+            return Err(FabricError::Decode(format!("tcmsg needs {TCMSG_LEN} bytes, got {}", buf.len())));
+        }
+        let word = |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+        Ok((Self { ifindex: word(4), handle: word(8), parent: word(12), info: word(16) }, &buf[TCMSG_LEN..]))
+    }
+
+    /// Filter info for (priority, protocol).
+    pub fn filter_info(prio: u16, protocol: u16) -> u32 {
+        u32::from(prio) << 16 | u32::from(protocol.to_be())
+    }
+}
+
+/// `RTM_NEWQDISC` payload creating the clsact qdisc on `ifindex`.
+pub fn clsact(ifindex: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    TcMsg { ifindex, handle: CLSACT_HANDLE, parent: TC_H_CLSACT, info: 0 }.emit(&mut out);
+    emit_all(&[Attr::string(TCA_KIND, "clsact")], &mut out);
+    out
+}
+
+/// `RTM_GETQDISC` dump payload (all qdiscs; the caller filters by interface).
+pub fn qdisc_dump() -> Vec<u8> {
+    let mut out = Vec::new();
+    TcMsg::default().emit(&mut out);
+    out
+}
+
+/// Decodes a qdisc message into (ifindex, parent, kind).
+pub fn decode_qdisc(payload: &[u8]) -> Result<(u32, u32, String), FabricError> {
+    let (msg, rest) = TcMsg::parse(payload)?;
+    let kind = Attrs::parse(rest)?.string(TCA_KIND)?.unwrap_or_default();
+    Ok((msg.ifindex, msg.parent, kind))
+}
+
+/// `RTM_GETTFILTER` dump payload for the ingress hook of `ifindex`, chain 0.
+pub fn filter_dump(ifindex: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    TcMsg { ifindex, handle: 0, parent: INGRESS_PARENT, info: 0 }.emit(&mut out);
+    emit_all(&[Attr::u32(TCA_CHAIN, 0)], &mut out);
+    out
+}
+
+/// `RTM_DELTFILTER` payload removing one filter.
+pub fn filter_delete(ifindex: u32, id: RuleId) -> Vec<u8> {
+    let mut out = Vec::new();
+    let info = TcMsg::filter_info(id.prio, id.protocol);
+    TcMsg { ifindex, handle: id.handle, parent: INGRESS_PARENT, info }.emit(&mut out);
+    emit_all(&[Attr::string(TCA_KIND, "flower"), Attr::u32(TCA_CHAIN, 0)], &mut out);
+    out
+}
+
+/// `RTM_NEWTFILTER` payload installing a flower filter on the ingress hook of `ifindex`. `resolve` maps the
+/// actions' device names to interface indexes; `cookie` is attached to the first action.
+pub fn filter(
+    ifindex: u32,
+    id: RuleId,
+    keys: &Keys,
+    actions: &[Action],
+    flags: u32,
+    cookie: &[u8],
+    resolve: &dyn Fn(&str) -> Result<u32, FabricError>,
+) -> Result<Vec<u8>, FabricError> {
+    let mut options = flower_keys(keys);
+    options.push(Attr::u32(TCA_FLOWER_FLAGS, flags));
+    let mut list = Vec::with_capacity(actions.len());
+    for (i, action) in actions.iter().enumerate() {
+        let mut attrs = encode_action(action, resolve)?;
+        if i == 0 && !cookie.is_empty() {
+            attrs.push(Attr::bytes(TCA_ACT_COOKIE, cookie));
+        }
+        list.push(Attr::nested(u16::try_from(i + 1).unwrap_or(u16::MAX), attrs));
+    }
+    options.push(Attr::nested(TCA_FLOWER_ACT, list));
+    let mut out = Vec::new();
+    let info = TcMsg::filter_info(id.prio, id.protocol);
+    TcMsg { ifindex, handle: id.handle, parent: INGRESS_PARENT, info }.emit(&mut out);
+    emit_all(
+        &[Attr::string(TCA_KIND, "flower"), Attr::u32(TCA_CHAIN, 0), Attr::nested(TCA_OPTIONS, options)],
+        &mut out,
+    );
+    Ok(out)
+}
+
+fn prefix_mask(prefix: u8, width: u8) -> u128 {
+    if prefix == 0 { 0 } else { (u128::MAX << (width - prefix.min(width))) & (u128::MAX >> (128 - u32::from(width))) }
+}
+
+fn flower_keys(k: &Keys) -> Vec<Attr> {
+    let mut out = Vec::new();
+    if let Some(t) = k.eth_type {
+        out.push(Attr::be16(TCA_FLOWER_KEY_ETH_TYPE, t));
+    }
+    if let Some((mac, mask)) = k.dst_mac {
+        out.push(Attr::bytes(TCA_FLOWER_KEY_ETH_DST, mac.0));
+        out.push(Attr::bytes(TCA_FLOWER_KEY_ETH_DST_MASK, mask.0));
+    }
+    if let Some(mac) = k.src_mac {
+        out.push(Attr::bytes(TCA_FLOWER_KEY_ETH_SRC, mac.0));
+        out.push(Attr::bytes(TCA_FLOWER_KEY_ETH_SRC_MASK, [0xff; 6]));
+    }
+    if let Some(id) = k.vlan_id {
+        out.push(Attr::u16(TCA_FLOWER_KEY_VLAN_ID, id));
+    }
+    if let Some(t) = k.vlan_eth_type {
+        out.push(Attr::be16(TCA_FLOWER_KEY_VLAN_ETH_TYPE, t));
+    }
+    if let Some(p) = k.ip_proto {
+        out.push(Attr::u8(TCA_FLOWER_KEY_IP_PROTO, p));
+    }
+    if let Some(net) = k.dst_ip {
+        match net.addr {
+            IpAddr::V4(a) => {
+                out.push(Attr::bytes(TCA_FLOWER_KEY_IPV4_DST, a.octets()));
+                let mask = u32::try_from(prefix_mask(net.prefix, 32)).unwrap_or(u32::MAX);
+                out.push(Attr::be32(TCA_FLOWER_KEY_IPV4_DST_MASK, mask));
+            }
+            IpAddr::V6(a) => {
+                out.push(Attr::bytes(TCA_FLOWER_KEY_IPV6_DST, a.octets()));
+                out.push(Attr::bytes(TCA_FLOWER_KEY_IPV6_DST_MASK, prefix_mask(net.prefix, 128).to_be_bytes()));
+            }
+        }
+    }
+    if let Some(p) = k.dst_port {
+        out.push(Attr::be16(TCA_FLOWER_KEY_TCP_DST, p));
+    }
+    out
+}
+
+/// `struct tc_gen` with `action` as the verdict.
+fn tc_gen(action: i32) -> Vec<u8> {
+    let mut v = vec![0u8; TC_GEN_LEN];
+    v[8..12].copy_from_slice(&action.to_ne_bytes());
+    v
+}
+
+fn encode_action(
+    action: &Action,
+    resolve: &dyn Fn(&str) -> Result<u32, FabricError>,
+) -> Result<Vec<Attr>, FabricError> {
+    let (kind, options) = match action {
+        Action::Redirect { dev } | Action::Mirror { dev } => {
+            let (verdict, eaction) = match action {
+                Action::Redirect { .. } => (TC_ACT_STOLEN, TCA_EGRESS_REDIR),
+                _ => (TC_ACT_PIPE, TCA_EGRESS_MIRROR),
+            };
+            let mut parms = tc_gen(verdict);
+            parms.extend_from_slice(&eaction.to_ne_bytes());
+            parms.extend_from_slice(&resolve(dev)?.to_ne_bytes());
+            ("mirred", vec![Attr::bytes(TCA_MIRRED_PARMS, parms)])
+        }
+        Action::VlanPush { id } => {
+            let mut parms = tc_gen(TC_ACT_PIPE);
+            parms.extend_from_slice(&TCA_VLAN_ACT_PUSH.to_ne_bytes());
+            let attrs = vec![
+                Attr::bytes(TCA_VLAN_PARMS, parms),
+                Attr::u16(TCA_VLAN_PUSH_VLAN_ID, *id),
+                Attr::be16(TCA_VLAN_PUSH_VLAN_PROTOCOL, crate::rules::PROTO_8021Q),
+            ];
+            ("vlan", attrs)
+        }
+        Action::VlanPop => {
+            let mut parms = tc_gen(TC_ACT_PIPE);
+            parms.extend_from_slice(&TCA_VLAN_ACT_POP.to_ne_bytes());
+            ("vlan", vec![Attr::bytes(TCA_VLAN_PARMS, parms)])
+        }
+        Action::Mark(mark) => {
+            ("skbedit", vec![Attr::bytes(TCA_SKBEDIT_PARMS, tc_gen(TC_ACT_PIPE)), Attr::u32(TCA_SKBEDIT_MARK, *mark)])
+        }
+        Action::Drop => ("gact", vec![Attr::bytes(TCA_GACT_PARMS, tc_gen(TC_ACT_SHOT))]),
+        Action::Police { rate_bps, burst_bytes } => ("police", police(*rate_bps, *burst_bytes)),
+        Action::Foreign { kind } => {
+            return Err(FabricError::Decode(format!("a {kind:?} action is read back only, never installed")));
+        }
+    };
+    Ok(vec![Attr::string(TCA_ACT_KIND, kind), Attr::nested(TCA_ACT_OPTIONS, options)])
+}
+
+/// Transmission time of `bytes` at `rate` bytes per second, in psched ticks.
+fn ticks(bytes: u64, rate: u64) -> u32 {
+    let ns = u128::from(bytes) * 1_000_000_000 / u128::from(rate.max(1));
+    u32::try_from(ns / NS_PER_TICK).unwrap_or(u32::MAX)
+}
+
+/// `struct tc_police` + the rate table the kernel requires with a rate: exceeding traffic is dropped,
+/// conforming traffic continues classification (`TC_ACT_UNSPEC`).
+fn police(rate_bps: u64, burst_bytes: u32) -> Vec<Attr> {
+    let rate = (rate_bps / 8).max(1); // bytes per second
+    let mut cell_log = 0u8;
+    while (POLICE_MTU >> cell_log) > 255 {
+        cell_log += 1;
+    }
+    let mut parms = vec![0u8; TC_POLICE_LEN];
+    parms[4..8].copy_from_slice(&TC_ACT_SHOT.to_ne_bytes());
+    parms[12..16].copy_from_slice(&ticks(u64::from(burst_bytes), rate).to_ne_bytes());
+    parms[16..20].copy_from_slice(&POLICE_MTU.to_ne_bytes());
+    // struct tc_ratespec at 20: cell_log, linklayer (ethernet), overhead, cell_align, mpu, rate.
+    parms[20] = cell_log;
+    parms[21] = 1;
+    parms[24..26].copy_from_slice(&(-1i16).to_ne_bytes());
+    parms[28..32].copy_from_slice(&u32::try_from(rate).unwrap_or(u32::MAX).to_ne_bytes());
+    let mut table = Vec::with_capacity(1024);
+    for i in 0..256u64 {
+        table.extend_from_slice(&ticks((i + 1) << cell_log, rate).to_ne_bytes());
+    }
+    let mut attrs = vec![
+        Attr::bytes(TCA_POLICE_TBF, parms),
+        Attr::bytes(TCA_POLICE_RATE, table),
+        Attr::u32(TCA_POLICE_RESULT, TC_ACT_UNSPEC as u32),
+    ];
+    if rate > u64::from(u32::MAX) {
+        attrs.push(Attr::u64(TCA_POLICE_RATE64, rate));
+    }
+    attrs
+}
+
+/// A flower filter as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub id: RuleId,
+    pub keys: Keys,
+    pub actions: Vec<Action>,
+    /// `TCA_CLS_FLAGS_*` as reported (skip_sw / skip_hw / in_hw / not_in_hw).
+    pub flags: u32,
+    pub in_hw_count: Option<u32>,
+    pub cookie: Option<Vec<u8>>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Decodes an `RTM_NEWTFILTER` message from a dump. Returns `None` for entries that are not flower filters
+/// on chain 0 with a handle (the per-priority header entries of a dump).
+pub fn decode_filter(payload: &[u8], name_of: &dyn Fn(u32) -> String) -> Result<Option<Filter>, FabricError> {
+    let (msg, rest) = TcMsg::parse(payload)?;
+    let attrs = Attrs::parse(rest)?;
+    if msg.handle == 0
+        || attrs.string(TCA_KIND)?.as_deref() != Some("flower")
+        || attrs.u32(TCA_CHAIN)?.unwrap_or(0) != 0
+    {
+        return Ok(None);
+    }
+    let id = RuleId {
+        prio: u16::try_from(msg.info >> 16).unwrap_or(u16::MAX),
+        protocol: u16::from_be((msg.info & 0xffff) as u16),
+        handle: msg.handle,
+    };
+    let Some(options) = attrs.nested(TCA_OPTIONS)? else {
+        return Err(FabricError::Decode(format!("flower filter {id} without options")));
+    };
+    let keys = decode_keys(&options)?;
+    let mut filter = Filter {
+        id,
+        keys,
+        actions: Vec::new(),
+        flags: options.u32(TCA_FLOWER_FLAGS)?.unwrap_or(0),
+        in_hw_count: options.u32(TCA_FLOWER_IN_HW_COUNT)?,
+        cookie: None,
+        packets: 0,
+        bytes: 0,
+    };
+    if let Some(list) = options.nested(TCA_FLOWER_ACT)? {
+        let mut ordered: Vec<(u16, &[u8])> = list.iter().collect();
+        ordered.sort_by_key(|(order, _)| *order);
+        for (i, (_, raw)) in ordered.into_iter().enumerate() {
+            let act = Attrs::parse(raw)?;
+            if i == 0 {
+                filter.cookie = act.get(TCA_ACT_COOKIE).map(<[u8]>::to_vec);
+                if let Some(stats) = act.nested(TCA_ACT_STATS)?
+                    && let Some(basic) = stats.get(TCA_STATS_BASIC)
+                    && basic.len() >= 12
+                {
+                    filter.bytes = u64::from_ne_bytes(basic[..8].try_into().unwrap_or_default());
+                    filter.packets = u64::from(u32::from_ne_bytes(basic[8..12].try_into().unwrap_or_default()));
+                }
+            }
+            filter.actions.push(decode_action(&act, name_of)?);
+        }
+    }
+    Ok(Some(filter))
+}
+
+fn decode_keys(o: &Attrs<'_>) -> Result<Keys, FabricError> {
+    let mut k = Keys { eth_type: o.be16(TCA_FLOWER_KEY_ETH_TYPE)?, ..Keys::default() };
+    if let Some(mac) = o.mac(TCA_FLOWER_KEY_ETH_DST)? {
+        let mask = o.mac(TCA_FLOWER_KEY_ETH_DST_MASK)?.unwrap_or([0xff; 6]);
+        k.dst_mac = Some((MacAddr(mac), MacAddr(mask)));
+    }
+    k.src_mac = o.mac(TCA_FLOWER_KEY_ETH_SRC)?.map(MacAddr);
+    k.vlan_id = o.u16(TCA_FLOWER_KEY_VLAN_ID)?;
+    k.vlan_eth_type = o.be16(TCA_FLOWER_KEY_VLAN_ETH_TYPE)?;
+    k.ip_proto = o.u8(TCA_FLOWER_KEY_IP_PROTO)?;
+    if let Some(a) = o.ipv4(TCA_FLOWER_KEY_IPV4_DST)? {
+        let mask = o.be32(TCA_FLOWER_KEY_IPV4_DST_MASK)?.unwrap_or(u32::MAX);
+        k.dst_ip = Some(IpNet { addr: IpAddr::V4(a), prefix: mask.count_ones() as u8 });
+    } else if let Some(a) = o.ipv6(TCA_FLOWER_KEY_IPV6_DST)? {
+        let mask = o.ipv6(TCA_FLOWER_KEY_IPV6_DST_MASK)?.map_or(u128::MAX, u128::from);
+        k.dst_ip = Some(IpNet { addr: IpAddr::V6(a), prefix: mask.count_ones() as u8 });
+    }
+    k.dst_port = o.be16(TCA_FLOWER_KEY_TCP_DST)?;
+    Ok(k)
+}
+
+fn parms<'a>(options: &Attrs<'a>, kind: u16, len: usize, what: &str) -> Result<&'a [u8], FabricError> {
+    options
+        .get(kind)
+        .filter(|p| p.len() >= len)
+        .ok_or_else(|| FabricError::Decode(format!("{what} action without its {len}-byte parameters")))
+}
+
+fn word(b: &[u8], at: usize) -> i32 {
+    i32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn decode_action(act: &Attrs<'_>, name_of: &dyn Fn(u32) -> String) -> Result<Action, FabricError> {
+    let kind = act.string(TCA_ACT_KIND)?.unwrap_or_default();
+    let options = act.nested(TCA_ACT_OPTIONS)?.unwrap_or_default();
+    Ok(match kind.as_str() {
+        "mirred" => {
+            let p = parms(&options, TCA_MIRRED_PARMS, TC_GEN_LEN + 8, "mirred")?;
+            let dev = name_of(word(p, TC_GEN_LEN + 4) as u32);
+            match word(p, TC_GEN_LEN) {
+                TCA_EGRESS_REDIR => Action::Redirect { dev },
+                TCA_EGRESS_MIRROR => Action::Mirror { dev },
+                other => Action::Foreign { kind: format!("mirred {other}") },
+            }
+        }
+        "vlan" => {
+            let p = parms(&options, TCA_VLAN_PARMS, TC_GEN_LEN + 4, "vlan")?;
+            match word(p, TC_GEN_LEN) {
+                TCA_VLAN_ACT_POP => Action::VlanPop,
+                TCA_VLAN_ACT_PUSH => Action::VlanPush { id: options.u16(TCA_VLAN_PUSH_VLAN_ID)?.unwrap_or(0) },
+                other => Action::Foreign { kind: format!("vlan {other}") },
+            }
+        }
+        "skbedit" => Action::Mark(options.u32(TCA_SKBEDIT_MARK)?.unwrap_or(0)),
+        "gact" => Action::Drop,
+        "police" => {
+            let p = parms(&options, TCA_POLICE_TBF, TC_POLICE_LEN, "police")?;
+            let rate32 = word(p, 28) as u32;
+            let rate = match options.get(TCA_POLICE_RATE64) {
+                Some(v) if v.len() == 8 => u64::from_ne_bytes(v.try_into().unwrap_or_default()),
+                _ => u64::from(rate32),
+            };
+            let burst_ticks = u128::from(word(p, 12) as u32);
+            // Exact when the configured burst lasts a whole number of ticks, otherwise truncated.
+            let burst = u32::try_from(burst_ticks * NS_PER_TICK * u128::from(rate) / 1_000_000_000).unwrap_or(u32::MAX);
+            Action::Police { rate_bps: rate * 8, burst_bytes: burst }
+        }
+        other => Action::Foreign { kind: other.to_owned() },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{PROTO_8021Q, PROTO_IPV4};
+
+    fn names(dev: &str) -> Result<u32, FabricError> {
+        match dev {
+            "p0" => Ok(2),
+            "pf0vf1" => Ok(11),
+            "proxy0" => Ok(30),
+            other => Err(FabricError::NoDevice(other.into())),
+        }
+    }
+
+    fn index_names(ifindex: u32) -> String {
+        match ifindex {
+            2 => "p0".into(),
+            11 => "pf0vf1".into(),
+            30 => "proxy0".into(),
+            n => format!("if{n}"),
+        }
+    }
+
+    /// What a dump returns for a filter we installed: the request's options echoed, plus flags and stats.
+    fn as_dumped(request: &[u8], in_hw: bool, packets: u32) -> Vec<u8> {
+        let (msg, rest) = TcMsg::parse(request).unwrap();
+        let top = Attrs::parse(rest).unwrap();
+        let options = top.nested(TCA_OPTIONS).unwrap().unwrap();
+        let mut echoed = Vec::new();
+        for (kind, value) in options.iter() {
+            if kind == TCA_FLOWER_FLAGS {
+                let flags = u32::from_ne_bytes(value.try_into().unwrap()) | if in_hw { IN_HW } else { NOT_IN_HW };
+                echoed.push(Attr::u32(kind, flags));
+            } else if kind == TCA_FLOWER_ACT {
+                let mut list = Vec::new();
+                for (order, act) in Attrs::parse(value).unwrap().iter() {
+                    let mut a: Vec<Attr> = Attrs::parse(act).unwrap().iter().map(|(k, v)| raw(k, v)).collect();
+                    let mut basic = 1500u64.to_ne_bytes().to_vec();
+                    basic.extend_from_slice(&packets.to_ne_bytes());
+                    basic.extend_from_slice(&[0; 4]);
+                    a.push(Attr::nested(TCA_ACT_STATS, vec![Attr::bytes(TCA_STATS_BASIC, basic)]));
+                    list.push(Attr::nested(order, a));
+                }
+                echoed.push(Attr::nested(kind, list));
+            } else {
+                echoed.push(Attr::bytes(kind, value));
+            }
+        }
+        echoed.push(Attr::u32(TCA_FLOWER_IN_HW_COUNT, u32::from(in_hw)));
+        let mut out = Vec::new();
+        msg.emit(&mut out);
+        emit_all(&[Attr::string(TCA_KIND, "flower"), Attr::nested(TCA_OPTIONS, echoed)], &mut out);
+        out
+    }
+
+    /// Re-wraps a decoded attribute, nesting the ones the kernel nests.
+    fn raw(kind: u16, value: &[u8]) -> Attr {
+        if kind == TCA_ACT_OPTIONS {
+            Attr::nested(kind, Attrs::parse(value).unwrap().iter().map(|(k, v)| Attr::bytes(k, v)).collect())
+        } else {
+            Attr::bytes(kind, value)
+        }
+    }
+
+    fn round_trip(keys: Keys, actions: Vec<Action>) {
+        let id = RuleId { prio: 31, protocol: PROTO_IPV4, handle: 0x1234 };
+        let request = filter(11, id, &keys, &actions, SKIP_HW, &[7; 16], &names).unwrap();
+        let dumped = as_dumped(&request, false, 3);
+        let f = decode_filter(&dumped, &index_names).unwrap().unwrap();
+        assert_eq!(f.id, id);
+        assert_eq!(f.keys, keys);
+        assert_eq!(f.actions, actions);
+        assert_eq!(f.flags, SKIP_HW | NOT_IN_HW);
+        assert_eq!(f.in_hw_count, Some(0));
+        assert_eq!(f.cookie.as_deref(), Some(&[7u8; 16][..]));
+        assert_eq!((f.packets, f.bytes), (3, 1500));
+    }
+
+    #[test]
+    fn flower_rules_round_trip() {
+        let mac = MacAddr([2, 0, 0, 0, 0, 1]);
+        round_trip(
+            Keys {
+                eth_type: Some(PROTO_IPV4),
+                src_mac: Some(mac),
+                ip_proto: Some(6),
+                dst_ip: Some("10.96.0.0/12".parse().unwrap()),
+                dst_port: Some(8080),
+                ..Keys::default()
+            },
+            vec![Action::Mark(0xfa0001), Action::Redirect { dev: "proxy0".into() }],
+        );
+        round_trip(
+            Keys {
+                eth_type: Some(PROTO_8021Q),
+                vlan_id: Some(100),
+                dst_mac: Some((MacAddr([1, 0, 0, 0, 0, 0]), MacAddr([1, 0, 0, 0, 0, 0]))),
+                ..Keys::default()
+            },
+            vec![Action::VlanPop, Action::Mirror { dev: "pf0vf1".into() }, Action::Redirect { dev: "p0".into() }],
+        );
+        round_trip(
+            Keys { dst_ip: Some("fd00::/64".parse().unwrap()), ..Keys::default() },
+            vec![Action::VlanPush { id: 4094 }, Action::Drop],
+        );
+        round_trip(Keys::default(), vec![Action::Police { rate_bps: 100_000_000, burst_bytes: 125_056 }]);
+        round_trip(Keys::default(), vec![Action::Police { rate_bps: 80_000_000_000, burst_bytes: 100_480 }]);
+    }
+
+    #[test]
+    fn wire_layout_matches_the_kernel_structs() {
+        let id = RuleId { prio: 60, protocol: 0x0003, handle: 5 };
+        let keys = Keys { dst_mac: Some((MacAddr([2, 0, 0, 0, 0, 9]), MacAddr([0xff; 6]))), ..Keys::default() };
+        let request = filter(11, id, &keys, &[Action::Redirect { dev: "p0".into() }], SKIP_SW, &[], &names).unwrap();
+        let (msg, rest) = TcMsg::parse(&request).unwrap();
+        assert_eq!(msg, TcMsg { ifindex: 11, handle: 5, parent: 0xffff_fff2, info: 60 << 16 | 0x0300 });
+        let top = Attrs::parse(rest).unwrap();
+        let options = top.nested(TCA_OPTIONS).unwrap().unwrap();
+        assert_eq!(options.u32(TCA_FLOWER_FLAGS).unwrap(), Some(SKIP_SW));
+        let acts = options.nested(TCA_FLOWER_ACT).unwrap().unwrap();
+        let first = Attrs::parse(acts.get(1).unwrap()).unwrap();
+        assert_eq!(first.string(TCA_ACT_KIND).unwrap().as_deref(), Some("mirred"));
+        assert!(first.get(TCA_ACT_COOKIE).is_none(), "an empty cookie is not sent");
+        let p = first.nested(TCA_ACT_OPTIONS).unwrap().unwrap().get(TCA_MIRRED_PARMS).unwrap().to_vec();
+        assert_eq!(p.len(), 28, "struct tc_mirred");
+        assert_eq!((word(&p, 8), word(&p, 20), word(&p, 24)), (TC_ACT_STOLEN, TCA_EGRESS_REDIR, 2));
+        assert!(filter(1, id, &keys, &[Action::Mirror { dev: "nope".into() }], 0, &[], &names).is_err());
+        let police = police(8_000_000, 20_000);
+        let mut buf = Vec::new();
+        emit_all(&police, &mut buf);
+        let p = Attrs::parse(&buf).unwrap();
+        assert_eq!(p.get(TCA_POLICE_TBF).unwrap().len(), 56, "struct tc_police");
+        assert_eq!(p.get(TCA_POLICE_RATE).unwrap().len(), 1024, "rate table");
+        assert_eq!(p.u32(TCA_POLICE_RESULT).unwrap(), Some(u32::MAX), "conforming packets continue");
+    }
+
+    #[test]
+    fn dump_headers_and_other_filters_are_skipped() {
+        let mut header = Vec::new();
+        TcMsg { ifindex: 11, handle: 0, parent: INGRESS_PARENT, info: 10 << 16 | 0x0300 }.emit(&mut header);
+        emit_all(&[Attr::string(TCA_KIND, "flower")], &mut header);
+        assert_eq!(decode_filter(&header, &index_names).unwrap(), None);
+        let mut u32_filter = Vec::new();
+        TcMsg { ifindex: 11, handle: 0x800, parent: INGRESS_PARENT, info: 1 << 16 }.emit(&mut u32_filter);
+        emit_all(&[Attr::string(TCA_KIND, "u32")], &mut u32_filter);
+        assert_eq!(decode_filter(&u32_filter, &index_names).unwrap(), None);
+        assert!(decode_filter(&[0; 10], &index_names).is_err());
+        let mut bare = Vec::new();
+        TcMsg { ifindex: 11, handle: 1, parent: INGRESS_PARENT, info: 1 << 16 }.emit(&mut bare);
+        emit_all(&[Attr::string(TCA_KIND, "flower")], &mut bare);
+        assert!(decode_filter(&bare, &index_names).is_err(), "flower without options");
+    }
+
+    #[test]
+    fn foreign_actions_are_read_not_fatal() {
+        let mut act = Vec::new();
+        emit_all(&[Attr::string(TCA_ACT_KIND, "pedit"), Attr::nested(TCA_ACT_OPTIONS, vec![])], &mut act);
+        let mut payload = Vec::new();
+        TcMsg { ifindex: 11, handle: 9, parent: INGRESS_PARENT, info: 1 << 16 | 0x0300 }.emit(&mut payload);
+        let options = vec![Attr::nested(TCA_FLOWER_ACT, vec![Attr::bytes(1, act)])];
+        emit_all(&[Attr::string(TCA_KIND, "flower"), Attr::nested(TCA_OPTIONS, options)], &mut payload);
+        let f = decode_filter(&payload, &index_names).unwrap().unwrap();
+        assert_eq!(f.actions, vec![Action::Foreign { kind: "pedit".into() }]);
+        assert!(filter(11, f.id, &f.keys, &f.actions, 0, &[], &names).is_err(), "never installed");
+    }
+
+    #[test]
+    fn qdisc_messages() {
+        let req = clsact(7);
+        let (ifindex, parent, kind) = decode_qdisc(&req).unwrap();
+        assert_eq!((ifindex, parent, kind.as_str()), (7, TC_H_CLSACT, "clsact"));
+        assert_eq!(filter_dump(7).len(), TCMSG_LEN + 8);
+        assert_eq!(prefix_mask(24, 32), 0xffff_ff00);
+        assert_eq!(prefix_mask(0, 32), 0);
+        assert_eq!(prefix_mask(128, 128), u128::MAX);
+    }
+}

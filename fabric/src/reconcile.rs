@@ -1,0 +1,349 @@
+//! Converges the switch towards the fabric intent: compiles the rules every port needs, compares them with
+//! the filters on each port (by identity and content cookie), and adds, replaces or removes only what differs.
+//! A pass over an unchanged fabric reads and writes nothing but the dumps. A rule deleted behind the agent's
+//! back is re-added on the next pass (the controller's periodic resync or a netlink link event).
+//!
+//! If any rule of an attachment is refused, the rules added for it in that pass are removed again and the
+//! attachment reports the kernel's message, so an attachment is never left half-forwarded.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use dpu_intent::Store;
+use dpu_intent::reconcile::{ObjectKey, ObjectState, ObjectStatus, Pass, ReconcileError, Reconciler, Trigger};
+
+use crate::FabricError;
+use crate::model::{AttachmentSpec, FABRIC_ID, FabricSpec};
+use crate::rules::{Rule, RuleId, compile};
+use crate::switch::{Switch, cookie};
+
+/// Status-board name of the fabric reconciler.
+pub const SUBSYSTEM: &str = "fabric";
+
+/// The fabric subsystem's reconciler.
+#[derive(Debug, Clone)]
+pub struct FabricReconciler {
+    switch: Arc<dyn Switch>,
+}
+
+fn status(state: ObjectState, reason: impl Into<String>, generation: u64) -> ObjectStatus {
+    ObjectStatus { state, reason: reason.into(), observed_generation: generation }
+}
+
+/// What one pass did, before it is turned into statuses.
+#[derive(Debug, Default)]
+struct Outcome {
+    changes: usize,
+    /// Attachment id → why it is not fully installed.
+    failed: BTreeMap<String, String>,
+}
+
+impl FabricReconciler {
+    pub fn new(switch: Arc<dyn Switch>) -> Self {
+        Self { switch }
+    }
+
+    /// The switch this reconciler programs.
+    pub fn switch(&self) -> &Arc<dyn Switch> {
+        &self.switch
+    }
+
+    /// One pass over the switch (blocking: netlink round trips).
+    fn converge(&self, fabric: &FabricSpec, attachments: &[(String, AttachmentSpec)]) -> Result<Outcome, FabricError> {
+        let ports = self.switch.ports()?;
+        let compiled = compile(fabric, attachments, &ports);
+        let mut out = Outcome::default();
+        for u in &compiled.unserved {
+            out.failed.entry(u.attachment.clone()).or_insert_with(|| u.reason.clone());
+        }
+        let offload: BTreeMap<&str, bool> = ports.iter().map(|p| (p.netdev.as_str(), p.hw_tc_offload)).collect();
+        let mut devices: BTreeSet<&str> = ports.iter().map(|p| p.netdev.as_str()).collect();
+        devices.extend(compiled.rules.keys().map(String::as_str));
+        // (dev, id, owner) of every filter added in this pass, for rollback.
+        let mut added: Vec<(String, RuleId, String)> = Vec::new();
+        let none = Vec::new();
+        for dev in devices {
+            let wanted = compiled.rules.get(dev).unwrap_or(&none);
+            let hw = offload.get(dev).copied().unwrap_or(false);
+            // A device that fails (vanished, refused the qdisc, unreadable) fails only the attachments it serves.
+            if let Err(e) = self.converge_device(dev, wanted, hw, &mut out, &mut added) {
+                tracing::warn!(dev, error = %e, "converging a port failed");
+                for r in wanted {
+                    fail(&mut out.failed, &r.owner, &e);
+                }
+            }
+        }
+        for (dev, id, owner) in added {
+            if owner.split(',').all(|o| out.failed.contains_key(o)) {
+                match self.switch.remove(&dev, id) {
+                    Ok(()) => tracing::info!(dev, rule = %id, owner, "rolled back a rule of a failed attachment"),
+                    Err(e) => tracing::warn!(dev, rule = %id, error = %e, "rolling back a rule failed"),
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl FabricReconciler {
+    /// Brings one device's ingress filters to `wanted`. Refused rules fail their owners and the pass goes on;
+    /// errors reading or preparing the device are returned.
+    fn converge_device(
+        &self,
+        dev: &str,
+        wanted: &[Rule],
+        hw: bool,
+        out: &mut Outcome,
+        added: &mut Vec<(String, RuleId, String)>,
+    ) -> Result<(), FabricError> {
+        let has_clsact = self.switch.has_clsact(dev)?;
+        if wanted.is_empty() && !has_clsact {
+            return Ok(());
+        }
+        if !has_clsact {
+            self.switch.add_clsact(dev)?;
+            out.changes += 1;
+        }
+        let present: BTreeMap<RuleId, Option<Vec<u8>>> =
+            self.switch.rules(dev)?.into_iter().map(|f| (f.id, f.cookie)).collect();
+        let resolve = |d: &str| self.switch.ifindex(d);
+        let ifindex = self.switch.ifindex(dev)?;
+        for rule in wanted {
+            if owners(rule).all(|o| out.failed.contains_key(o)) {
+                continue;
+            }
+            let result = cookie(ifindex, rule, hw, &resolve).and_then(|c| match present.get(&rule.id()) {
+                Some(Some(have)) if *have == c => Ok(false),
+                Some(_) => self.switch.install(dev, rule, hw, &c, true).map(|()| true),
+                None => {
+                    self.switch.install(dev, rule, hw, &c, false)?;
+                    added.push((dev.to_owned(), rule.id(), rule.owner.clone()));
+                    Ok(true)
+                }
+            });
+            match result {
+                Ok(changed) => out.changes += usize::from(changed),
+                Err(e) => {
+                    tracing::warn!(dev, rule = %rule.id(), owner = %rule.owner, error = %e, "installing a rule failed");
+                    fail(&mut out.failed, &rule.owner, &e);
+                }
+            }
+        }
+        let wanted_ids: BTreeSet<RuleId> = wanted.iter().map(Rule::id).collect();
+        for id in present.keys().filter(|id| !wanted_ids.contains(id)) {
+            self.switch.remove(dev, *id)?;
+            out.changes += 1;
+        }
+        Ok(())
+    }
+}
+
+fn owners(rule: &Rule) -> impl Iterator<Item = &str> {
+    rule.owner.split(',')
+}
+
+fn fail(failed: &mut BTreeMap<String, String>, owner: &str, e: &FabricError) {
+    for o in owner.split(',') {
+        failed.entry(o.to_owned()).or_insert_with(|| e.to_string());
+    }
+}
+
+impl Reconciler for FabricReconciler {
+    fn name(&self) -> &'static str {
+        SUBSYSTEM
+    }
+
+    async fn reconcile(&self, store: &Store) -> Result<Pass, ReconcileError> {
+        let fabric = match store.get::<FabricSpec>(FABRIC_ID) {
+            Ok(f) => Some(f),
+            Err(dpu_intent::Error::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let attachments = store.list_all::<AttachmentSpec>()?;
+        let spec = fabric.as_ref().map(|f| f.spec.clone()).unwrap_or_default();
+        let input: Vec<(String, AttachmentSpec)> = attachments.iter().map(|a| (a.id.clone(), a.spec.clone())).collect();
+        let this = self.clone();
+        let outcome = tokio::task::spawn_blocking(move || this.converge(&spec, &input))
+            .await
+            .map_err(|e| ReconcileError::Failed(format!("fabric pass panicked: {e}")))?
+            .map_err(|e| ReconcileError::Failed(e.to_string()))?;
+        let mut statuses = Vec::new();
+        if let Some(f) = &fabric {
+            statuses.push((ObjectKey::of::<FabricSpec>(&f.id), status(ObjectState::Ready, "", f.meta.generation)));
+        }
+        for a in &attachments {
+            let s = match outcome.failed.get(&a.id) {
+                Some(reason) => status(ObjectState::Error, reason.clone(), a.meta.generation),
+                None => status(ObjectState::Ready, "", a.meta.generation),
+            };
+            statuses.push((ObjectKey::of::<AttachmentSpec>(&a.id), s));
+        }
+        Ok(Pass { changes: outcome.changes, statuses })
+    }
+}
+
+/// Watches rtnetlink link notifications (representors appearing, disappearing, renamed) and fires `trigger`
+/// for each batch. Runs on its own thread for the life of the process.
+pub fn watch_links(trigger: Trigger) -> Result<(), FabricError> {
+    const RTNLGRP_LINK: u32 = 1;
+    let mut socket =
+        netlink_sys::Socket::new(0).map_err(|source| FabricError::Socket { operation: "socket", source })?;
+    socket
+        .bind(&netlink_sys::SocketAddr::new(0, 1 << (RTNLGRP_LINK - 1)))
+        .map_err(|source| FabricError::Socket { operation: "bind", source })?;
+    std::thread::Builder::new()
+        .name("dpu-fabric-links".into())
+        .spawn(move || {
+            loop {
+                match socket.recv_from_full() {
+                    Ok(_) => trigger.fire("link change"),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => trigger.fire("link events overflowed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "link watch stopped: drift is repaired on the periodic resync only");
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|source| FabricError::Socket { operation: "spawn link watch", source })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{MacAddr, Mode, PortId, Segment};
+    use crate::rules::{Class, PROTO_ALL, priority};
+    use crate::switch::SimSwitch;
+
+    fn attachment(vf: u16, vlan: u16) -> AttachmentSpec {
+        AttachmentSpec {
+            port: PortId::vf(0, vf),
+            mac: MacAddr([2, 0, 0, 0, 0, vf as u8]),
+            ips: [format!("10.0.0.{vf}/24").parse().unwrap()].into(),
+            segment: Segment::Vlan(vlan),
+            mode: Mode::Direct,
+            rate_limit_bps: Some(50_000_000),
+            spiffe_id: String::new(),
+            mark: 0x00fa_0000 + u32::from(vf),
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, Store, Arc<SimSwitch>, FabricReconciler) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sim = Arc::new(SimSwitch::new());
+        sim.add_device("p0", Some("p0".parse().unwrap()), false);
+        for vf in 1..=3 {
+            sim.add_device(&format!("pf0vf{vf}"), Some(PortId::vf(0, vf)), false);
+        }
+        sim.add_device("proxy0", None, false);
+        store
+            .create(
+                FABRIC_ID,
+                FabricSpec { uplink: Some("p0".parse().unwrap()), capture_device: Some("proxy0".into()) },
+            )
+            .unwrap();
+        let reconciler = FabricReconciler::new(sim.clone());
+        (dir, store, sim, reconciler)
+    }
+
+    #[tokio::test]
+    async fn converges_then_writes_nothing_then_repairs_drift() {
+        let (_dir, store, sim, reconciler) = setup();
+        store.create("a", attachment(1, 10)).unwrap();
+        store.create("b", attachment(2, 10)).unwrap();
+        let first = reconciler.reconcile(&store).await.unwrap();
+        assert!(first.changes > 0);
+        for (key, s) in &first.statuses {
+            assert_eq!(s.state, ObjectState::Ready, "{key}: {}", s.reason);
+        }
+        assert!(sim.filter_count("pf0vf1") >= 5 && sim.filter_count("p0") == 3);
+
+        let writes = sim.writes();
+        let second = reconciler.reconcile(&store).await.unwrap();
+        assert_eq!(second.changes, 0, "unchanged intent must change nothing");
+        assert_eq!(sim.writes(), writes, "a no-op pass writes nothing");
+
+        let police = RuleId {
+            prio: priority(Class::Police, PROTO_ALL),
+            protocol: PROTO_ALL,
+            handle: sim.rules("pf0vf2").unwrap()[0].id.handle,
+        };
+        assert!(sim.tamper_remove("pf0vf2", police));
+        let repaired = reconciler.reconcile(&store).await.unwrap();
+        assert_eq!(repaired.changes, 1, "exactly the deleted rule comes back");
+        assert!(sim.rules("pf0vf2").unwrap().iter().any(|f| f.id == police));
+
+        // A changed spec replaces rules in place; detaching removes them.
+        let mut faster = attachment(1, 10);
+        faster.rate_limit_bps = Some(100_000_000);
+        store.update("a", faster, None).unwrap();
+        assert_eq!(reconciler.reconcile(&store).await.unwrap().changes, 1);
+        store.delete::<AttachmentSpec>("a", false).unwrap();
+        store.delete::<AttachmentSpec>("b", false).unwrap();
+        assert!(reconciler.reconcile(&store).await.unwrap().changes > 0);
+        for dev in ["p0", "pf0vf1", "pf0vf2"] {
+            assert_eq!(sim.filter_count(dev), 0, "{dev}");
+        }
+        let writes = sim.writes();
+        assert_eq!(reconciler.reconcile(&store).await.unwrap().changes, 0);
+        assert_eq!(sim.writes(), writes);
+    }
+
+    #[tokio::test]
+    async fn refused_attachment_is_rolled_back_and_reported() {
+        let (_dir, store, sim, reconciler) = setup();
+        store.create("a", attachment(1, 10)).unwrap();
+        store.create("b", attachment(2, 10)).unwrap();
+        // The uplink takes b's rule first (ports are visited in name order), then b's own port refuses: the
+        // rule added for b on the uplink is removed again; a, which shares the network, stays served.
+        sim.refuse_installs(Some(("pf0vf2", "Unsupported action on this port")));
+        let pass = reconciler.reconcile(&store).await.unwrap();
+        let by_id: BTreeMap<String, ObjectStatus> = pass.statuses.into_iter().map(|(k, s)| (k.id, s)).collect();
+        assert_eq!(by_id["b"].state, ObjectState::Error);
+        assert!(by_id["b"].reason.contains("Unsupported action on this port"), "{}", by_id["b"].reason);
+        assert_eq!(by_id["a"].state, ObjectState::Ready, "{}", by_id["a"].reason);
+        assert_eq!(sim.filter_count("pf0vf2"), 0);
+        let uplink = sim.rules("p0").unwrap();
+        assert_eq!(uplink.len(), 2, "a's unicast rule and the network's flood rule; b's unicast rule rolled back");
+        assert!(sim.filter_count("pf0vf1") > 0);
+        sim.refuse_installs(None);
+        let pass = reconciler.reconcile(&store).await.unwrap();
+        assert!(pass.statuses.iter().all(|(_, s)| s.state == ObjectState::Ready));
+        assert_eq!(sim.filter_count("p0"), 3);
+    }
+
+    #[tokio::test]
+    async fn missing_capture_device_fails_only_mesh_attachments() {
+        let (_dir, store, sim, reconciler) = setup();
+        sim.remove_device("proxy0");
+        store.create("a", attachment(1, 10)).unwrap();
+        let mut mesh = attachment(2, 10);
+        mesh.mode = Mode::Mesh { service_ports: [8080].into() };
+        store.create("m", mesh).unwrap();
+        let pass = reconciler.reconcile(&store).await.unwrap();
+        let by_id: BTreeMap<String, ObjectStatus> = pass.statuses.into_iter().map(|(k, s)| (k.id, s)).collect();
+        assert_eq!(by_id["a"].state, ObjectState::Ready, "{}", by_id["a"].reason);
+        assert_eq!(by_id["m"].state, ObjectState::Error);
+        assert!(by_id["m"].reason.contains("proxy0"), "{}", by_id["m"].reason);
+        assert_eq!(sim.filter_count("pf0vf2"), 0, "the mesh pod's rules were rolled back");
+    }
+
+    #[tokio::test]
+    async fn vanished_representor_is_reported_and_returns() {
+        let (_dir, store, sim, reconciler) = setup();
+        store.create("a", attachment(1, 10)).unwrap();
+        reconciler.reconcile(&store).await.unwrap();
+        sim.remove_device("pf0vf1");
+        let pass = reconciler.reconcile(&store).await.unwrap();
+        let a = pass.statuses.iter().find(|(k, _)| k.id == "a").unwrap();
+        assert_eq!(a.1.state, ObjectState::Error);
+        assert_eq!(a.1.reason, "port pf0vf1 is not present");
+        assert_eq!(sim.filter_count("p0"), 0, "the uplink no longer forwards to it");
+        sim.add_device("pf0vf1", Some(PortId::vf(0, 1)), false);
+        let pass = reconciler.reconcile(&store).await.unwrap();
+        assert!(pass.statuses.iter().all(|(_, s)| s.state == ObjectState::Ready));
+        assert!(sim.filter_count("pf0vf1") > 0);
+    }
+}

@@ -1,0 +1,520 @@
+//! The flower rules the fabric needs, compiled from the intent and the port inventory.
+//!
+//! Every rule sits on the clsact ingress hook of one port (chain 0) and is identified there by
+//! (priority, protocol, handle). Priorities group rules by class, so evaluation order does not depend on the
+//! order rules were installed in:
+//!
+//! | class | on | rule |
+//! |---|---|---|
+//! | 1 police | VF representor | `police` at the attachment's rate, exceeding traffic dropped, the rest continues |
+//! | 2 steer | VF representor | mesh: TCP to a service port → `skbedit mark` + redirect to the proxy's capture device |
+//! | 3 local | VF representor | destination MAC of another pod of the same network on this host → redirect |
+//! | 5 flood | VF representor, uplink | group address → mirror to the network's other pods (+ VLAN push, uplink) |
+//! | 6 out | VF representor | the pod's own source MAC → VLAN push + redirect to the uplink |
+//! | 7 drop | VF representor | everything else (spoofed source, no uplink) |
+//! | 3 in | uplink | VLAN + destination MAC of a local pod → VLAN pop + redirect |
+//! | 3 back | capture device | destination MAC of a mesh pod → redirect (the proxy's answers) |
+//!
+//! Handles are derived from the rule's match, so a rule keeps its identity across passes and restarts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::model::{AttachmentSpec, FabricSpec, IpNet, MacAddr, Mode, PortId, Segment};
+use crate::ports::Port;
+
+/// `ETH_P_ALL`: the filter sees every protocol.
+pub const PROTO_ALL: u16 = 0x0003;
+pub const PROTO_IPV4: u16 = 0x0800;
+pub const PROTO_IPV6: u16 = 0x86dd;
+pub const PROTO_8021Q: u16 = 0x8100;
+
+pub const IPPROTO_TCP: u8 = 6;
+
+/// Rule classes; the priority of a rule is `class * 10 + protocol slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Class {
+    Police = 1,
+    Steer = 2,
+    Local = 3,
+    Flood = 5,
+    Out = 6,
+    Drop = 7,
+}
+
+/// Priority of a rule of `class` for `protocol`: one tc priority carries one protocol.
+pub fn priority(class: Class, protocol: u16) -> u16 {
+    let slot = match protocol {
+        PROTO_IPV4 => 1,
+        PROTO_IPV6 => 2,
+        PROTO_8021Q => 3,
+        _ => 0,
+    };
+    class as u16 * 10 + slot
+}
+
+/// Flower match keys (absent = wildcard).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Keys {
+    /// `TCA_FLOWER_KEY_ETH_TYPE`: the outer EtherType (0x8100 for tagged frames).
+    pub eth_type: Option<u16>,
+    /// Destination MAC with its mask.
+    pub dst_mac: Option<(MacAddr, MacAddr)>,
+    pub src_mac: Option<MacAddr>,
+    pub vlan_id: Option<u16>,
+    pub vlan_eth_type: Option<u16>,
+    pub ip_proto: Option<u8>,
+    pub dst_ip: Option<IpNet>,
+    /// TCP destination port (with `ip_proto` TCP).
+    pub dst_port: Option<u16>,
+}
+
+impl fmt::Display for Keys {
+    /// iproute2-like text, e.g. `eth_type 0x8100 vlan_id 10 dst_mac 02:00:00:00:00:01`; `all` for no keys.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(t) = self.eth_type {
+            parts.push(format!("eth_type {t:#06x}"));
+        }
+        if let Some(id) = self.vlan_id {
+            parts.push(format!("vlan_id {id}"));
+        }
+        if let Some(t) = self.vlan_eth_type {
+            parts.push(format!("vlan_ethtype {t:#06x}"));
+        }
+        if let Some(mac) = self.src_mac {
+            parts.push(format!("src_mac {mac}"));
+        }
+        if let Some((mac, mask)) = self.dst_mac {
+            parts.push(if mask == EXACT { format!("dst_mac {mac}") } else { format!("dst_mac {mac}/{mask}") });
+        }
+        if let Some(p) = self.ip_proto {
+            parts.push(format!("ip_proto {p}"));
+        }
+        if let Some(ip) = self.dst_ip {
+            parts.push(format!("dst_ip {ip}"));
+        }
+        if let Some(p) = self.dst_port {
+            parts.push(format!("dst_port {p}"));
+        }
+        if parts.is_empty() { f.write_str("all") } else { f.write_str(&parts.join(" ")) }
+    }
+}
+
+/// A tc action. Devices are netdev names; the switch resolves them to interface indexes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// mirred egress redirect: the packet leaves through `dev` and classification ends.
+    Redirect {
+        dev: String,
+    },
+    /// mirred egress mirror: a copy leaves through `dev`, the packet goes on to the next action.
+    Mirror {
+        dev: String,
+    },
+    VlanPush {
+        id: u16,
+    },
+    VlanPop,
+    /// skbedit mark.
+    Mark(u32),
+    /// gact drop.
+    Drop,
+    /// police: up to `rate_bps` bits per second with bursts of `burst_bytes`; the excess is dropped, conforming
+    /// packets continue with the next filter.
+    Police {
+        rate_bps: u64,
+        burst_bytes: u32,
+    },
+    /// An action of another kind found on a port (read back only; the fabric never installs one).
+    Foreign {
+        kind: String,
+    },
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Redirect { dev } => write!(f, "redirect {dev}"),
+            Self::Mirror { dev } => write!(f, "mirror {dev}"),
+            Self::VlanPush { id } => write!(f, "vlan push {id}"),
+            Self::VlanPop => f.write_str("vlan pop"),
+            Self::Mark(m) => write!(f, "mark {m:#x}"),
+            Self::Drop => f.write_str("drop"),
+            Self::Police { rate_bps, burst_bytes } => write!(f, "police {rate_bps}bit burst {burst_bytes}"),
+            Self::Foreign { kind } => write!(f, "{kind}"),
+        }
+    }
+}
+
+/// One flower filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub prio: u16,
+    pub protocol: u16,
+    pub handle: u32,
+    pub keys: Keys,
+    pub actions: Vec<Action>,
+    /// Attachment id the rule serves (status and stats are reported per attachment).
+    pub owner: String,
+}
+
+impl Rule {
+    /// (priority, protocol, handle): the rule's identity on its port.
+    pub fn id(&self) -> RuleId {
+        RuleId { prio: self.prio, protocol: self.protocol, handle: self.handle }
+    }
+}
+
+/// Identity of a filter on a port's ingress hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleId {
+    pub prio: u16,
+    pub protocol: u16,
+    pub handle: u32,
+}
+
+impl fmt::Display for RuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "prio {} protocol {:#06x} handle {:#x}", self.prio, self.protocol, self.handle)
+    }
+}
+
+/// Rules for every port that needs some, keyed by netdev name.
+pub type RuleSet = BTreeMap<String, Vec<Rule>>;
+
+/// Why an attachment cannot be served right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unserved {
+    pub attachment: String,
+    pub reason: String,
+}
+
+/// Output of [`compile`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Compiled {
+    pub rules: RuleSet,
+    pub unserved: Vec<Unserved>,
+}
+
+/// Default police burst: 10 ms at the rate, at least 16 KiB (so one TSO-sized burst fits).
+pub fn default_burst(rate_bps: u64) -> u32 {
+    u32::try_from((rate_bps / 8 / 100).max(16 * 1024)).unwrap_or(u32::MAX)
+}
+
+const MULTICAST_BIT: MacAddr = MacAddr([1, 0, 0, 0, 0, 0]);
+const EXACT: MacAddr = MacAddr([0xff; 6]);
+
+struct Local<'a> {
+    id: &'a str,
+    spec: &'a AttachmentSpec,
+    dev: &'a str,
+}
+
+/// Compiles the attachments (id → spec) against the inventory into the rules each port needs.
+/// Attachments whose port is missing (or whose mode needs what the fabric lacks) are reported in `unserved`
+/// and get no rules; the others are unaffected.
+pub fn compile(fabric: &FabricSpec, attachments: &[(String, AttachmentSpec)], ports: &[Port]) -> Compiled {
+    let by_id: BTreeMap<PortId, &Port> = ports.iter().map(|p| (p.id, p)).collect();
+    // Rules must not depend on the order attachments were listed in.
+    let mut sorted: Vec<&(String, AttachmentSpec)> = attachments.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Compiled::default();
+    let uplink = match fabric.uplink {
+        None => None,
+        Some(id) => match by_id.get(&id) {
+            Some(p) => Some(p.netdev.as_str()),
+            None => {
+                // Without the uplink only local forwarding works; say so on every attachment.
+                for (id_, _) in &sorted {
+                    out.unserved.push(Unserved {
+                        attachment: id_.clone(),
+                        reason: format!("uplink port {id} is not present: traffic to other hosts is dropped"),
+                    });
+                }
+                None
+            }
+        },
+    };
+
+    // Attachments that can be served, grouped by segment.
+    let mut segments: BTreeMap<Segment, Vec<Local<'_>>> = BTreeMap::new();
+    for (id, spec) in sorted {
+        let Some(port) = by_id.get(&spec.port) else {
+            out.unserved
+                .push(Unserved { attachment: id.clone(), reason: format!("port {} is not present", spec.port) });
+            continue;
+        };
+        if matches!(spec.mode, Mode::Mesh { .. }) && fabric.capture_device.is_none() {
+            out.unserved.push(Unserved {
+                attachment: id.clone(),
+                reason: "mesh mode needs the fabric's capture_device".into(),
+            });
+            continue;
+        }
+        segments.entry(spec.segment).or_default().push(Local { id, spec, dev: &port.netdev });
+    }
+
+    for (segment, locals) in &segments {
+        let Segment::Vlan(vlan) = *segment;
+        for me in locals {
+            let others: Vec<&Local<'_>> = locals.iter().filter(|o| o.id != me.id).collect();
+            let rules = out.rules.entry(me.dev.to_owned()).or_default();
+            let owner = me.id.to_owned();
+            let rule = |class: Class, protocol: u16, keys: Keys, actions: Vec<Action>| Rule {
+                prio: priority(class, protocol),
+                protocol,
+                handle: 0,
+                keys,
+                actions,
+                owner: owner.clone(),
+            };
+            if let Some(rate) = me.spec.rate_limit_bps {
+                let police = Action::Police { rate_bps: rate, burst_bytes: default_burst(rate) };
+                rules.push(rule(Class::Police, PROTO_ALL, Keys::default(), vec![police]));
+            }
+            if let (Mode::Mesh { service_ports }, Some(capture)) = (&me.spec.mode, &fabric.capture_device) {
+                for proto in [PROTO_IPV4, PROTO_IPV6] {
+                    for port in service_ports {
+                        let keys = Keys {
+                            eth_type: Some(proto),
+                            src_mac: Some(me.spec.mac),
+                            ip_proto: Some(IPPROTO_TCP),
+                            dst_port: Some(*port),
+                            ..Keys::default()
+                        };
+                        let actions = vec![Action::Mark(me.spec.mark), Action::Redirect { dev: capture.clone() }];
+                        rules.push(rule(Class::Steer, proto, keys, actions));
+                    }
+                }
+            }
+            for other in &others {
+                let keys = Keys { dst_mac: Some((other.spec.mac, EXACT)), ..Keys::default() };
+                rules.push(rule(Class::Local, PROTO_ALL, keys, vec![Action::Redirect { dev: other.dev.to_owned() }]));
+            }
+            // Group addresses (ARP, ND, DHCP): a copy to every other pod of the network, and to the uplink.
+            let mut flood: Vec<Action> = others.iter().map(|o| Action::Mirror { dev: o.dev.to_owned() }).collect();
+            match uplink {
+                Some(up) => flood.extend([Action::VlanPush { id: vlan }, Action::Redirect { dev: up.to_owned() }]),
+                None => flood.push(Action::Drop),
+            }
+            let keys =
+                Keys { src_mac: Some(me.spec.mac), dst_mac: Some((MULTICAST_BIT, MULTICAST_BIT)), ..Keys::default() };
+            rules.push(rule(Class::Flood, PROTO_ALL, keys, flood));
+            if let Some(up) = uplink {
+                let keys = Keys { src_mac: Some(me.spec.mac), ..Keys::default() };
+                let actions = vec![Action::VlanPush { id: vlan }, Action::Redirect { dev: up.to_owned() }];
+                rules.push(rule(Class::Out, PROTO_ALL, keys, actions));
+            }
+            rules.push(rule(Class::Drop, PROTO_ALL, Keys::default(), vec![Action::Drop]));
+
+            if let Some(up) = uplink {
+                let keys = Keys {
+                    eth_type: Some(PROTO_8021Q),
+                    vlan_id: Some(vlan),
+                    dst_mac: Some((me.spec.mac, EXACT)),
+                    ..Keys::default()
+                };
+                let actions = vec![Action::VlanPop, Action::Redirect { dev: me.dev.to_owned() }];
+                let r = rule(Class::Local, PROTO_8021Q, keys, actions);
+                out.rules.entry(up.to_owned()).or_default().push(r);
+            }
+        }
+        if let Some(up) = uplink {
+            let mut actions = vec![Action::VlanPop];
+            for (i, l) in locals.iter().enumerate() {
+                actions.push(if i + 1 == locals.len() {
+                    Action::Redirect { dev: l.dev.to_owned() }
+                } else {
+                    Action::Mirror { dev: l.dev.to_owned() }
+                });
+            }
+            let keys = Keys {
+                eth_type: Some(PROTO_8021Q),
+                vlan_id: Some(vlan),
+                dst_mac: Some((MULTICAST_BIT, MULTICAST_BIT)),
+                ..Keys::default()
+            };
+            let owner = locals.iter().map(|l| l.id).collect::<Vec<_>>().join(",");
+            let r = Rule {
+                prio: priority(Class::Flood, PROTO_8021Q),
+                protocol: PROTO_8021Q,
+                handle: 0,
+                keys,
+                actions,
+                owner,
+            };
+            out.rules.entry(up.to_owned()).or_default().push(r);
+        }
+    }
+    // The proxy answers steered connections through its capture device: deliver to the mesh pods by MAC.
+    if let Some(capture) = &fabric.capture_device {
+        for local in segments.values().flatten().filter(|l| matches!(l.spec.mode, Mode::Mesh { .. })) {
+            let keys = Keys { dst_mac: Some((local.spec.mac, EXACT)), ..Keys::default() };
+            let rule = Rule {
+                prio: priority(Class::Local, PROTO_ALL),
+                protocol: PROTO_ALL,
+                handle: 0,
+                keys,
+                actions: vec![Action::Redirect { dev: local.dev.to_owned() }],
+                owner: local.id.to_owned(),
+            };
+            out.rules.entry(capture.clone()).or_default().push(rule);
+        }
+    }
+    for rules in out.rules.values_mut() {
+        assign_handles(rules);
+    }
+    out
+}
+
+/// Gives every rule a handle derived from its priority and keys, unique per (priority, protocol); collisions
+/// probe the next value, in a deterministic order.
+fn assign_handles(rules: &mut [Rule]) {
+    rules.sort_by_cached_key(|r| (r.prio, r.protocol, key_text(&r.keys)));
+    let mut used: BTreeSet<(u16, u16, u32)> = BTreeSet::new();
+    for r in rules.iter_mut() {
+        let mut h = fnv1a32(key_text(&r.keys).as_bytes()) & 0x7fff_ffff;
+        if h == 0 {
+            h = 1;
+        }
+        while !used.insert((r.prio, r.protocol, h)) {
+            h = if h == 0x7fff_ffff { 1 } else { h + 1 };
+        }
+        r.handle = h;
+    }
+}
+
+fn key_text(k: &Keys) -> String {
+    format!("{k:?}")
+}
+
+/// 32-bit FNV-1a.
+pub fn fnv1a32(data: &[u8]) -> u32 {
+    data.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::MARK_BASE;
+    use crate::ports::Port;
+
+    pub(crate) fn port(name: &str, dev: &str, ifindex: u32) -> Port {
+        Port { id: name.parse().unwrap(), netdev: dev.into(), ifindex, hw_tc_offload: false }
+    }
+
+    pub(crate) fn attach(vf: u16, vlan: u16, mode: Mode) -> AttachmentSpec {
+        AttachmentSpec {
+            port: PortId::vf(0, vf),
+            mac: MacAddr([2, 0, 0, 0, vlan as u8, vf as u8]),
+            ips: [format!("10.{vlan}.0.{vf}/24").parse().unwrap()].into(),
+            segment: Segment::Vlan(vlan),
+            mode,
+            rate_limit_bps: None,
+            spiffe_id: String::new(),
+            mark: MARK_BASE + u32::from(vf),
+        }
+    }
+
+    fn ports() -> Vec<Port> {
+        vec![
+            port("p0", "p0", 2),
+            port("pf0vf1", "pf0vf1", 11),
+            port("pf0vf2", "pf0vf2", 12),
+            port("pf0vf3", "pf0vf3", 13),
+        ]
+    }
+
+    fn fabric() -> FabricSpec {
+        FabricSpec { uplink: Some("p0".parse().unwrap()), capture_device: Some("proxy0".into()) }
+    }
+
+    #[test]
+    fn two_networks_never_forward_to_each_other() {
+        let a = vec![
+            ("a".into(), attach(1, 10, Mode::Direct)),
+            ("b".into(), attach(2, 10, Mode::Direct)),
+            ("c".into(), attach(3, 20, Mode::Direct)),
+        ];
+        let c = compile(&fabric(), &a, &ports());
+        assert!(c.unserved.is_empty(), "{:?}", c.unserved);
+        let targets = |dev: &str| -> BTreeSet<String> {
+            c.rules[dev]
+                .iter()
+                .flat_map(|r| r.actions.iter())
+                .filter_map(|a| match a {
+                    Action::Redirect { dev } | Action::Mirror { dev } => Some(dev.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(targets("pf0vf1"), ["p0", "pf0vf2"].map(String::from).into());
+        assert_eq!(targets("pf0vf3"), ["p0"].map(String::from).into(), "vf3 is alone on vlan 20");
+        // The uplink delivers vlan 10 only to vf1/vf2 and vlan 20 only to vf3.
+        for r in &c.rules["p0"] {
+            let vlan = r.keys.vlan_id.unwrap();
+            for a in &r.actions {
+                if let Action::Redirect { dev } | Action::Mirror { dev } = a {
+                    assert_eq!(vlan == 20, dev == "pf0vf3", "{r:?}");
+                }
+            }
+        }
+        // Egress to the uplink is tagged with the pod's own vlan.
+        let out = c.rules["pf0vf3"].iter().find(|r| r.prio == priority(Class::Out, PROTO_ALL)).unwrap();
+        assert_eq!(out.actions[0], Action::VlanPush { id: 20 });
+    }
+
+    #[test]
+    fn identities_are_stable_and_unique() {
+        let a = vec![("a".into(), attach(1, 10, Mode::Direct)), ("b".into(), attach(2, 10, Mode::Direct))];
+        let first = compile(&fabric(), &a, &ports());
+        let mut reversed = a.clone();
+        reversed.reverse();
+        assert_eq!(compile(&fabric(), &reversed, &ports()).rules, first.rules, "input order must not matter");
+        for rules in first.rules.values() {
+            let ids: BTreeSet<RuleId> = rules.iter().map(Rule::id).collect();
+            assert_eq!(ids.len(), rules.len());
+            assert!(rules.iter().all(|r| r.handle != 0));
+        }
+    }
+
+    #[test]
+    fn mesh_steers_service_ports_with_the_mark() {
+        let mut spec = attach(1, 10, Mode::Mesh { service_ports: [80, 443].into() });
+        spec.rate_limit_bps = Some(100_000_000);
+        let c = compile(&fabric(), &[("m".into(), spec.clone())], &ports());
+        let rules = &c.rules["pf0vf1"];
+        let steer: Vec<&Rule> = rules.iter().filter(|r| r.prio / 10 == Class::Steer as u16).collect();
+        assert_eq!(steer.len(), 4, "two ports, IPv4 and IPv6");
+        for r in steer {
+            assert_eq!(r.actions, vec![Action::Mark(spec.mark), Action::Redirect { dev: "proxy0".into() }]);
+            assert_eq!(r.keys.ip_proto, Some(IPPROTO_TCP));
+            assert_eq!(r.keys.eth_type, Some(r.protocol));
+        }
+        let back = &c.rules["proxy0"];
+        assert_eq!(back.len(), 1, "the proxy's answers go back to the pod");
+        assert_eq!(back[0].actions, vec![Action::Redirect { dev: "pf0vf1".into() }]);
+        let police = &rules[0];
+        assert_eq!(police.prio, 10);
+        assert!(matches!(police.actions[0], Action::Police { rate_bps: 100_000_000, .. }));
+        // Without a capture device the mesh attachment is refused, visibly.
+        let bare = FabricSpec { capture_device: None, ..fabric() };
+        let c = compile(&bare, &[("m".into(), spec)], &ports());
+        assert!(c.rules.is_empty());
+        assert_eq!(c.unserved[0].attachment, "m");
+    }
+
+    #[test]
+    fn missing_ports_are_reported_not_fatal() {
+        let a = vec![("a".into(), attach(1, 10, Mode::Direct)), ("z".into(), attach(9, 10, Mode::Direct))];
+        let c = compile(&fabric(), &a, &ports());
+        assert_eq!(c.unserved, vec![Unserved { attachment: "z".into(), reason: "port pf0vf9 is not present".into() }]);
+        assert!(c.rules.contains_key("pf0vf1"));
+        let no_uplink = FabricSpec { uplink: None, capture_device: None };
+        let c = compile(&no_uplink, &a[..1], &ports());
+        assert!(!c.rules.contains_key("p0"));
+        let flood = c.rules["pf0vf1"].iter().find(|r| r.prio == priority(Class::Flood, PROTO_ALL)).unwrap();
+        assert_eq!(flood.actions, vec![Action::Drop], "alone and without uplink: nowhere to flood");
+    }
+}

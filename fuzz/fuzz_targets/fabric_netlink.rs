@@ -1,0 +1,27 @@
+//! Arbitrary bytes as what the kernel sends the fabric: netlink datagrams (acks with extended-ack messages,
+//! dumps), tc filter and qdisc messages, and ethtool feature replies. Every input is decoded or rejected, never
+//! a panic; a decoded filter re-encodes and decodes to the same rule.
+#![no_main]
+
+use dpu_fabric::FabricError;
+use dpu_fabric::netlink::socket::{active_feature, parse_replies};
+use dpu_fabric::netlink::tc::{decode_filter, decode_qdisc, filter};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = parse_replies(data, 1);
+    let _ = decode_qdisc(data);
+    let _ = active_feature(data, "hw-tc-offload");
+    let name_of = |i: u32| format!("if{i}");
+    if let Ok(Some(f)) = decode_filter(data, &name_of) {
+        // Devices come back as "if{index}": resolve them to the same index.
+        let resolve = |d: &str| {
+            d.strip_prefix("if").and_then(|n| n.parse().ok()).ok_or_else(|| FabricError::NoDevice(d.to_owned()))
+        };
+        if let Ok(encoded) = filter(1, f.id, &f.keys, &f.actions, f.flags, &[], &resolve) {
+            let again = decode_filter(&encoded, &name_of).expect("re-encoded filter decodes").expect("is a filter");
+            assert_eq!(again.keys, f.keys);
+            assert_eq!(again.id, f.id);
+        }
+    }
+});

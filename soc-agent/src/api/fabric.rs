@@ -1,0 +1,570 @@
+//! `dpu.v1.FabricService`: the fabric settings, the port inventory and pod attachments as persisted intent, and
+//! the installed rules' counters. Ports are addressed by eSwitch identity; the switch is asked for the
+//! inventory so attaching an absent VF is refused up front.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use dpu_fabric::model::{
+    AttachmentSpec, FABRIC_ID, FabricSpec, Function, IpNet, MARK_BASE, MacAddr, Mode, PortId, Segment,
+};
+use dpu_fabric::netlink::tc;
+use dpu_fabric::ports::Port;
+use dpu_fabric::reconcile::SUBSYSTEM;
+use dpu_fabric::switch::Switch;
+use dpu_intent::reconcile::{ObjectKey, StatusBoard};
+use dpu_intent::{Resource, Store, Stored};
+use dpu_proto::v1 as pb;
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+
+use super::agent::resource_status;
+use super::{FieldMask, intent_status};
+
+/// Implementation of `FabricService`.
+#[derive(Debug)]
+pub struct FabricApi {
+    store: Store,
+    status: StatusBoard,
+    switch: Arc<dyn Switch>,
+    /// Serializes the conflict checks of attachments with their write.
+    writes: Mutex<()>,
+}
+
+fn generation(g: u64) -> i64 {
+    i64::try_from(g).unwrap_or(i64::MAX)
+}
+
+fn invalid(e: dpu_fabric::model::Invalid) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// Parses `attachments/{id}` (or a bare id).
+fn attachment_id(name: &str) -> Result<&str, Status> {
+    let id = name.strip_prefix("attachments/").unwrap_or(name);
+    dpu_intent::validate_id(id).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+    Ok(id)
+}
+
+/// Parses a port (`pf0vf3` or `ports/pf0vf3`).
+fn port_id(field: &str, text: &str) -> Result<PortId, Status> {
+    text.strip_prefix("ports/")
+        .unwrap_or(text)
+        .parse()
+        .map_err(|e: dpu_fabric::model::BadPortName| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+/// Validates an incoming attachment into the domain type (`mark` 0 stays 0 until one is allocated).
+fn attachment_from(a: pb::Attachment) -> Result<AttachmentSpec, Status> {
+    let port = port_id("attachment.port", &a.port)?;
+    let mac: MacAddr = a.mac.parse().map_err(|e| Status::invalid_argument(format!("attachment.mac: {e}")))?;
+    let mut ips = BTreeSet::new();
+    for ip in &a.ips {
+        ips.insert(ip.parse::<IpNet>().map_err(|e| Status::invalid_argument(format!("attachment.ips: {e}")))?);
+    }
+    let vlan = u16::try_from(a.vlan)
+        .ok()
+        .filter(|v| (1..=4094).contains(v))
+        .ok_or_else(|| Status::invalid_argument(format!("attachment.vlan: {} is not in 1..=4094", a.vlan)))?;
+    let mut service_ports = BTreeSet::new();
+    for p in &a.service_ports {
+        let p = u16::try_from(*p)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| Status::invalid_argument(format!("attachment.service_ports: {p} is not a TCP port")))?;
+        service_ports.insert(p);
+    }
+    let mode = match pb::AttachmentMode::try_from(a.mode) {
+        Ok(pb::AttachmentMode::Unspecified | pb::AttachmentMode::Direct) if service_ports.is_empty() => Mode::Direct,
+        Ok(pb::AttachmentMode::Unspecified | pb::AttachmentMode::Direct) => {
+            return Err(Status::invalid_argument("attachment.service_ports: only used in mesh mode"));
+        }
+        Ok(pb::AttachmentMode::Mesh) => Mode::Mesh { service_ports },
+        Err(_) => return Err(Status::invalid_argument(format!("attachment.mode: unknown value {}", a.mode))),
+    };
+    let spec = AttachmentSpec {
+        port,
+        mac,
+        ips,
+        segment: Segment::Vlan(vlan),
+        mode,
+        rate_limit_bps: Some(a.rate_limit_bps).filter(|r| *r != 0),
+        spiffe_id: a.spiffe_id,
+        mark: a.mark,
+    };
+    // A zero mark is allocated later; validate everything else now.
+    AttachmentSpec { mark: spec.mark.max(1), ..spec.clone() }.validate().map_err(invalid)?;
+    Ok(spec)
+}
+
+fn ips_overlap(a: &AttachmentSpec, b: &AttachmentSpec) -> Option<IpNet> {
+    let theirs: BTreeSet<_> = b.ips.iter().map(|n| n.addr).collect();
+    a.ips.iter().find(|n| theirs.contains(&n.addr)).copied()
+}
+
+fn flavour(f: Function) -> (&'static str, u32) {
+    match f {
+        Function::Physical => ("physical", 0),
+        Function::HostPf => ("host_pf", 0),
+        Function::Vf(n) => ("vf", u32::from(n)),
+        Function::Sf(n) => ("sf", n),
+    }
+}
+
+impl FabricApi {
+    pub fn new(store: Store, status: StatusBoard, switch: Arc<dyn Switch>) -> Self {
+        Self { store, status, switch, writes: Mutex::new(()) }
+    }
+
+    fn status_of(&self, kind: &str, id: &str, generation: u64) -> pb::ResourceStatus {
+        let key = ObjectKey { kind: kind.into(), id: id.into() };
+        resource_status(self.status.get(SUBSYSTEM, &key), generation)
+    }
+
+    fn fabric_message(&self, stored: Option<Stored<FabricSpec>>) -> pb::Fabric {
+        let (spec, meta) = match stored {
+            Some(s) => (s.spec, Some(s.meta)),
+            None => (FabricSpec::default(), None),
+        };
+        pb::Fabric {
+            name: format!("fabrics/{FABRIC_ID}"),
+            uplink: spec.uplink.map(|p| p.to_string()).unwrap_or_default(),
+            capture_device: spec.capture_device.unwrap_or_default(),
+            generation: meta.as_ref().map_or(0, |m| generation(m.generation)),
+            status: Some(match &meta {
+                Some(m) => self.status_of(FabricSpec::KIND, FABRIC_ID, m.generation),
+                None => pb::ResourceStatus {
+                    state: pb::ResourceState::Ready.into(),
+                    reason: "defaults: no uplink, no capture device".into(),
+                    observed_generation: 0,
+                },
+            }),
+        }
+    }
+
+    fn attachment_message(&self, stored: &Stored<AttachmentSpec>) -> pb::Attachment {
+        let s = &stored.spec;
+        let (mode, service_ports) = match &s.mode {
+            Mode::Direct => (pb::AttachmentMode::Direct, Vec::new()),
+            Mode::Mesh { service_ports } => {
+                (pb::AttachmentMode::Mesh, service_ports.iter().map(|p| u32::from(*p)).collect())
+            }
+        };
+        let Segment::Vlan(vlan) = s.segment;
+        pb::Attachment {
+            name: format!("attachments/{}", stored.id),
+            port: s.port.to_string(),
+            mac: s.mac.to_string(),
+            ips: s.ips.iter().map(ToString::to_string).collect(),
+            vlan: u32::from(vlan),
+            mode: mode.into(),
+            service_ports,
+            rate_limit_bps: s.rate_limit_bps.unwrap_or(0),
+            spiffe_id: s.spiffe_id.clone(),
+            mark: s.mark,
+            generation: generation(stored.meta.generation),
+            status: Some(self.status_of(AttachmentSpec::KIND, &stored.id, stored.meta.generation)),
+        }
+    }
+
+    fn fabric(&self) -> Result<Option<Stored<FabricSpec>>, Status> {
+        match self.store.get::<FabricSpec>(FABRIC_ID) {
+            Ok(f) => Ok(Some(f)),
+            Err(dpu_intent::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(intent_status(e)),
+        }
+    }
+
+    /// The inventory, read on the blocking pool (sysfs and ethtool netlink).
+    async fn ports(&self) -> Result<Vec<Port>, Status> {
+        let switch = self.switch.clone();
+        tokio::task::spawn_blocking(move || switch.ports())
+            .await
+            .map_err(|e| Status::internal(format!("reading the port inventory panicked: {e}")))?
+            .map_err(|e| Status::unavailable(format!("reading the port inventory: {e}")))
+    }
+
+    /// Checks a new attachment against the inventory, the fabric and every other attachment.
+    async fn check_new(&self, id: &str, spec: &AttachmentSpec) -> Result<(), Status> {
+        let ports = self.ports().await?;
+        if !ports.iter().any(|p| p.id == spec.port) {
+            return Err(Status::not_found(format!("port {} is not present on this DPU", spec.port)));
+        }
+        if matches!(spec.mode, Mode::Mesh { .. }) && self.fabric()?.and_then(|f| f.spec.capture_device).is_none() {
+            return Err(Status::failed_precondition(
+                "mesh mode needs the fabric's capture_device; set it with UpdateFabric first",
+            ));
+        }
+        for other in self.store.list_all::<AttachmentSpec>().map_err(intent_status)? {
+            if other.id == id {
+                continue;
+            }
+            let o = &other.spec;
+            if o.port == spec.port {
+                return Err(Status::failed_precondition(format!(
+                    "port {} is already attached as attachments/{}",
+                    spec.port, other.id
+                )));
+            }
+            if o.segment == spec.segment && o.mac == spec.mac {
+                return Err(Status::already_exists(format!(
+                    "MAC {} is used by attachments/{} on {}",
+                    spec.mac, other.id, spec.segment
+                )));
+            }
+            if o.segment == spec.segment
+                && let Some(ip) = ips_overlap(spec, o)
+            {
+                return Err(Status::already_exists(format!(
+                    "IP {} is used by attachments/{} on {}",
+                    ip.addr, other.id, spec.segment
+                )));
+            }
+            if spec.mark != 0 && o.mark == spec.mark {
+                return Err(Status::already_exists(format!(
+                    "mark {:#x} is used by attachments/{}",
+                    spec.mark, other.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn free_mark(&self) -> Result<u32, Status> {
+        let used: BTreeSet<u32> =
+            self.store.list_all::<AttachmentSpec>().map_err(intent_status)?.iter().map(|a| a.spec.mark).collect();
+        (MARK_BASE..=MARK_BASE + 0xffff)
+            .find(|m| !used.contains(m))
+            .ok_or_else(|| Status::resource_exhausted("no free packet mark"))
+    }
+}
+
+fn rule_stats(f: &tc::Filter) -> pb::RuleStats {
+    pb::RuleStats {
+        priority: u32::from(f.id.prio),
+        protocol: u32::from(f.id.protocol),
+        handle: f.id.handle,
+        r#match: f.keys.to_string(),
+        actions: f.actions.iter().map(ToString::to_string).collect(),
+        in_hw: f.flags & tc::IN_HW != 0,
+        in_hw_count: f.in_hw_count.unwrap_or(0),
+        skip_sw: f.flags & tc::SKIP_SW != 0,
+        skip_hw: f.flags & tc::SKIP_HW != 0,
+        packets: f.packets,
+        bytes: f.bytes,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::fabric_service_server::FabricService for FabricApi {
+    async fn get_fabric(&self, r: Request<pb::GetFabricRequest>) -> Result<Response<pb::Fabric>, Status> {
+        let name = &r.get_ref().name;
+        if !name.is_empty() && name != "fabrics/default" && name != FABRIC_ID {
+            return Err(Status::not_found(format!("{name} does not exist (the one fabric is fabrics/default)")));
+        }
+        Ok(Response::new(self.fabric_message(self.fabric()?)))
+    }
+
+    async fn update_fabric(&self, r: Request<pb::UpdateFabricRequest>) -> Result<Response<pb::Fabric>, Status> {
+        let r = r.into_inner();
+        let f = r.fabric.ok_or_else(|| Status::invalid_argument("fabric: required"))?;
+        let mask = FieldMask::parse(r.update_mask, &["uplink", "capture_device"])?;
+        let uplink = match f.uplink.as_str() {
+            "" => None,
+            text => Some(port_id("fabric.uplink", text)?),
+        };
+        let capture = Some(f.capture_device).filter(|c| !c.is_empty());
+        let expected = u64::try_from(r.expected_generation).ok().filter(|g| *g != 0);
+        let _guard = self.writes.lock().await;
+        let current = self.fabric()?;
+        let mut spec = current.as_ref().map(|c| c.spec.clone()).unwrap_or_default();
+        if mask.covers("uplink") {
+            spec.uplink = uplink;
+        }
+        if mask.covers("capture_device") {
+            spec.capture_device = capture;
+        }
+        spec.validate().map_err(invalid)?;
+        if spec.capture_device.is_none() {
+            let mesh = self.store.list_all::<AttachmentSpec>().map_err(intent_status)?;
+            if let Some(a) = mesh.iter().find(|a| matches!(a.spec.mode, Mode::Mesh { .. })) {
+                return Err(Status::failed_precondition(format!(
+                    "attachments/{} is in mesh mode and needs the capture device",
+                    a.id
+                )));
+            }
+        }
+        let stored = match current {
+            None if expected.is_some() => {
+                return Err(Status::aborted("the fabric was never written; expected_generation must be 0"));
+            }
+            None => self.store.create(FABRIC_ID, spec).map(dpu_intent::Created::into_stored),
+            Some(c) => self.store.update(FABRIC_ID, spec, Some(expected.unwrap_or(c.meta.generation))),
+        }
+        .map_err(intent_status)?;
+        tracing::info!(generation = stored.meta.generation, "fabric settings updated");
+        Ok(Response::new(self.fabric_message(Some(stored))))
+    }
+
+    async fn list_ports(&self, _: Request<pb::ListPortsRequest>) -> Result<Response<pb::ListPortsResponse>, Status> {
+        let ports = self.ports().await?;
+        let attachments = self.store.list_all::<AttachmentSpec>().map_err(intent_status)?;
+        let ports = ports
+            .into_iter()
+            .map(|p| {
+                let (flavour, number) = flavour(p.id.function);
+                pb::Port {
+                    name: format!("ports/{}", p.id),
+                    port: p.id.to_string(),
+                    flavour: flavour.into(),
+                    controller: p.id.controller,
+                    pf: u32::from(p.id.pf),
+                    number,
+                    netdev: p.netdev,
+                    ifindex: p.ifindex,
+                    hw_tc_offload: p.hw_tc_offload,
+                    attachment: attachments
+                        .iter()
+                        .find(|a| a.spec.port == p.id)
+                        .map(|a| format!("attachments/{}", a.id))
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListPortsResponse { ports }))
+    }
+
+    async fn create_attachment(
+        &self,
+        r: Request<pb::CreateAttachmentRequest>,
+    ) -> Result<Response<pb::Attachment>, Status> {
+        let r = r.into_inner();
+        dpu_intent::validate_id(&r.attachment_id)
+            .map_err(|e| Status::invalid_argument(format!("attachment_id: {e}")))?;
+        let mut spec = attachment_from(r.attachment.ok_or_else(|| Status::invalid_argument("attachment: required"))?)?;
+        let _guard = self.writes.lock().await;
+        if let Ok(existing) = self.store.get::<AttachmentSpec>(&r.attachment_id) {
+            let same = AttachmentSpec { mark: if spec.mark == 0 { existing.spec.mark } else { spec.mark }, ..spec };
+            return if same == existing.spec {
+                Ok(Response::new(self.attachment_message(&existing)))
+            } else {
+                Err(Status::already_exists(format!("attachments/{} exists with a different spec", r.attachment_id)))
+            };
+        }
+        self.check_new(&r.attachment_id, &spec).await?;
+        if spec.mark == 0 {
+            spec.mark = self.free_mark()?;
+        }
+        spec.validate().map_err(invalid)?;
+        let created = self.store.create(&r.attachment_id, spec).map_err(intent_status)?.into_stored();
+        tracing::info!(
+            attachment = %created.id,
+            port = %created.spec.port,
+            segment = %created.spec.segment,
+            mark = created.spec.mark,
+            "attachment created"
+        );
+        Ok(Response::new(self.attachment_message(&created)))
+    }
+
+    async fn get_attachment(&self, r: Request<pb::GetAttachmentRequest>) -> Result<Response<pb::Attachment>, Status> {
+        let id = attachment_id(&r.get_ref().name)?;
+        let stored = self.store.get::<AttachmentSpec>(id).map_err(intent_status)?;
+        Ok(Response::new(self.attachment_message(&stored)))
+    }
+
+    async fn list_attachments(
+        &self,
+        r: Request<pb::ListAttachmentsRequest>,
+    ) -> Result<Response<pb::ListAttachmentsResponse>, Status> {
+        let r = r.into_inner();
+        let size =
+            usize::try_from(r.page_size).map_err(|_| Status::invalid_argument("page_size: must not be negative"))?;
+        let token = Some(r.page_token.as_str()).filter(|t| !t.is_empty());
+        let page = self.store.list::<AttachmentSpec>(size, token).map_err(intent_status)?;
+        Ok(Response::new(pb::ListAttachmentsResponse {
+            attachments: page.items.iter().map(|a| self.attachment_message(a)).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_attachment(
+        &self,
+        r: Request<pb::DeleteAttachmentRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let r = r.into_inner();
+        let id = attachment_id(&r.name)?;
+        let _guard = self.writes.lock().await;
+        if let Some(deleted) = self.store.delete::<AttachmentSpec>(id, r.allow_missing).map_err(intent_status)? {
+            tracing::info!(attachment = %deleted.id, port = %deleted.spec.port, "attachment deleted");
+        }
+        Ok(Response::new(pb::DeleteResponse {}))
+    }
+
+    async fn get_fabric_stats(
+        &self,
+        _: Request<pb::GetFabricStatsRequest>,
+    ) -> Result<Response<pb::FabricStats>, Status> {
+        let attachments = self.store.list_all::<AttachmentSpec>().map_err(intent_status)?;
+        let switch = self.switch.clone();
+        let collected = tokio::task::spawn_blocking(move || -> Result<Vec<(Port, Vec<tc::Filter>)>, String> {
+            let mut out = Vec::new();
+            for port in switch.ports().map_err(|e| e.to_string())? {
+                let rules = match switch.has_clsact(&port.netdev) {
+                    Ok(true) => switch.rules(&port.netdev).map_err(|e| e.to_string())?,
+                    Ok(false) => Vec::new(),
+                    Err(e) => return Err(e.to_string()),
+                };
+                out.push((port, rules));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reading fabric counters panicked: {e}")))?
+        .map_err(|e| Status::unavailable(format!("reading fabric counters: {e}")))?;
+        let ports = collected
+            .into_iter()
+            .map(|(port, rules)| pb::PortStats {
+                port: port.id.to_string(),
+                netdev: port.netdev,
+                hw_tc_offload: port.hw_tc_offload,
+                attachment: attachments
+                    .iter()
+                    .find(|a| a.spec.port == port.id)
+                    .map(|a| format!("attachments/{}", a.id))
+                    .unwrap_or_default(),
+                rules: rules.iter().map(rule_stats).collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::FabricStats { ports }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dpu_fabric::switch::SimSwitch;
+    use pb::fabric_service_server::FabricService as _;
+
+    use super::*;
+
+    fn api() -> (tempfile::TempDir, FabricApi, Arc<SimSwitch>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sim = Arc::new(SimSwitch::new());
+        sim.add_device("p0", Some("p0".parse().unwrap()), false);
+        for vf in 1..=3 {
+            sim.add_device(&format!("pf0vf{vf}"), Some(PortId::vf(0, vf)), false);
+        }
+        let api = FabricApi::new(store, StatusBoard::new(), sim.clone());
+        (dir, api, sim)
+    }
+
+    fn attachment(port: &str, mac: &str, ip: &str) -> pb::Attachment {
+        pb::Attachment {
+            port: port.into(),
+            mac: mac.into(),
+            ips: vec![ip.into()],
+            vlan: 100,
+            spiffe_id: "spiffe://cluster.local/ns/default/sa/web".into(),
+            ..pb::Attachment::default()
+        }
+    }
+
+    async fn create(api: &FabricApi, id: &str, a: pb::Attachment) -> Result<pb::Attachment, Status> {
+        let r = pb::CreateAttachmentRequest { attachment_id: id.into(), attachment: Some(a) };
+        api.create_attachment(Request::new(r)).await.map(Response::into_inner)
+    }
+
+    #[tokio::test]
+    async fn attach_validates_and_refuses_conflicts() {
+        let (_dir, api, _sim) = api();
+        let a = create(&api, "web", attachment("pf0vf1", "02:00:00:00:00:01", "10.0.0.1/24")).await.unwrap();
+        assert_eq!((a.name.as_str(), a.port.as_str(), a.mark), ("attachments/web", "pf0vf1", MARK_BASE));
+        assert_eq!(a.status.unwrap().state, i32::from(pb::ResourceState::Pending));
+        // Idempotent: the same spec returns the existing attachment with its mark.
+        let again = create(&api, "web", attachment("ports/pf0vf1", "02:00:00:00:00:01", "10.0.0.1/24")).await;
+        assert_eq!(again.unwrap().mark, MARK_BASE);
+        let code = |r: Result<pb::Attachment, Status>| r.unwrap_err().code();
+        let c = |port: &str, mac: &str, ip: &str| attachment(port, mac, ip);
+        assert_eq!(
+            code(create(&api, "web", c("pf0vf2", "02:00:00:00:00:01", "10.0.0.1/24")).await),
+            tonic::Code::AlreadyExists
+        );
+        assert_eq!(
+            code(create(&api, "db", c("pf0vf9", "02:00:00:00:00:09", "10.0.0.9/24")).await),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            code(create(&api, "db", c("pf0vf1", "02:00:00:00:00:02", "10.0.0.2/24")).await),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(create(&api, "db", c("pf0vf2", "02:00:00:00:00:01", "10.0.0.2/24")).await),
+            tonic::Code::AlreadyExists
+        );
+        assert_eq!(
+            code(create(&api, "db", c("pf0vf2", "02:00:00:00:00:02", "10.0.0.1/32")).await),
+            tonic::Code::AlreadyExists
+        );
+        assert_eq!(
+            code(create(&api, "db", c("eth0", "02:00:00:00:00:02", "10.0.0.2/24")).await),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(create(&api, "db", c("p0", "02:00:00:00:00:02", "10.0.0.2/24")).await),
+            tonic::Code::InvalidArgument
+        );
+        let mut mesh = c("pf0vf2", "02:00:00:00:00:02", "10.0.0.2/24");
+        mesh.mode = pb::AttachmentMode::Mesh.into();
+        mesh.service_ports = vec![80];
+        assert_eq!(code(create(&api, "db", mesh.clone()).await), tonic::Code::FailedPrecondition, "no capture device");
+        let update = pb::UpdateFabricRequest {
+            fabric: Some(pb::Fabric { uplink: "p0".into(), capture_device: "proxy0".into(), ..pb::Fabric::default() }),
+            ..pb::UpdateFabricRequest::default()
+        };
+        let fabric = api.update_fabric(Request::new(update)).await.unwrap().into_inner();
+        assert_eq!((fabric.uplink.as_str(), fabric.generation), ("p0", 1));
+        let db = create(&api, "db", mesh).await.unwrap();
+        assert_eq!(db.mark, MARK_BASE + 1);
+        assert_eq!(db.service_ports, vec![80]);
+        // The same MAC on another VLAN is another network.
+        let mut other = c("pf0vf3", "02:00:00:00:00:01", "10.0.0.1/24");
+        other.vlan = 200;
+        create(&api, "other", other).await.unwrap();
+
+        let ports = api.list_ports(Request::new(pb::ListPortsRequest {})).await.unwrap().into_inner().ports;
+        let vf1 = ports.iter().find(|p| p.port == "pf0vf1").unwrap();
+        assert_eq!((vf1.flavour.as_str(), vf1.number, vf1.attachment.as_str()), ("vf", 1, "attachments/web"));
+        let delete = pb::DeleteAttachmentRequest { name: "attachments/web".into(), allow_missing: false };
+        api.delete_attachment(Request::new(delete.clone())).await.unwrap();
+        assert_eq!(api.delete_attachment(Request::new(delete)).await.unwrap_err().code(), tonic::Code::NotFound);
+    }
+
+    #[tokio::test]
+    async fn stats_report_rules_and_placement() {
+        let (_dir, api, sim) = api();
+        create(&api, "web", attachment("pf0vf1", "02:00:00:00:00:01", "10.0.0.1/24")).await.unwrap();
+        let reconciler = dpu_fabric::reconcile::FabricReconciler::new(sim.clone());
+        dpu_intent::reconcile::Reconciler::reconcile(&reconciler, &api.store).await.unwrap();
+        let stats = api.get_fabric_stats(Request::new(pb::GetFabricStatsRequest {})).await.unwrap().into_inner();
+        let vf1 = stats.ports.iter().find(|p| p.port == "pf0vf1").unwrap();
+        assert_eq!(vf1.attachment, "attachments/web");
+        assert!(!vf1.rules.is_empty());
+        assert!(vf1.rules.iter().all(|r| r.skip_hw && !r.in_hw));
+        let last = vf1.rules.iter().max_by_key(|r| r.priority).unwrap();
+        assert_eq!((last.r#match.as_str(), last.actions.as_slice()), ("all", &["drop".to_owned()][..]));
+    }
+
+    #[test]
+    fn conversion_errors_name_the_field() {
+        let base = attachment("pf0vf1", "02:00:00:00:00:01", "10.0.0.1/24");
+        let field = |a: pb::Attachment| attachment_from(a).unwrap_err().message().split(':').next().unwrap().to_owned();
+        assert_eq!(field(pb::Attachment { mac: "zz".into(), ..base.clone() }), "attachment.mac");
+        assert_eq!(field(pb::Attachment { vlan: 0, ..base.clone() }), "attachment.vlan");
+        assert_eq!(field(pb::Attachment { ips: vec!["10.0.0.1/40".into()], ..base.clone() }), "attachment.ips");
+        assert_eq!(field(pb::Attachment { service_ports: vec![80], ..base.clone() }), "attachment.service_ports");
+        assert_eq!(field(pb::Attachment { mode: 9, ..base.clone() }), "attachment.mode");
+        assert_eq!(field(pb::Attachment { spiffe_id: "nope".into(), ..base.clone() }), "attachment.spiffe_id");
+        assert_eq!(field(pb::Attachment { rate_limit_bps: 5, ..base }), "attachment.rate_limit_bps");
+    }
+}

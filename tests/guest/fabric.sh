@@ -1,0 +1,226 @@
+# The fabric data path against the real kernel: the static aarch64 dpu-agent in an arm64 guest (the kernel
+# has cls_flower and the tc actions; the host's does not) owns a simulated eSwitch and is driven with the
+# aarch64 dpuctl inside the guest over loopback.
+#
+# Simulated switch: representors pf0vf1..3 are veths whose peers are eth0 of pods in network namespaces
+# pod1..3; the uplink p0 is a veth to a second simulated host (namespace hostb) with a pod on VLAN 100
+# (p0b.100); the proxy's capture device proxy0 leads to namespace proxy, which owns a service address.
+#
+#   pod1  pf0vf1  VLAN 100  direct   10.100.0.1
+#   pod2  pf0vf2  VLAN 100  mesh     10.100.0.2   TCP :8080 steered to the proxy, 100 Mbit/s police
+#   pod3  pf0vf3  VLAN 200  direct   10.100.0.3   same subnet, other network: must reach nobody
+#   hostb p0b.100           remote   10.100.0.101
+#   proxy cap0              listener 10.100.0.250:8080
+#
+# Checks, each with ping/nc and with iproute2's `tc -s filter show` as an independent reader of the kernel:
+# refusals (unknown VF, duplicate MAC), pod↔pod on the host, pod↔pod across hosts (VLAN on the uplink),
+# VLAN isolation, mesh steering to the listener with the skbedit mark, rate-limit police, a pass over an
+# unchanged fabric writes nothing, a rule deleted behind the agent's back is restored, detach removes the
+# rules and the connectivity.
+#
+# Builds (incremental): cross/build.sh for the aarch64 musl agent and dpuctl. DPU_GUEST_NO_BUILD=1 uses the
+# binaries already in the target directory.
+# shellcheck shell=bash disable=SC2034 # variables are read by tests/guest.sh
+
+GUEST_ARCH=arm64
+GUEST_MODULES=(veth 8021q sch_ingress cls_flower act_mirred act_vlan act_gact act_skbedit act_police)
+GUEST_TIMEOUT=300
+GUEST_MEMORY=1024
+# The agent binary changes with every build.
+GUEST_CACHE_IMAGE=0
+
+# shellcheck source=tests/guest/lib/fabric-iproute2.sh
+source "$REPO_ROOT/tests/guest/lib/fabric-iproute2.sh"
+
+fabric_target_dir() {
+	local dir=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
+	[[ $dir == /* ]] || dir=$REPO_ROOT/$dir
+	printf '%s\n' "$dir"
+}
+
+guest_prepare() {
+	local target bin tree
+	target=$(fabric_target_dir)/aarch64-unknown-linux-musl/release
+	if [[ ${DPU_GUEST_NO_BUILD:-0} != 1 ]]; then
+		printf 'fabric: building the static aarch64 agent and dpuctl (cross/build.sh)\n' >&2
+		(cd "$REPO_ROOT" && bash cross/build.sh) >&2 || return 1
+	fi
+	for bin in dpu-agent dpuctl; do
+		[[ -f $target/$bin ]] || {
+			printf 'fabric: %s not found at %s\n' "$bin" "$target/$bin" >&2
+			return 1
+		}
+	done
+	tree=$(fabric_iproute2_tree) || return 1
+	cat >"$GUEST_WORK/agent.toml" <<'TOML'
+data_dir = "/var/lib/dpu-agent"
+
+[api]
+listen = "127.0.0.1:50051"
+
+[admin]
+listen = "127.0.0.1:9100"
+
+[reconcile]
+drift_seconds = 2
+TOML
+	GUEST_FILES+=(
+		"$target/dpu-agent:/usr/bin/dpu-agent"
+		"$target/dpuctl:/usr/bin/dpuctl"
+		"$GUEST_WORK/agent.toml:/etc/dpu-agent/agent.toml"
+		"$tree:/opt/iproute2"
+		"$tree/lib/ld-linux-aarch64.so.1:/lib/ld-linux-aarch64.so.1"
+	)
+}
+
+guest_script() {
+	cat <<'GUEST'
+STEP=setup
+step() { STEP=$1; echo "GUEST-STEP: $1"; }
+fail() {
+	echo "fabric: FAIL [$STEP]: $*"
+	echo "fabric: ---- agent log (tail) ----"
+	tail -n 40 /tmp/agent.log 2>/dev/null
+	guest_fail "[$STEP] $*"
+}
+ipr() { LD_LIBRARY_PATH=/opt/iproute2/lib /opt/iproute2/ip "$@"; }
+tcr() { LD_LIBRARY_PATH=/opt/iproute2/lib /opt/iproute2/tc "$@"; }
+ctl() { dpuctl --addr http://127.0.0.1:50051 --timeout 60 "$@"; }
+in_ns() { ns=$1; shift; ipr netns exec "$ns" "$@"; }
+reaches() { in_ns "$1" ping -c 1 -W 2 "$2" >/dev/null 2>&1 || in_ns "$1" ping -c 2 -W 2 "$2" >/dev/null 2>&1; }
+must_reach() { reaches "$1" "$2" || fail "$1 cannot reach $2"; echo "fabric: ok: $1 reaches $2"; }
+must_not_reach() { ! in_ns "$1" ping -c 2 -W 1 "$2" >/dev/null 2>&1 || fail "$1 reaches $2 across networks"; echo "fabric: ok: $1 does not reach $2"; }
+flowers() { tcr filter show dev "$1" ingress | grep -c 'flower chain 0 handle' || true; }
+metric() { wget -qO- http://127.0.0.1:9100/metrics | sed -n "s/^[a-z_]*reconcile_$1{subsystem=\"fabric\"} \([0-9]*\).*/\1/p"; }
+wait_for() { # SECONDS DESCRIPTION COMMAND...
+	_left=$(($1 * 2)); _what=$2; shift 2
+	until "$@"; do
+		_left=$((_left - 1))
+		[ "$_left" -gt 0 ] || fail "timed out waiting for $_what"
+		sleep 0.5
+	done
+}
+ready() { ctl --json fabric show "$1" | grep -q '"state": "ready"'; }
+
+step topology
+chmod 0755 /usr/bin/dpu-agent /usr/bin/dpuctl
+mkdir -p /run/netns /var/lib/dpu-agent
+for n in 1 2 3; do
+	ipr netns add pod$n
+	ipr link add pf0vf$n type veth peer name eth0 netns pod$n
+	ipr link set pf0vf$n up
+	ipr -n pod$n link set eth0 address 02:00:00:00:00:0$n
+	ipr -n pod$n link set lo up
+	ipr -n pod$n link set eth0 up
+	ipr -n pod$n addr add 10.100.0.$n/24 dev eth0
+done
+ipr netns add hostb
+ipr link add p0 type veth peer name p0b netns hostb
+ipr link set p0 up
+ipr -n hostb link set p0b up
+ipr -n hostb link add link p0b name p0b.100 type vlan id 100
+ipr -n hostb link set p0b.100 address 02:00:00:00:01:01
+ipr -n hostb link set p0b.100 up
+ipr -n hostb addr add 10.100.0.101/24 dev p0b.100
+ipr netns add proxy
+ipr link add proxy0 type veth peer name cap0 netns proxy
+ipr link set proxy0 up
+ipr -n proxy link set cap0 address 02:00:00:00:02:50
+ipr -n proxy link set cap0 up
+ipr -n proxy addr add 10.100.0.250/24 dev cap0
+ipr -n proxy neigh add 10.100.0.2 lladdr 02:00:00:00:00:02 dev cap0 nud permanent
+ipr -n pod2 neigh add 10.100.0.250 lladdr 02:00:00:00:02:50 dev eth0 nud permanent
+must_not_reach pod1 10.100.0.2
+
+step agent
+export RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1
+dpu-agent --config /etc/dpu-agent/agent.toml >/tmp/agent.log 2>&1 &
+agent=$!
+guest_wait_listen 50051 120 || fail "dpu-agent is not listening on :50051"
+ctl fabric ports
+for p in p0 pf0vf1 pf0vf2 pf0vf3; do
+	ctl --json fabric ports | grep -q "\"port\": \"$p\"" || fail "port $p is not in the inventory"
+done
+
+step attach
+ctl fabric set --uplink p0 --capture-device proxy0
+ctl fabric attach pod1 --port pf0vf1 --mac 02:00:00:00:00:01 --ip 10.100.0.1/24 --vlan 100 \
+	--spiffe-id spiffe://cluster.local/ns/default/sa/pod1
+ctl fabric attach pod2 --port pf0vf2 --mac 02:00:00:00:00:02 --ip 10.100.0.2/24 --vlan 100 \
+	--mode mesh --service-port 8080 --rate-limit-bps 100000000 --spiffe-id spiffe://cluster.local/ns/default/sa/pod2
+ctl fabric attach pod3 --port pf0vf3 --mac 02:00:00:00:00:03 --ip 10.100.0.3/24 --vlan 200
+if ctl fabric attach ghost --port pf0vf9 --mac 02:00:00:00:00:09 --ip 10.100.0.9/24 --vlan 100 2>/tmp/err; then
+	fail "attaching an absent VF succeeded"
+fi
+grep -q NotFound /tmp/err || fail "absent VF: $(cat /tmp/err)"
+if ctl fabric attach dup --port pf0vf3 --mac 02:00:00:00:00:01 --ip 10.100.0.9/24 --vlan 100 2>/tmp/err; then
+	fail "a duplicate MAC was accepted"
+fi
+grep -q AlreadyExists /tmp/err || fail "duplicate MAC: $(cat /tmp/err)"
+for a in pod1 pod2 pod3; do
+	wait_for 30 "attachments/$a ready" ready "$a"
+done
+ctl fabric show pod2
+ctl --json fabric show pod2 | grep -q '"mark": [1-9]' || fail "pod2 has no packet mark"
+echo "fabric: tc -s filter show dev pf0vf2 ingress"
+tcr -s filter show dev pf0vf2 ingress
+[ "$(flowers pf0vf1)" -ge 4 ] || fail "pf0vf1 has $(flowers pf0vf1) flower rules"
+[ "$(flowers p0)" -ge 3 ] || fail "p0 has $(flowers p0) flower rules"
+tcr filter show dev pf0vf2 ingress | grep -q 'skip_hw' || fail "veth rules must be software-only (skip_hw)"
+tcr filter show dev pf0vf2 ingress | grep -q 'not_in_hw' || fail "the kernel does not report not_in_hw"
+tcr filter show dev pf0vf2 ingress | grep -q 'police' || fail "no police action on pf0vf2"
+tcr filter show dev pf0vf2 ingress | grep -q 'skbedit' || fail "no skbedit mark on pf0vf2"
+
+step forwarding
+must_reach pod1 10.100.0.2
+must_reach pod2 10.100.0.1
+must_reach pod1 10.100.0.101
+must_reach pod2 10.100.0.101
+tcr -s filter show dev p0 ingress | grep -q 'Sent [1-9]' || fail "no packets counted on the uplink's rules"
+
+step isolation
+must_not_reach pod3 10.100.0.1
+must_not_reach pod3 10.100.0.101
+must_not_reach pod1 10.100.0.3
+
+step steering
+rm -f /tmp/steered
+in_ns proxy nc -l -p 8080 >/tmp/steered &
+listener=$!
+sleep 1
+echo "steered-hello" | in_ns pod2 nc -w 5 10.100.0.250 8080 || fail "pod2 could not connect to 10.100.0.250:8080"
+wait_for 10 "the listener to receive the steered connection" grep -q steered-hello /tmp/steered
+kill "$listener" 2>/dev/null || true
+echo "fabric: ok: pod2 TCP :8080 reached the proxy's listener"
+tcr -s filter show dev pf0vf2 ingress | grep -B3 -A20 'dst_port 8080' | grep -q 'Sent [1-9]' \
+	|| fail "the steering rule counted no packets"
+
+step no-op
+sleep 3
+passes=$(metric passes); changes=$(metric changes)
+sleep 5
+[ "$(metric passes)" -gt "$passes" ] || fail "no reconcile pass ran in 5 s (drift_seconds = 2)"
+[ "$(metric changes)" = "$changes" ] || fail "passes over an unchanged fabric changed $changes -> $(metric changes)"
+echo "fabric: ok: $(($(metric passes) - passes)) passes over an unchanged fabric changed nothing"
+
+step drift
+before=$(flowers pf0vf1)
+tcr filter del dev pf0vf1 ingress pref 30
+[ "$(flowers pf0vf1)" -lt "$before" ] || fail "deleting pref 30 removed nothing"
+wait_for 20 "the deleted rule to come back" sh -c "[ \"\$(LD_LIBRARY_PATH=/opt/iproute2/lib /opt/iproute2/tc filter show dev pf0vf1 ingress | grep -c 'flower chain 0 handle')\" -eq $before ]"
+tcr filter show dev pf0vf1 ingress pref 30
+must_reach pod1 10.100.0.2
+
+step detach
+ctl fabric detach pod1
+wait_for 20 "pf0vf1's rules to go" sh -c "[ \"\$(LD_LIBRARY_PATH=/opt/iproute2/lib /opt/iproute2/tc filter show dev pf0vf1 ingress | grep -c 'flower chain 0 handle')\" -eq 0 ]"
+must_not_reach pod2 10.100.0.1
+must_reach pod2 10.100.0.101
+ctl fabric stats
+
+step stop
+kill "$agent" 2>/dev/null || true
+wait "$agent" 2>/dev/null || true
+echo "fabric: all checks passed"
+GUEST
+}
