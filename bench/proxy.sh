@@ -10,13 +10,18 @@
 # settings otherwise (bench/proxy/spec.json, bench/proxy/envoy.yaml).
 #
 # Measures, for nginx directly (the baseline), then through each proxy:
-#   max RPS             wrk -t1 -c64 -d SECONDS (after a 2 s warm-up)
+#   max RPS             wrk -t1 -c64 -d SECONDS (after a 2 s warm-up); also the proxy's CPU time over that run,
+#                       which shows how much of CPU 1 it got (other work on the machine competes for it) and
+#                       gives requests per CPU-second, a figure that other load disturbs less
 #   added latency       oha -q 1000 --latency-correction -z SECONDS: p50 and p99 minus those of the direct run
 #   CPU per 1000 rps    utime + stime of the proxy process over that fixed-rate run (/proc/<pid>/stat), as
 #                       CPU-ms per second per 1000 rps
 #   RSS at 10k idle     VmRSS of the proxy process while bench/proxy/idle_conns.py holds 10,000 keep-alive
 #                       connections through it, each having made one request; nothing subtracted
 # and prints one Markdown table (bench/proxy/table.py) with the targets.
+#
+# Every process of the run gets nice -10 (DPU_BENCH_NICE; root only) so that other work on a shared machine
+# disturbs it less; both proxies, nginx and the load generators alike.
 #
 # Environment: DPU_BENCH_NO_BUILD=1 uses the binaries already in ${CARGO_TARGET_DIR:-target}/release;
 # DPU_BENCH_KEEP=1 keeps the work directory (logs, raw wrk/oha output); RUST_LOG for the agent (default warn).
@@ -54,6 +59,12 @@ ulimit -n "$(ulimit -Hn)"
 if (($(ulimit -n) < idle_connections + 1000)); then
 	say "ulimit -n is $(ulimit -n); the idle-connection run needs more than $((idle_connections + 1000))"
 	exit 1
+fi
+
+# This machine is shared with builds: every process of the benchmark (nginx, both proxies, the load generators)
+# runs at the same raised priority so that background work disturbs the measurement less; it favours neither proxy.
+if [[ $(id -u) == 0 ]]; then
+	renice -n "${DPU_BENCH_NICE:--10}" -p $$ >/dev/null
 fi
 
 work=$(mktemp -d)
@@ -157,7 +168,12 @@ for t in direct dpu envoy; do
 	url=http://127.0.0.1:${port[$t]}/
 	say "$t: warm-up, then wrk -t1 -c64 -d${seconds}s"
 	taskset -c 0 wrk -t1 -c64 -d2s "$url" >/dev/null
+	before=0
+	[[ $t == direct ]] || before=$(ticks "${pid[$t]}")
 	taskset -c 0 wrk -t1 -c64 -d"${seconds}s" "$url" >"$work/wrk-$t.txt"
+	if [[ $t != direct ]]; then
+		echo "$before $(ticks "${pid[$t]}") $(getconf CLK_TCK)" >"$work/cpu-wrk-$t.txt"
+	fi
 done
 for t in direct dpu envoy; do
 	url=http://127.0.0.1:${port[$t]}/

@@ -24,8 +24,10 @@ def oha(path: Path) -> dict:
     d = json.loads(path.read_text())
     codes = d.get("statusCodeDistribution", {})
     bad = {k: v for k, v in codes.items() if k != "200"}
-    if bad or d.get("errorDistribution"):
-        sys.exit(f"table.py: {path}: status codes {codes}, errors {d.get('errorDistribution')}")
+    # Requests still in flight when -z ends are counted as "aborted due to deadline": not failures.
+    errors = {k: v for k, v in d.get("errorDistribution", {}).items() if k != "aborted due to deadline"}
+    if bad or errors:
+        sys.exit(f"table.py: {path}: status codes {codes}, errors {errors}")
     return {
         "p50_us": d["latencyPercentiles"]["p50"] * 1e6,
         "p99_us": d["latencyPercentiles"]["p99"] * 1e6,
@@ -40,6 +42,10 @@ def main() -> None:
     for t in ("direct", "dpu", "envoy"):
         r[t] = {"max_rps": wrk_rps(work / f"wrk-{t}.txt"), **oha(work / f"oha-{t}.json")}
     for t in ("dpu", "envoy"):
+        before, after, hz = (int(x) for x in (work / f"cpu-wrk-{t}.txt").read_text().split())
+        wrk_cpu_s = (after - before) / hz
+        r[t]["wrk_cpu_share"] = 100 * wrk_cpu_s / seconds
+        r[t]["rps_per_cpu_s"] = r[t]["max_rps"] * seconds / wrk_cpu_s if wrk_cpu_s > 0 else 0.0
         before, after, hz = (int(x) for x in (work / f"cpu-{t}.txt").read_text().split())
         cpu_ms_per_s = (after - before) * 1000 / hz / r[t]["seconds"]
         r[t]["cpu_per_krps"] = cpu_ms_per_s / (r[t]["rps"] / 1000)
@@ -60,6 +66,9 @@ def main() -> None:
     rows = [
         ("max RPS (wrk -t1 -c64)", f"{d['max_rps']:,.0f}", f"{e['max_rps']:,.0f}",
          f"{ratio(d['max_rps'], e['max_rps'])} (target ≥ 1.3×: {verdict(d['max_rps'] >= 1.3 * e['max_rps'])})"),
+        ("proxy CPU during the wrk run (% of one CPU)", f"{d['wrk_cpu_share']:.0f}", f"{e['wrk_cpu_share']:.0f}", ""),
+        ("requests per proxy CPU-second (wrk run)", f"{d['rps_per_cpu_s']:,.0f}", f"{e['rps_per_cpu_s']:,.0f}",
+         ratio(d["rps_per_cpu_s"], e["rps_per_cpu_s"])),
         ("added p50 latency at 1000 rps (µs)", f"{d['add_p50']:.0f}", f"{e['add_p50']:.0f}",
          ratio(d["add_p50"], e["add_p50"])),
         ("added p99 latency at 1000 rps (µs)", f"{d['add_p99']:.0f}", f"{e['add_p99']:.0f}",

@@ -22,6 +22,18 @@ pub enum FabricCommand {
         /// Netdev the proxy captures steered traffic on; "" to clear.
         #[arg(long)]
         capture_device: Option<String>,
+        /// Collect-metadata vxlan netdev for VXLAN networks; "" clears the vxlan settings.
+        #[arg(long)]
+        vxlan_device: Option<String>,
+        /// This host's tunnel endpoint address (with --vxlan-device).
+        #[arg(long, default_value = "")]
+        vtep: String,
+        /// Another host's tunnel endpoint (repeatable).
+        #[arg(long = "vxlan-peer")]
+        vxlan_peers: Vec<String>,
+        /// VXLAN UDP port; 0 for 4789.
+        #[arg(long, default_value_t = 0)]
+        vxlan_port: u32,
     },
     /// The eSwitch ports on this DPU.
     Ports,
@@ -37,8 +49,12 @@ pub enum FabricCommand {
         /// Address with prefix, e.g. 10.0.0.3/24 (repeatable).
         #[arg(long = "ip")]
         ips: Vec<String>,
-        #[arg(long)]
+        /// VLAN of the pod network (or --vni).
+        #[arg(long, default_value_t = 0)]
         vlan: u32,
+        /// VXLAN network of the pod (or --vlan).
+        #[arg(long, default_value_t = 0)]
+        vni: u32,
         #[arg(long, value_enum, default_value_t = Mode::Direct)]
         mode: Mode,
         /// Mesh mode: TCP port steered to the proxy (repeatable).
@@ -74,8 +90,9 @@ pub enum Mode {
 }
 
 fn fabric_json(f: pb::Fabric) -> Value {
-    json!({ "name": f.name, "uplink": f.uplink, "capture_device": f.capture_device, "generation": f.generation,
-            "status": resource_state(f.status.as_ref()) })
+    json!({ "name": f.name, "uplink": f.uplink, "capture_device": f.capture_device,
+            "vxlan_device": f.vxlan_device, "vtep": f.vtep, "vxlan_port": f.vxlan_port, "vxlan_peers": f.vxlan_peers,
+            "generation": f.generation, "status": resource_state(f.status.as_ref()) })
 }
 
 fn attachment_json(a: pb::Attachment) -> Value {
@@ -83,7 +100,7 @@ fn attachment_json(a: pb::Attachment) -> Value {
         Ok(pb::AttachmentMode::Mesh) => "mesh",
         _ => "direct",
     };
-    json!({ "name": a.name, "port": a.port, "mac": a.mac, "ips": a.ips, "vlan": a.vlan, "mode": mode,
+    json!({ "name": a.name, "port": a.port, "mac": a.mac, "ips": a.ips, "vlan": a.vlan, "vni": a.vni, "mode": mode,
             "service_ports": a.service_ports, "rate_limit_bps": a.rate_limit_bps, "spiffe_id": a.spiffe_id,
             "mark": a.mark, "generation": a.generation, "status": resource_state(a.status.as_ref()) })
 }
@@ -112,7 +129,7 @@ pub async fn fabric(channel: Channel, command: &FabricCommand) -> anyhow::Result
         FabricCommand::Get => {
             fabric_json(c.get_fabric(pb::GetFabricRequest { name: String::new() }).await?.into_inner())
         }
-        FabricCommand::Set { uplink, capture_device } => {
+        FabricCommand::Set { uplink, capture_device, vxlan_device, vtep, vxlan_peers, vxlan_port } => {
             let mut paths = Vec::new();
             let mut fabric = pb::Fabric::default();
             if let Some(u) = uplink {
@@ -123,8 +140,15 @@ pub async fn fabric(channel: Channel, command: &FabricCommand) -> anyhow::Result
                 fabric.capture_device.clone_from(d);
                 paths.push("capture_device".to_owned());
             }
+            if let Some(d) = vxlan_device {
+                fabric.vxlan_device.clone_from(d);
+                fabric.vtep.clone_from(vtep);
+                fabric.vxlan_peers.clone_from(vxlan_peers);
+                fabric.vxlan_port = *vxlan_port;
+                paths.push("vxlan".to_owned());
+            }
             if paths.is_empty() {
-                anyhow::bail!("nothing to change: give --uplink or --capture-device");
+                anyhow::bail!("nothing to change: give --uplink, --capture-device or --vxlan-device");
             }
             let request = pb::UpdateFabricRequest {
                 fabric: Some(fabric),
@@ -137,7 +161,19 @@ pub async fn fabric(channel: Channel, command: &FabricCommand) -> anyhow::Result
             let ports = c.list_ports(pb::ListPortsRequest {}).await?.into_inner().ports;
             json!({ "ports": ports.into_iter().map(port_json).collect::<Vec<_>>() })
         }
-        FabricCommand::Attach { id, port, mac, ips, vlan, mode, service_ports, rate_limit_bps, spiffe_id, mark } => {
+        FabricCommand::Attach {
+            id,
+            port,
+            mac,
+            ips,
+            vlan,
+            vni,
+            mode,
+            service_ports,
+            rate_limit_bps,
+            spiffe_id,
+            mark,
+        } => {
             let mode = match mode {
                 Mode::Direct => pb::AttachmentMode::Direct,
                 Mode::Mesh => pb::AttachmentMode::Mesh,
@@ -147,6 +183,7 @@ pub async fn fabric(channel: Channel, command: &FabricCommand) -> anyhow::Result
                 mac: mac.clone(),
                 ips: ips.clone(),
                 vlan: *vlan,
+                vni: *vni,
                 mode: mode.into(),
                 service_ports: service_ports.clone(),
                 rate_limit_bps: *rate_limit_bps,

@@ -129,7 +129,7 @@ macro_rules! kinds {
                 $( MeshKind::$kind => {
                     for (id, spec) in &specs.$field {
                         let name = format!("{}/{id}", $coll);
-                        let wanted = <$pb>::from(spec);
+                        let wanted = <$pb as FromSpec<$spec>>::from_spec(spec);
                         match client.$get(pb::GetMeshResourceRequest { name: name.clone() }).await {
                             Ok(current) => {
                                 let current = current.into_inner();
@@ -188,6 +188,36 @@ with_id! {
     pb::CreateMeshRouteTableRequest => route_table_id;
     pb::CreateMeshWorkloadRequest => workload_id;
     pb::CreateMeshListenerRequest => listener_id;
+}
+
+/// The request message for a spec. Replies never carry private keys, so the conversion shared with the agent
+/// leaves them out; a request must send them.
+trait FromSpec<S> {
+    fn from_spec(spec: &S) -> Self;
+}
+
+impl FromSpec<dpu_mesh::CertificateSpec> for pb::MeshCertificate {
+    fn from_spec(spec: &dpu_mesh::CertificateSpec) -> Self {
+        pb::MeshCertificate { private_key_pem: spec.private_key_pem.clone(), ..pb::MeshCertificate::from(spec) }
+    }
+}
+
+macro_rules! from_spec {
+    ($($spec:ty => $pb:ty;)*) => {
+        $( impl FromSpec<$spec> for $pb {
+            fn from_spec(spec: &$spec) -> Self {
+                <$pb>::from(spec)
+            }
+        } )*
+    };
+}
+
+from_spec! {
+    dpu_mesh::PolicySpec => pb::MeshPolicy;
+    dpu_mesh::ClusterSpec => pb::MeshCluster;
+    dpu_mesh::RouteTableSpec => pb::MeshRouteTable;
+    dpu_mesh::WorkloadSpec => pb::MeshWorkload;
+    dpu_mesh::ListenerSpec => pb::MeshListener;
 }
 
 /// Private keys never come back from the agent, so they take no part in comparisons.

@@ -219,12 +219,15 @@ impl FromStr for IpNet {
 pub enum Segment {
     /// 802.1Q VLAN on the uplink, 1..=4094.
     Vlan(u16),
+    /// VXLAN network identifier, 1..=16777215, carried to the fabric's VXLAN peers.
+    Vxlan(u32),
 }
 
 impl fmt::Display for Segment {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Vlan(id) => write!(f, "vlan {id}"),
+            Self::Vxlan(vni) => write!(f, "vni {vni}"),
         }
     }
 }
@@ -281,7 +284,10 @@ impl AttachmentSpec {
             Segment::Vlan(id) if !(1..=4094).contains(&id) => {
                 return invalid("attachment.vlan", format!("{id} is not in 1..=4094"));
             }
-            Segment::Vlan(_) => {}
+            Segment::Vxlan(vni) if !(1..=0xff_ffff).contains(&vni) => {
+                return invalid("attachment.vni", format!("{vni} is not in 1..=16777215"));
+            }
+            Segment::Vlan(_) | Segment::Vxlan(_) => {}
         }
         if let Mode::Mesh { service_ports } = &self.mode {
             if service_ports.is_empty() {
@@ -338,6 +344,22 @@ pub struct FabricSpec {
     /// Netdev the proxy captures steered traffic on (mesh mode); `None`: mesh attachments are refused.
     #[serde(default)]
     pub capture_device: Option<String>,
+    /// How VXLAN networks reach the other hosts; `None`: VXLAN attachments are refused.
+    #[serde(default)]
+    pub vxlan: Option<VxlanSpec>,
+}
+
+/// Default VXLAN UDP port (IANA).
+pub const VXLAN_PORT: u16 = 4789;
+
+/// VXLAN transport of the fabric: a collect-metadata (`external`) vxlan netdev, this host's tunnel endpoint
+/// and the other hosts' endpoints. Frames of a VXLAN network that are not for a local pod go to every peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanSpec {
+    pub device: String,
+    pub local: IpAddr,
+    pub port: u16,
+    pub peers: BTreeSet<IpAddr>,
 }
 
 impl Resource for FabricSpec {
@@ -353,6 +375,27 @@ impl FabricSpec {
         }
         if let Some(dev) = &self.capture_device {
             validate_netdev_name("fabric.capture_device", dev)?;
+        }
+        if let Some(v) = &self.vxlan {
+            validate_netdev_name("fabric.vxlan_device", &v.device)?;
+            if v.local.is_unspecified() || v.local.is_multicast() {
+                return invalid("fabric.vtep", format!("{} is not a unicast address", v.local));
+            }
+            if v.port == 0 {
+                return invalid("fabric.vxlan_port", "0 is not a port");
+            }
+            for peer in &v.peers {
+                if peer.is_ipv4() != v.local.is_ipv4()
+                    || peer.is_unspecified()
+                    || peer.is_multicast()
+                    || *peer == v.local
+                {
+                    return invalid(
+                        "fabric.vxlan_peers",
+                        format!("{peer} is not a unicast address of the same family as {}, other than it", v.local),
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -419,6 +462,8 @@ mod tests {
         assert_eq!(field(AttachmentSpec { port: "p0".parse().unwrap(), ..attachment() }), "attachment.port");
         assert_eq!(field(AttachmentSpec { mac: MacAddr::BROADCAST, ..attachment() }), "attachment.mac");
         assert_eq!(field(AttachmentSpec { segment: Segment::Vlan(4095), ..attachment() }), "attachment.vlan");
+        assert_eq!(field(AttachmentSpec { segment: Segment::Vxlan(1 << 24), ..attachment() }), "attachment.vni");
+        AttachmentSpec { segment: Segment::Vxlan(5000), ..attachment() }.validate().unwrap();
         let mesh = Mode::Mesh { service_ports: BTreeSet::new() };
         assert_eq!(field(AttachmentSpec { mode: mesh, ..attachment() }), "attachment.service_ports");
         assert_eq!(field(AttachmentSpec { rate_limit_bps: Some(10), ..attachment() }), "attachment.rate_limit_bps");
@@ -434,11 +479,27 @@ mod tests {
 
     #[test]
     fn fabric_rules() {
-        FabricSpec { uplink: Some("p0".parse().unwrap()), capture_device: Some("proxy0".into()) }.validate().unwrap();
-        let vf = FabricSpec { uplink: Some(PortId::vf(0, 1)), capture_device: None };
+        let vxlan = VxlanSpec {
+            device: "vxlan0".into(),
+            local: "192.168.50.1".parse().unwrap(),
+            port: VXLAN_PORT,
+            peers: ["192.168.50.2".parse().unwrap()].into(),
+        };
+        let good = FabricSpec {
+            uplink: Some("p0".parse().unwrap()),
+            capture_device: Some("proxy0".into()),
+            vxlan: Some(vxlan.clone()),
+        };
+        good.validate().unwrap();
+        let vf = FabricSpec { uplink: Some(PortId::vf(0, 1)), ..FabricSpec::default() };
         assert_eq!(vf.validate().unwrap_err().field, "fabric.uplink");
-        let long = FabricSpec { uplink: None, capture_device: Some("x".repeat(16)) };
+        let long = FabricSpec { capture_device: Some("x".repeat(16)), ..FabricSpec::default() };
         assert_eq!(long.validate().unwrap_err().field, "fabric.capture_device");
+        let mixed = VxlanSpec { peers: ["fd00::2".parse().unwrap()].into(), ..vxlan.clone() };
+        let mixed = FabricSpec { vxlan: Some(mixed), ..FabricSpec::default() };
+        assert_eq!(mixed.validate().unwrap_err().field, "fabric.vxlan_peers");
+        let zero = FabricSpec { vxlan: Some(VxlanSpec { port: 0, ..vxlan }), ..FabricSpec::default() };
+        assert_eq!(zero.validate().unwrap_err().field, "fabric.vxlan_port");
     }
 
     #[test]

@@ -241,7 +241,7 @@ mod tests {
         store
             .create(
                 FABRIC_ID,
-                FabricSpec { uplink: Some("p0".parse().unwrap()), capture_device: Some("proxy0".into()) },
+                FabricSpec { uplink: Some("p0".parse().unwrap()), capture_device: Some("proxy0".into()), vxlan: None },
             )
             .unwrap();
         let reconciler = FabricReconciler::new(sim.clone());

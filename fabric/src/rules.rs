@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
 
 use crate::model::{AttachmentSpec, FabricSpec, IpNet, MacAddr, Mode, PortId, Segment};
 use crate::ports::Port;
@@ -67,6 +68,8 @@ pub struct Keys {
     pub dst_ip: Option<IpNet>,
     /// TCP destination port (with `ip_proto` TCP).
     pub dst_port: Option<u16>,
+    /// Tunnel key (VXLAN VNI) of a decapsulated frame.
+    pub enc_key_id: Option<u32>,
 }
 
 impl fmt::Display for Keys {
@@ -97,6 +100,9 @@ impl fmt::Display for Keys {
         if let Some(p) = self.dst_port {
             parts.push(format!("dst_port {p}"));
         }
+        if let Some(id) = self.enc_key_id {
+            parts.push(format!("enc_key_id {id}"));
+        }
         if parts.is_empty() { f.write_str("all") } else { f.write_str(&parts.join(" ")) }
     }
 }
@@ -126,6 +132,15 @@ pub enum Action {
         rate_bps: u64,
         burst_bytes: u32,
     },
+    /// tunnel_key set: the frame leaves through a collect-metadata tunnel device to `dst`.
+    TunnelSet {
+        src: IpAddr,
+        dst: IpAddr,
+        vni: u32,
+        port: u16,
+    },
+    /// tunnel_key unset: drop the tunnel metadata of a decapsulated frame.
+    TunnelUnset,
     /// An action of another kind found on a port (read back only; the fabric never installs one).
     Foreign {
         kind: String,
@@ -142,6 +157,8 @@ impl fmt::Display for Action {
             Self::Mark(m) => write!(f, "mark {m:#x}"),
             Self::Drop => f.write_str("drop"),
             Self::Police { rate_bps, burst_bytes } => write!(f, "police {rate_bps}bit burst {burst_bytes}"),
+            Self::TunnelSet { src, dst, vni, port } => write!(f, "tunnel_key set {src} -> {dst}:{port} id {vni}"),
+            Self::TunnelUnset => f.write_str("tunnel_key unset"),
             Self::Foreign { kind } => write!(f, "{kind}"),
         }
     }
@@ -211,6 +228,55 @@ struct Local<'a> {
     dev: &'a str,
 }
 
+/// How a network reaches the other hosts.
+struct Transport {
+    /// Actions sending a pod's frame to the other hosts (ending in a redirect).
+    out: Vec<Action>,
+    /// Device frames from the other hosts arrive on, with the keys selecting this network there.
+    dev: String,
+    protocol: u16,
+    keys: Keys,
+    /// Action removing the network's encapsulation.
+    decap: Action,
+}
+
+impl Transport {
+    fn of(segment: Segment, uplink: Option<&str>, fabric: &FabricSpec) -> Option<Self> {
+        match segment {
+            Segment::Vlan(id) => {
+                let up = uplink?;
+                Some(Self {
+                    out: vec![Action::VlanPush { id }, Action::Redirect { dev: up.to_owned() }],
+                    dev: up.to_owned(),
+                    protocol: PROTO_8021Q,
+                    keys: Keys { eth_type: Some(PROTO_8021Q), vlan_id: Some(id), ..Keys::default() },
+                    decap: Action::VlanPop,
+                })
+            }
+            Segment::Vxlan(vni) => {
+                let v = fabric.vxlan.as_ref()?;
+                let mut out = Vec::new();
+                for (i, peer) in v.peers.iter().enumerate() {
+                    out.push(Action::TunnelSet { src: v.local, dst: *peer, vni, port: v.port });
+                    let dev = v.device.clone();
+                    out.push(if i + 1 == v.peers.len() { Action::Redirect { dev } } else { Action::Mirror { dev } });
+                }
+                // Without peers the network is local to this host; frames may still arrive from the device.
+                if out.is_empty() {
+                    out.push(Action::Drop);
+                }
+                Some(Self {
+                    out,
+                    dev: v.device.clone(),
+                    protocol: PROTO_ALL,
+                    keys: Keys { enc_key_id: Some(vni), ..Keys::default() },
+                    decap: Action::TunnelUnset,
+                })
+            }
+        }
+    }
+}
+
 /// Compiles the attachments (id → spec) against the inventory into the rules each port needs.
 /// Attachments whose port is missing (or whose mode needs what the fabric lacks) are reported in `unserved`
 /// and get no rules; the others are unaffected.
@@ -225,12 +291,14 @@ pub fn compile(fabric: &FabricSpec, attachments: &[(String, AttachmentSpec)], po
         Some(id) => match by_id.get(&id) {
             Some(p) => Some(p.netdev.as_str()),
             None => {
-                // Without the uplink only local forwarding works; say so on every attachment.
-                for (id_, _) in &sorted {
-                    out.unserved.push(Unserved {
-                        attachment: id_.clone(),
-                        reason: format!("uplink port {id} is not present: traffic to other hosts is dropped"),
-                    });
+                // Without the uplink VLAN networks forward only locally; say so on their attachments.
+                for (id_, spec) in &sorted {
+                    if matches!(spec.segment, Segment::Vlan(_)) {
+                        out.unserved.push(Unserved {
+                            attachment: id_.clone(),
+                            reason: format!("uplink port {id} is not present: traffic to other hosts is dropped"),
+                        });
+                    }
                 }
                 None
             }
@@ -245,18 +313,22 @@ pub fn compile(fabric: &FabricSpec, attachments: &[(String, AttachmentSpec)], po
                 .push(Unserved { attachment: id.clone(), reason: format!("port {} is not present", spec.port) });
             continue;
         };
-        if matches!(spec.mode, Mode::Mesh { .. }) && fabric.capture_device.is_none() {
-            out.unserved.push(Unserved {
-                attachment: id.clone(),
-                reason: "mesh mode needs the fabric's capture_device".into(),
-            });
+        let refusal = match (&spec.mode, spec.segment) {
+            (Mode::Mesh { .. }, _) if fabric.capture_device.is_none() => {
+                Some("mesh mode needs the fabric's capture_device")
+            }
+            (_, Segment::Vxlan(_)) if fabric.vxlan.is_none() => Some("VXLAN networks need the fabric's vxlan settings"),
+            _ => None,
+        };
+        if let Some(reason) = refusal {
+            out.unserved.push(Unserved { attachment: id.clone(), reason: reason.into() });
             continue;
         }
         segments.entry(spec.segment).or_default().push(Local { id, spec, dev: &port.netdev });
     }
 
     for (segment, locals) in &segments {
-        let Segment::Vlan(vlan) = *segment;
+        let transport = Transport::of(*segment, uplink, fabric);
         for me in locals {
             let others: Vec<&Local<'_>> = locals.iter().filter(|o| o.id != me.id).collect();
             let rules = out.rules.entry(me.dev.to_owned()).or_default();
@@ -292,36 +364,30 @@ pub fn compile(fabric: &FabricSpec, attachments: &[(String, AttachmentSpec)], po
                 let keys = Keys { dst_mac: Some((other.spec.mac, EXACT)), ..Keys::default() };
                 rules.push(rule(Class::Local, PROTO_ALL, keys, vec![Action::Redirect { dev: other.dev.to_owned() }]));
             }
-            // Group addresses (ARP, ND, DHCP): a copy to every other pod of the network, and to the uplink.
+            // Group addresses (ARP, ND, DHCP): a copy to every other pod of the network, and to the other hosts.
             let mut flood: Vec<Action> = others.iter().map(|o| Action::Mirror { dev: o.dev.to_owned() }).collect();
-            match uplink {
-                Some(up) => flood.extend([Action::VlanPush { id: vlan }, Action::Redirect { dev: up.to_owned() }]),
+            match &transport {
+                Some(t) => flood.extend(t.out.iter().cloned()),
                 None => flood.push(Action::Drop),
             }
             let keys =
                 Keys { src_mac: Some(me.spec.mac), dst_mac: Some((MULTICAST_BIT, MULTICAST_BIT)), ..Keys::default() };
             rules.push(rule(Class::Flood, PROTO_ALL, keys, flood));
-            if let Some(up) = uplink {
+            if let Some(t) = &transport {
                 let keys = Keys { src_mac: Some(me.spec.mac), ..Keys::default() };
-                let actions = vec![Action::VlanPush { id: vlan }, Action::Redirect { dev: up.to_owned() }];
-                rules.push(rule(Class::Out, PROTO_ALL, keys, actions));
+                rules.push(rule(Class::Out, PROTO_ALL, keys, t.out.clone()));
             }
             rules.push(rule(Class::Drop, PROTO_ALL, Keys::default(), vec![Action::Drop]));
 
-            if let Some(up) = uplink {
-                let keys = Keys {
-                    eth_type: Some(PROTO_8021Q),
-                    vlan_id: Some(vlan),
-                    dst_mac: Some((me.spec.mac, EXACT)),
-                    ..Keys::default()
-                };
-                let actions = vec![Action::VlanPop, Action::Redirect { dev: me.dev.to_owned() }];
-                let r = rule(Class::Local, PROTO_8021Q, keys, actions);
-                out.rules.entry(up.to_owned()).or_default().push(r);
+            if let Some(t) = &transport {
+                let keys = Keys { dst_mac: Some((me.spec.mac, EXACT)), ..t.keys.clone() };
+                let actions = vec![t.decap.clone(), Action::Redirect { dev: me.dev.to_owned() }];
+                let r = rule(Class::Local, t.protocol, keys, actions);
+                out.rules.entry(t.dev.clone()).or_default().push(r);
             }
         }
-        if let Some(up) = uplink {
-            let mut actions = vec![Action::VlanPop];
+        if let Some(t) = &transport {
+            let mut actions = vec![t.decap.clone()];
             for (i, l) in locals.iter().enumerate() {
                 actions.push(if i + 1 == locals.len() {
                     Action::Redirect { dev: l.dev.to_owned() }
@@ -329,22 +395,17 @@ pub fn compile(fabric: &FabricSpec, attachments: &[(String, AttachmentSpec)], po
                     Action::Mirror { dev: l.dev.to_owned() }
                 });
             }
-            let keys = Keys {
-                eth_type: Some(PROTO_8021Q),
-                vlan_id: Some(vlan),
-                dst_mac: Some((MULTICAST_BIT, MULTICAST_BIT)),
-                ..Keys::default()
-            };
+            let keys = Keys { dst_mac: Some((MULTICAST_BIT, MULTICAST_BIT)), ..t.keys.clone() };
             let owner = locals.iter().map(|l| l.id).collect::<Vec<_>>().join(",");
             let r = Rule {
-                prio: priority(Class::Flood, PROTO_8021Q),
-                protocol: PROTO_8021Q,
+                prio: priority(Class::Flood, t.protocol),
+                protocol: t.protocol,
                 handle: 0,
                 keys,
                 actions,
                 owner,
             };
-            out.rules.entry(up.to_owned()).or_default().push(r);
+            out.rules.entry(t.dev.clone()).or_default().push(r);
         }
     }
     // The proxy answers steered connections through its capture device: deliver to the mesh pods by MAC.
@@ -427,7 +488,7 @@ mod tests {
     }
 
     fn fabric() -> FabricSpec {
-        FabricSpec { uplink: Some("p0".parse().unwrap()), capture_device: Some("proxy0".into()) }
+        FabricSpec { uplink: Some("p0".parse().unwrap()), capture_device: Some("proxy0".into()), vxlan: None }
     }
 
     #[test]
@@ -506,12 +567,52 @@ mod tests {
     }
 
     #[test]
+    fn vxlan_networks_go_to_every_peer_and_come_back_by_vni() {
+        let vxlan = crate::model::VxlanSpec {
+            device: "vxlan0".into(),
+            local: "192.168.50.1".parse().unwrap(),
+            port: 4789,
+            peers: ["192.168.50.2".parse().unwrap(), "192.168.50.3".parse().unwrap()].into(),
+        };
+        let f = FabricSpec { vxlan: Some(vxlan), ..fabric() };
+        let mut a = attach(1, 10, Mode::Direct);
+        a.segment = Segment::Vxlan(5000);
+        let mut b = attach(2, 10, Mode::Direct);
+        b.segment = Segment::Vxlan(5000);
+        let c = compile(&f, &[("a".into(), a.clone()), ("b".into(), b)], &ports());
+        assert!(c.unserved.is_empty(), "{:?}", c.unserved);
+        assert!(!c.rules.contains_key("p0"), "VXLAN networks do not use the VLAN uplink");
+        let out = c.rules["pf0vf1"].iter().find(|r| r.prio == priority(Class::Out, PROTO_ALL)).unwrap();
+        let tunnel = |dst: &str| Action::TunnelSet {
+            src: "192.168.50.1".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            vni: 5000,
+            port: 4789,
+        };
+        assert_eq!(
+            out.actions,
+            vec![
+                tunnel("192.168.50.2"),
+                Action::Mirror { dev: "vxlan0".into() },
+                tunnel("192.168.50.3"),
+                Action::Redirect { dev: "vxlan0".into() },
+            ]
+        );
+        let inbound = &c.rules["vxlan0"];
+        assert_eq!(inbound.len(), 3, "two pods and the group rule");
+        assert!(inbound.iter().all(|r| r.keys.enc_key_id == Some(5000) && r.actions[0] == Action::TunnelUnset));
+        // Without the fabric's vxlan settings the attachment is refused, visibly.
+        let c = compile(&fabric(), &[("a".into(), a)], &ports());
+        assert_eq!(c.unserved[0].reason, "VXLAN networks need the fabric's vxlan settings");
+    }
+
+    #[test]
     fn missing_ports_are_reported_not_fatal() {
         let a = vec![("a".into(), attach(1, 10, Mode::Direct)), ("z".into(), attach(9, 10, Mode::Direct))];
         let c = compile(&fabric(), &a, &ports());
         assert_eq!(c.unserved, vec![Unserved { attachment: "z".into(), reason: "port pf0vf9 is not present".into() }]);
         assert!(c.rules.contains_key("pf0vf1"));
-        let no_uplink = FabricSpec { uplink: None, capture_device: None };
+        let no_uplink = FabricSpec { uplink: None, capture_device: None, vxlan: None };
         let c = compile(&no_uplink, &a[..1], &ports());
         assert!(!c.rules.contains_key("p0"));
         let flood = c.rules["pf0vf1"].iter().find(|r| r.prio == priority(Class::Flood, PROTO_ALL)).unwrap();

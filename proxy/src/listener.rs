@@ -312,6 +312,31 @@ async fn connection(
     let destination_workload = snapshot.workloads_by_address.get(&local.ip()).cloned();
     let handler = select_handler(&listener.spec.destinations, &listener.spec.default, local).clone();
 
+    // Client-first protocols (HTTP, and TLS for anything) allocate their buffers only once the client has sent
+    // something: a connection opened ahead of use costs a socket and this task, not a codec. Opaque TCP may be
+    // server-first (SMTP, MySQL), so it is handed over at once.
+    if listener.server_tls.is_some() || matches!(handler, Handler::Http { .. }) {
+        let timeouts = listener.spec.timeouts;
+        let wait = [timeouts.request_headers_ms, timeouts.idle_ms].into_iter().find(|ms| *ms > 0);
+        let expiry = async {
+            match wait {
+                Some(ms) => tokio::time::sleep(Duration::from_millis(u64::from(ms))).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ready = stream.readable() => {
+                if ready.is_err() {
+                    return;
+                }
+            }
+            () = expiry => {
+                tracing::debug!("client sent nothing in time, closing");
+                return;
+            }
+            () = graceful.cancelled() => return,
+        }
+    }
     let (io, peer_identity, alpn): (Box<dyn Io>, Option<SpiffeId>, Option<Vec<u8>>) = match &listener.server_tls {
         None => (Box::new(stream), None, None),
         Some(config) => {

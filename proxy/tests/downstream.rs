@@ -36,7 +36,8 @@ type TestBody = BoxBody<Bytes, Infallible>;
 /// - `/status/<code>` answers with that status;
 /// - `/fail-on/<name>` answers 503 on the backend of that name;
 /// - `/slow/<ms>` answers after that long;
-/// - `/grpc` echoes the body as a gRPC response with `grpc-status: 0` and `x-backend` in trailers;
+/// - `/grpc` echoes the body as a gRPC response with `grpc-status: 0` and `x-backend` in trailers, plus the
+///   request's `x-client-trailer` trailer as `x-echoed-trailer`;
 /// - an Upgrade request is accepted (101) and the upgraded stream echoed;
 /// - anything else: 200 with JSON `{backend, method, path, headers}`.
 async fn http_backend(name: &'static str) -> SocketAddr {
@@ -100,8 +101,13 @@ async fn backend(name: &'static str, mut req: Request<Incoming>) -> Result<Respo
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(100))).await;
     }
     if path == "/grpc" {
-        let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let collected = req.into_body().collect().await.ok();
+        let request_trailers = collected.as_ref().and_then(|c| c.trailers().cloned()).unwrap_or_default();
+        let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
         let mut trailers = HeaderMap::new();
+        if let Some(v) = request_trailers.get("x-client-trailer") {
+            trailers.insert("x-echoed-trailer", v.clone());
+        }
         trailers.insert("grpc-status", "0".parse().expect("value"));
         trailers.insert("x-backend", name.parse().expect("value"));
         let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![Ok(Frame::data(body)), Ok(Frame::trailers(trailers))];
@@ -606,6 +612,13 @@ async fn per_try_timeout_gives_504_and_no_healthy_endpoint_503() {
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(r.headers["x-dpu-proxy-error"], "upstream_per_try_timeout");
     assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
+    // A shorter grpc-timeout wins over the per-try timeout: DEADLINE_EXCEEDED, trailers-only.
+    let started = Instant::now();
+    let r = client.get("web", "/slow/2000", &[("content-type", "application/grpc"), ("grpc-timeout", "50m")]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["grpc-status"], "4");
+    assert_eq!(r.headers["x-dpu-proxy-error"], "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_millis(1000), "took {:?}", started.elapsed());
     let fast = client.get("web", "/fast", &[]).await;
     assert_eq!(fast.status, StatusCode::OK);
 
@@ -736,12 +749,17 @@ async fn h2c_and_grpc_trailers_pass_through() {
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("h2 handshake");
     tokio::spawn(conn);
+    // A streamed request body (no length) whose trailers must reach the backend.
+    let mut request_trailers = HeaderMap::new();
+    request_trailers.insert("x-client-trailer", "from-client".parse().expect("value"));
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> =
+        vec![Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x05hello"))), Ok(Frame::trailers(request_trailers))];
     let req = Request::builder()
         .method("POST")
         .uri("http://svc.example/grpc")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x05hello")))
+        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
         .expect("request");
     let resp = sender.send_request(req).await.expect("grpc response");
     assert_eq!(resp.status(), StatusCode::OK);
@@ -750,6 +768,7 @@ async fn h2c_and_grpc_trailers_pass_through() {
     let trailers = collected.trailers().cloned().expect("trailers");
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["x-backend"], "a");
+    assert_eq!(trailers["x-echoed-trailer"], "from-client");
     assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x05hello");
 
     // No route for a gRPC method: trailers-only UNIMPLEMENTED.
@@ -757,7 +776,7 @@ async fn h2c_and_grpc_trailers_pass_through() {
         .method("POST")
         .uri("http://svc.example/pkg.Svc/Missing")
         .header("content-type", "application/grpc")
-        .body(Full::new(Bytes::new()))
+        .body(Empty::new().boxed())
         .expect("request");
     let resp = sender.send_request(req).await.expect("response");
     assert_eq!(resp.status(), StatusCode::OK);
@@ -992,11 +1011,41 @@ async fn bad_objects_are_left_out_and_reported() {
     let mut bad = cluster(UpstreamProtocol::Http1, &[a]);
     bad.connect_timeout_ms = 0;
     specs.clusters.insert("bad".into(), bad);
-    // Two workloads claiming one address.
+    // Two workloads claiming one address; one naming a missing certificate.
     specs.workloads.insert("w1".into(), workload(&["10.1.0.1"], 0, "w1", WorkloadLimits::default()));
     specs.workloads.insert("w2".into(), workload(&["10.1.0.1"], 0, "w2", WorkloadLimits::default()));
+    let mut w3 = workload(&["10.1.0.3"], 0, "w3", WorkloadLimits::default());
+    w3.certificate = "nope".into();
+    specs.workloads.insert("w3".into(), w3);
+    // A cluster whose TLS names a missing certificate; an HTTP route to a TCP cluster; a missing policy.
+    let mut tls_cluster = cluster(UpstreamProtocol::Http2, &[a]);
+    tls_cluster.tls = Some(dpu_proxy::model::UpstreamTls {
+        certificate: "nope".into(),
+        server_identities: vec![],
+        sni: String::new(),
+    });
+    specs.clusters.insert("needs-cert".into(), tls_cluster);
+    specs.clusters.insert("raw".into(), cluster(UpstreamProtocol::Tcp, &[a]));
+    specs.route_tables.insert(
+        "to-tcp".into(),
+        RouteTableSpec {
+            virtual_hosts: vec![vhost(
+                "x",
+                &["*"],
+                vec![route("r", PathMatch::Prefix("/".into()), RouteAction::Forward(forward_to(&[("raw", 1)])))],
+            )],
+        },
+    );
+    let mut guarded = http_listener(listen_addr(), "web", HttpCodec::Http1);
+    guarded.policies = vec!["missing-policy".into()];
+    specs.listeners.insert("guarded".into(), guarded);
 
     let proxy = Proxy::new(&mut Registry::default());
+    // Another source already holds an address: this source's claim on it is refused.
+    let mut other = MeshSpecs::default();
+    other.workloads.insert("first".into(), workload(&["10.1.0.9"], 0, "first", WorkloadLimits::default()));
+    apply_ok(&proxy, "xds", other).await;
+    specs.workloads.insert("late".into(), workload(&["10.1.0.9"], 0, "late", WorkloadLimits::default()));
     let report = proxy.apply("intent", specs).await;
     let mut got: Vec<(&str, &str, &str)> =
         report.errors.iter().map(|e| (e.kind, e.id.as_str(), e.field.as_str())).collect();
@@ -1005,11 +1054,16 @@ async fn bad_objects_are_left_out_and_reported() {
         got,
         vec![
             ("meshClusters", "bad", "cluster.connect_timeout_ms"),
+            ("meshClusters", "needs-cert", "cluster.tls.certificate"),
             ("meshListeners", "busy", "listener.address"),
+            ("meshListeners", "guarded", "listener.policies[0]"),
             ("meshListeners", "on-dangling", "listener.default.route_table"),
             ("meshListeners", "twin", "listener.address"),
             ("meshRouteTables", "dangling", "route_table.virtual_hosts[0].routes[0].action.clusters[0].cluster"),
+            ("meshRouteTables", "to-tcp", "route_table.virtual_hosts[0].routes[0].action.clusters[0].cluster"),
+            ("meshWorkloads", "late", "workload.addresses[0]"),
             ("meshWorkloads", "w2", "workload.addresses[0]"),
+            ("meshWorkloads", "w3", "workload.certificate"),
         ],
         "{:?}",
         report.errors
@@ -1558,4 +1612,108 @@ async fn removed_h2_listener_sends_goaway_after_in_flight_streams() {
     let ended = tokio::time::timeout(Duration::from_secs(3), conn).await;
     assert!(ended.is_ok(), "HTTP/2 connection still open after drain");
     assert!(sender.send_request(req("/")).await.is_err(), "new stream accepted after GOAWAY");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A real peer: curl
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Runs curl with `args`; `None` when curl is not installed.
+async fn curl(args: Vec<String>) -> Option<String> {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("curl").args(["-sS", "--max-time", "5"]).args(&args).output().ok()?;
+        assert!(out.status.success(), "curl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .await
+    .expect("curl task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_speaks_http1_h2c_and_mtls_to_the_proxy() {
+    if std::process::Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("*** skipped: curl is not installed ***");
+        return;
+    }
+    let a = http_backend("a").await;
+    let ca = TestCa::new();
+    let plain = listen_addr();
+    let secure = listen_addr();
+    let mut specs = http_specs(
+        plain,
+        &[("a", a)],
+        vec![vhost(
+            "web",
+            &["*"],
+            vec![route("all", PathMatch::Prefix("/".into()), RouteAction::Forward(forward_to(&[("a", 1)])))],
+        )],
+    );
+    specs.listeners.get_mut("http").expect("listener").default =
+        Handler::Http { route_table: "web".into(), codec: HttpCodec::Auto };
+    specs.certificates.insert("gateway".into(), ca.spec("gateway"));
+    let mut tls_listener = http_listener(secure, "web", HttpCodec::Auto);
+    tls_listener.tls =
+        Some(dpu_proxy::model::DownstreamTls { certificate: "gateway".into(), require_client_certificate: true });
+    specs.listeners.insert("https".into(), tls_listener);
+    let mut registry = Registry::default();
+    let proxy = Proxy::new(&mut registry);
+    apply_ok(&proxy, "intent", specs).await;
+
+    // HTTP/1.1: two requests on one connection, then a chunked upload.
+    let out = curl(vec![
+        "-w".into(),
+        "|%{http_version}|%{num_connects}\n".into(),
+        format!("http://{plain}/one"),
+        format!("http://{plain}/two"),
+    ])
+    .await
+    .expect("curl");
+    assert!(out.contains(r#""path":"/one""#) && out.contains(r#""path":"/two""#), "{out}");
+    assert!(out.contains("|1.1|1") && out.contains("|1.1|0"), "connection not reused: {out}");
+    let out = curl(vec![
+        "-H".into(),
+        "transfer-encoding: chunked".into(),
+        "--data-binary".into(),
+        "chunked upload".into(),
+        format!("http://{plain}/upload"),
+    ])
+    .await
+    .expect("curl");
+    assert!(out.contains(r#""body":"chunked upload""#), "{out}");
+
+    // h2c with prior knowledge on the auto-codec listener.
+    let out = curl(vec![
+        "--http2-prior-knowledge".into(),
+        "-w".into(),
+        "|%{http_version}".into(),
+        format!("http://{plain}/h2"),
+    ])
+    .await
+    .expect("curl");
+    assert!(out.ends_with("|2") && out.contains(r#""path":"/h2""#), "{out}");
+
+    // mTLS with a client certificate; ALPN picks HTTP/2.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = ca.spec("curl");
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).expect("write pem");
+        path.to_string_lossy().into_owned()
+    };
+    let (cert, key) = (write("cert.pem", &client.certificate_chain_pem), write("key.pem", &client.private_key_pem));
+    let out = curl(vec![
+        "--insecure".into(),
+        "--cert".into(),
+        cert,
+        "--key".into(),
+        key,
+        "-w".into(),
+        "|%{http_version}".into(),
+        format!("https://{secure}/secure"),
+    ])
+    .await
+    .expect("curl");
+    assert!(out.ends_with("|2") && out.contains(r#""x-forwarded-proto":"https""#), "{out}");
+    let text = metrics_text(&registry);
+    assert!(text.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/curl\""), "{text}");
 }

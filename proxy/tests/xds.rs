@@ -931,8 +931,9 @@ async fn ads_acks_nacks_keeps_last_good_and_envoy_agrees() {
     stop_tx.send(()).unwrap();
     tokio::time::timeout(WAIT, client).await.expect("client stops").unwrap().unwrap();
 
-    // 6. Envoy takes the same (current) snapshot and ACKs every type without a single NACK.
-    envoy_accepts(addr, &mut seen).await;
+    // 6. Envoy takes the same (current) snapshot and ACKs every type without a single NACK, then NACKs the
+    //    invalid route configuration as our client did.
+    envoy_agrees(addr, &snap_tx, &mut seen).await;
 }
 
 fn envoy_binary() -> Option<PathBuf> {
@@ -944,7 +945,7 @@ fn envoy_binary() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-async fn envoy_accepts(server: SocketAddr, seen: &mut Log) {
+async fn envoy_agrees(server: SocketAddr, snapshot: &watch::Sender<Snapshot>, seen: &mut Log) {
     let Some(envoy) = envoy_binary() else {
         eprintln!("skipped: Envoy acceptance check, no envoy binary at ~/.cache/dpu-agent/venv/bin/envoy");
         return;
@@ -1020,6 +1021,14 @@ async fn envoy_accepts(server: SocketAddr, seen: &mut Log) {
     assert!(nacks.is_empty(), "Envoy NACKed: {nacks:?}");
     let missing: Vec<_> = all.iter().filter(|t| !acked.contains(**t)).collect();
     assert!(missing.is_empty(), "Envoy did not ACK {missing:?} (ACKed {acked:?})");
+
+    // And Envoy refuses what our client refused: the same unparsable route regex.
+    snapshot.send_modify(|s| {
+        s.insert(ROUTE_TYPE.into(), ("5".into(), vec![("web-routes".into(), pack(&routes("/api/", "/health(")))]));
+    });
+    let nack = seen.wait("Envoy's NACK of version 5", |s| s.node == "envoy-check" && s.error.is_some()).await;
+    assert_eq!(nack.type_url, ROUTE_TYPE);
+    assert_eq!(nack.version, "4", "Envoy keeps its last accepted version too");
 }
 
 /// Stops the Envoy child however the test ends.

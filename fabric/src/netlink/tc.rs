@@ -39,6 +39,7 @@ const TCA_FLOWER_KEY_TCP_DST: u16 = 19;
 const TCA_FLOWER_FLAGS: u16 = 22;
 const TCA_FLOWER_KEY_VLAN_ID: u16 = 23;
 const TCA_FLOWER_KEY_VLAN_ETH_TYPE: u16 = 25;
+const TCA_FLOWER_KEY_ENC_KEY_ID: u16 = 26;
 const TCA_FLOWER_IN_HW_COUNT: u16 = 86;
 
 /// `TCA_CLS_FLAGS_*`.
@@ -69,6 +70,15 @@ const TCA_VLAN_ACT_PUSH: i32 = 2;
 const TCA_SKBEDIT_PARMS: u16 = 2;
 const TCA_SKBEDIT_MARK: u16 = 5;
 const TCA_GACT_PARMS: u16 = 2;
+const TCA_TUNNEL_KEY_PARMS: u16 = 2;
+const TCA_TUNNEL_KEY_ENC_IPV4_SRC: u16 = 3;
+const TCA_TUNNEL_KEY_ENC_IPV4_DST: u16 = 4;
+const TCA_TUNNEL_KEY_ENC_IPV6_SRC: u16 = 5;
+const TCA_TUNNEL_KEY_ENC_IPV6_DST: u16 = 6;
+const TCA_TUNNEL_KEY_ENC_KEY_ID: u16 = 7;
+const TCA_TUNNEL_KEY_ENC_DST_PORT: u16 = 9;
+const TCA_TUNNEL_KEY_ACT_SET: i32 = 1;
+const TCA_TUNNEL_KEY_ACT_RELEASE: i32 = 2;
 const TCA_POLICE_TBF: u16 = 1;
 const TCA_POLICE_RATE: u16 = 2;
 const TCA_POLICE_RESULT: u16 = 5;
@@ -231,6 +241,9 @@ fn flower_keys(k: &Keys) -> Vec<Attr> {
     if let Some(p) = k.dst_port {
         out.push(Attr::be16(TCA_FLOWER_KEY_TCP_DST, p));
     }
+    if let Some(id) = k.enc_key_id {
+        out.push(Attr::be32(TCA_FLOWER_KEY_ENC_KEY_ID, id));
+    }
     out
 }
 
@@ -276,6 +289,27 @@ fn encode_action(
         }
         Action::Drop => ("gact", vec![Attr::bytes(TCA_GACT_PARMS, tc_gen(TC_ACT_SHOT))]),
         Action::Police { rate_bps, burst_bytes } => ("police", police(*rate_bps, *burst_bytes)),
+        Action::TunnelSet { src, dst, vni, port } => {
+            let mut parms = tc_gen(TC_ACT_PIPE);
+            parms.extend_from_slice(&TCA_TUNNEL_KEY_ACT_SET.to_ne_bytes());
+            let (src_kind, dst_kind) = match dst {
+                IpAddr::V4(_) => (TCA_TUNNEL_KEY_ENC_IPV4_SRC, TCA_TUNNEL_KEY_ENC_IPV4_DST),
+                IpAddr::V6(_) => (TCA_TUNNEL_KEY_ENC_IPV6_SRC, TCA_TUNNEL_KEY_ENC_IPV6_DST),
+            };
+            let attrs = vec![
+                Attr::bytes(TCA_TUNNEL_KEY_PARMS, parms),
+                Attr::ip(src_kind, *src),
+                Attr::ip(dst_kind, *dst),
+                Attr::be32(TCA_TUNNEL_KEY_ENC_KEY_ID, *vni),
+                Attr::be16(TCA_TUNNEL_KEY_ENC_DST_PORT, *port),
+            ];
+            ("tunnel_key", attrs)
+        }
+        Action::TunnelUnset => {
+            let mut parms = tc_gen(TC_ACT_PIPE);
+            parms.extend_from_slice(&TCA_TUNNEL_KEY_ACT_RELEASE.to_ne_bytes());
+            ("tunnel_key", vec![Attr::bytes(TCA_TUNNEL_KEY_PARMS, parms)])
+        }
         Action::Foreign { kind } => {
             return Err(FabricError::Decode(format!("a {kind:?} action is read back only, never installed")));
         }
@@ -404,6 +438,7 @@ fn decode_keys(o: &Attrs<'_>) -> Result<Keys, FabricError> {
         k.dst_ip = Some(IpNet { addr: IpAddr::V6(a), prefix: mask.count_ones() as u8 });
     }
     k.dst_port = o.be16(TCA_FLOWER_KEY_TCP_DST)?;
+    k.enc_key_id = o.be32(TCA_FLOWER_KEY_ENC_KEY_ID)?;
     Ok(k)
 }
 
@@ -440,6 +475,33 @@ fn decode_action(act: &Attrs<'_>, name_of: &dyn Fn(u32) -> String) -> Result<Act
             }
         }
         "skbedit" => Action::Mark(options.u32(TCA_SKBEDIT_MARK)?.unwrap_or(0)),
+        "tunnel_key" => {
+            let p = parms(&options, TCA_TUNNEL_KEY_PARMS, TC_GEN_LEN + 4, "tunnel_key")?;
+            match word(p, TC_GEN_LEN) {
+                TCA_TUNNEL_KEY_ACT_RELEASE => Action::TunnelUnset,
+                TCA_TUNNEL_KEY_ACT_SET => {
+                    let v4 = (options.ipv4(TCA_TUNNEL_KEY_ENC_IPV4_SRC)?, options.ipv4(TCA_TUNNEL_KEY_ENC_IPV4_DST)?);
+                    let (src, dst) = match v4 {
+                        (Some(s), Some(d)) => (IpAddr::V4(s), IpAddr::V4(d)),
+                        _ => {
+                            let src = options.ipv6(TCA_TUNNEL_KEY_ENC_IPV6_SRC)?;
+                            let dst = options.ipv6(TCA_TUNNEL_KEY_ENC_IPV6_DST)?;
+                            match (src, dst) {
+                                (Some(s), Some(d)) => (IpAddr::V6(s), IpAddr::V6(d)),
+                                _ => return Err(FabricError::Decode("tunnel_key set without addresses".into())),
+                            }
+                        }
+                    };
+                    Action::TunnelSet {
+                        src,
+                        dst,
+                        vni: options.be32(TCA_TUNNEL_KEY_ENC_KEY_ID)?.unwrap_or(0),
+                        port: options.be16(TCA_TUNNEL_KEY_ENC_DST_PORT)?.unwrap_or(0),
+                    }
+                }
+                other => Action::Foreign { kind: format!("tunnel_key {other}") },
+            }
+        }
         "gact" => Action::Drop,
         "police" => {
             let p = parms(&options, TCA_POLICE_TBF, TC_POLICE_LEN, "police")?;
@@ -563,6 +625,25 @@ mod tests {
             vec![Action::VlanPush { id: 4094 }, Action::Drop],
         );
         round_trip(Keys::default(), vec![Action::Police { rate_bps: 100_000_000, burst_bytes: 125_056 }]);
+        let tunnel = |src: &str, dst: &str| Action::TunnelSet {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            vni: 5000,
+            port: 4789,
+        };
+        round_trip(
+            Keys { src_mac: Some(mac), ..Keys::default() },
+            vec![
+                tunnel("192.168.50.1", "192.168.50.2"),
+                Action::Mirror { dev: "p0".into() },
+                tunnel("fd00::1", "fd00::3"),
+                Action::Redirect { dev: "p0".into() },
+            ],
+        );
+        round_trip(
+            Keys { enc_key_id: Some(5000), dst_mac: Some((mac, MacAddr([0xff; 6]))), ..Keys::default() },
+            vec![Action::TunnelUnset, Action::Redirect { dev: "pf0vf1".into() }],
+        );
         round_trip(Keys::default(), vec![Action::Police { rate_bps: 80_000_000_000, burst_bytes: 100_480 }]);
     }
 

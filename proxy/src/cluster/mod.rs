@@ -125,6 +125,10 @@ pub(crate) struct EndpointState {
     pool: pool::Pool,
 }
 
+/// Response extension naming the endpoint that answered (for access logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamEndpoint(pub SocketAddr);
+
 /// Inputs of load balancing for one request or connection.
 #[derive(Debug, Clone, Copy)]
 pub struct LbContext<'a> {
@@ -385,7 +389,9 @@ impl Cluster {
             Ok((response, reuse)) => {
                 endpoint.record_latency(started.elapsed());
                 shared.report(&cfg, index, Outcome::Status(response.status().as_u16()));
-                Ok(pool::wrap_response(response, request_slot, active, reuse))
+                let mut response = pool::wrap_response(response, request_slot, active, reuse);
+                response.extensions_mut().insert(UpstreamEndpoint(endpoint.address));
+                Ok(response)
             }
             Err(e) => {
                 if e.endpoint().is_some() {

@@ -180,6 +180,9 @@ async fn route_and_forward(
 
     match send_with_retries(&cluster, fwd, &parts, &mut body, &lb, deadline).await {
         Outcome::Response(mut resp) => {
+            if let Some(ep) = resp.extensions().get::<crate::cluster::UpstreamEndpoint>() {
+                record.entry.upstream_endpoint = ep.0.to_string();
+            }
             strip_hop_by_hop(resp.headers_mut(), false);
             apply_response_headers(route, resp.headers_mut());
             if let Some(status) = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
@@ -275,7 +278,9 @@ fn header_has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool 
 
 /// Request line plus header lines, as they would appear on the wire.
 fn head_size(parts: &Parts) -> usize {
-    let line = parts.method.as_str().len() + parts.uri.to_string().len() + 12;
+    let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + parts.uri.authority().map_or(0, |a| a.as_str().len() + 8);
+    let line = parts.method.as_str().len() + target + 12;
     parts.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>() + line + 2
 }
 

@@ -339,6 +339,10 @@ pub fn listener(l: &Listener) -> Result<XdsListener, Invalid> {
     if l.fcds_config.is_some() {
         return bad(format!("{root}.fcds_config"), "filter chain discovery is not supported");
     }
+    if l.bind_to_port.as_ref().is_some_and(|b| !b.value) {
+        // Such listeners only receive connections handed over by a `use_original_dst` listener.
+        return bad(format!("{root}.bind_to_port"), "listeners that do not bind are not supported");
+    }
     if l.api_listener.is_some() || l.udp_listener_config.is_some() {
         return bad(format!("{root}.api_listener"), "only TCP listeners are supported");
     }

@@ -238,6 +238,10 @@ fn unsupported_chain_matches_are_refused_by_field() {
         ..Default::default()
     }];
     assert_eq!(listener(&l).unwrap_err().field, "listener[l].listener_filters[0].name");
+
+    let mut l = listener_with(vec![tcp_chain("a", None)]);
+    l.bind_to_port = Some(BoolValue { value: false });
+    assert_eq!(listener(&l).unwrap_err().field, "listener[l].bind_to_port");
 }
 
 #[test]

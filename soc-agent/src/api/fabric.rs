@@ -3,10 +3,12 @@
 //! inventory so attaching an absent VF is refused up front.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use dpu_fabric::model::{
-    AttachmentSpec, FABRIC_ID, FabricSpec, Function, IpNet, MARK_BASE, MacAddr, Mode, PortId, Segment,
+    AttachmentSpec, FABRIC_ID, FabricSpec, Function, IpNet, MARK_BASE, MacAddr, Mode, PortId, Segment, VXLAN_PORT,
+    VxlanSpec,
 };
 use dpu_fabric::netlink::tc;
 use dpu_fabric::ports::Port;
@@ -62,10 +64,17 @@ fn attachment_from(a: pb::Attachment) -> Result<AttachmentSpec, Status> {
     for ip in &a.ips {
         ips.insert(ip.parse::<IpNet>().map_err(|e| Status::invalid_argument(format!("attachment.ips: {e}")))?);
     }
-    let vlan = u16::try_from(a.vlan)
-        .ok()
-        .filter(|v| (1..=4094).contains(v))
-        .ok_or_else(|| Status::invalid_argument(format!("attachment.vlan: {} is not in 1..=4094", a.vlan)))?;
+    let segment = match (a.vlan, a.vni) {
+        (0, 0) => return Err(Status::invalid_argument("attachment.vlan: one of vlan and vni is required")),
+        (_, 0) => Segment::Vlan(
+            u16::try_from(a.vlan)
+                .ok()
+                .filter(|v| (1..=4094).contains(v))
+                .ok_or_else(|| Status::invalid_argument(format!("attachment.vlan: {} is not in 1..=4094", a.vlan)))?,
+        ),
+        (0, vni) => Segment::Vxlan(vni),
+        _ => return Err(Status::invalid_argument("attachment.vni: give either vlan or vni, not both")),
+    };
     let mut service_ports = BTreeSet::new();
     for p in &a.service_ports {
         let p = u16::try_from(*p)
@@ -86,7 +95,7 @@ fn attachment_from(a: pb::Attachment) -> Result<AttachmentSpec, Status> {
         port,
         mac,
         ips,
-        segment: Segment::Vlan(vlan),
+        segment,
         mode,
         rate_limit_bps: Some(a.rate_limit_bps).filter(|r| *r != 0),
         spiffe_id: a.spiffe_id,
@@ -95,6 +104,29 @@ fn attachment_from(a: pb::Attachment) -> Result<AttachmentSpec, Status> {
     // A zero mark is allocated later; validate everything else now.
     AttachmentSpec { mark: spec.mark.max(1), ..spec.clone() }.validate().map_err(invalid)?;
     Ok(spec)
+}
+
+/// The vxlan fields of an incoming fabric: all empty means none.
+fn vxlan_from(f: &pb::Fabric) -> Result<Option<VxlanSpec>, Status> {
+    if f.vxlan_device.is_empty() {
+        if !f.vtep.is_empty() || !f.vxlan_peers.is_empty() {
+            return Err(Status::invalid_argument("fabric.vxlan_device: required with vtep and vxlan_peers"));
+        }
+        return Ok(None);
+    }
+    let ip = |field: &str, text: &str| -> Result<IpAddr, Status> {
+        text.parse().map_err(|_| Status::invalid_argument(format!("{field}: {text:?} is not an IP address")))
+    };
+    let port = match f.vxlan_port {
+        0 => VXLAN_PORT,
+        p => u16::try_from(p)
+            .map_err(|_| Status::invalid_argument(format!("fabric.vxlan_port: {p} is not a UDP port")))?,
+    };
+    let mut peers = BTreeSet::new();
+    for peer in &f.vxlan_peers {
+        peers.insert(ip("fabric.vxlan_peers", peer)?);
+    }
+    Ok(Some(VxlanSpec { device: f.vxlan_device.clone(), local: ip("fabric.vtep", &f.vtep)?, port, peers }))
 }
 
 fn ips_overlap(a: &AttachmentSpec, b: &AttachmentSpec) -> Option<IpNet> {
@@ -126,10 +158,15 @@ impl FabricApi {
             Some(s) => (s.spec, Some(s.meta)),
             None => (FabricSpec::default(), None),
         };
+        let vxlan = spec.vxlan.as_ref();
         pb::Fabric {
             name: format!("fabrics/{FABRIC_ID}"),
             uplink: spec.uplink.map(|p| p.to_string()).unwrap_or_default(),
-            capture_device: spec.capture_device.unwrap_or_default(),
+            capture_device: spec.capture_device.clone().unwrap_or_default(),
+            vxlan_device: vxlan.map(|v| v.device.clone()).unwrap_or_default(),
+            vtep: vxlan.map(|v| v.local.to_string()).unwrap_or_default(),
+            vxlan_port: vxlan.map_or(0, |v| u32::from(v.port)),
+            vxlan_peers: vxlan.map(|v| v.peers.iter().map(ToString::to_string).collect()).unwrap_or_default(),
             generation: meta.as_ref().map_or(0, |m| generation(m.generation)),
             status: Some(match &meta {
                 Some(m) => self.status_of(FabricSpec::KIND, FABRIC_ID, m.generation),
@@ -150,13 +187,17 @@ impl FabricApi {
                 (pb::AttachmentMode::Mesh, service_ports.iter().map(|p| u32::from(*p)).collect())
             }
         };
-        let Segment::Vlan(vlan) = s.segment;
+        let (vlan, vni) = match s.segment {
+            Segment::Vlan(id) => (u32::from(id), 0),
+            Segment::Vxlan(vni) => (0, vni),
+        };
         pb::Attachment {
             name: format!("attachments/{}", stored.id),
             port: s.port.to_string(),
             mac: s.mac.to_string(),
             ips: s.ips.iter().map(ToString::to_string).collect(),
-            vlan: u32::from(vlan),
+            vlan,
+            vni,
             mode: mode.into(),
             service_ports,
             rate_limit_bps: s.rate_limit_bps.unwrap_or(0),
@@ -190,9 +231,15 @@ impl FabricApi {
         if !ports.iter().any(|p| p.id == spec.port) {
             return Err(Status::not_found(format!("port {} is not present on this DPU", spec.port)));
         }
-        if matches!(spec.mode, Mode::Mesh { .. }) && self.fabric()?.and_then(|f| f.spec.capture_device).is_none() {
+        let fabric = self.fabric()?.map(|f| f.spec).unwrap_or_default();
+        if matches!(spec.mode, Mode::Mesh { .. }) && fabric.capture_device.is_none() {
             return Err(Status::failed_precondition(
                 "mesh mode needs the fabric's capture_device; set it with UpdateFabric first",
+            ));
+        }
+        if matches!(spec.segment, Segment::Vxlan(_)) && fabric.vxlan.is_none() {
+            return Err(Status::failed_precondition(
+                "VXLAN networks need the fabric's vxlan settings; set them with UpdateFabric first",
             ));
         }
         for other in self.store.list_all::<AttachmentSpec>().map_err(intent_status)? {
@@ -268,7 +315,8 @@ impl pb::fabric_service_server::FabricService for FabricApi {
     async fn update_fabric(&self, r: Request<pb::UpdateFabricRequest>) -> Result<Response<pb::Fabric>, Status> {
         let r = r.into_inner();
         let f = r.fabric.ok_or_else(|| Status::invalid_argument("fabric: required"))?;
-        let mask = FieldMask::parse(r.update_mask, &["uplink", "capture_device"])?;
+        let mask = FieldMask::parse(r.update_mask, &["uplink", "capture_device", "vxlan"])?;
+        let vxlan = vxlan_from(&f)?;
         let uplink = match f.uplink.as_str() {
             "" => None,
             text => Some(port_id("fabric.uplink", text)?),
@@ -284,15 +332,26 @@ impl pb::fabric_service_server::FabricService for FabricApi {
         if mask.covers("capture_device") {
             spec.capture_device = capture;
         }
+        if mask.covers("vxlan") {
+            spec.vxlan = vxlan;
+        }
         spec.validate().map_err(invalid)?;
-        if spec.capture_device.is_none() {
-            let mesh = self.store.list_all::<AttachmentSpec>().map_err(intent_status)?;
-            if let Some(a) = mesh.iter().find(|a| matches!(a.spec.mode, Mode::Mesh { .. })) {
-                return Err(Status::failed_precondition(format!(
-                    "attachments/{} is in mesh mode and needs the capture device",
-                    a.id
-                )));
-            }
+        let attachments = self.store.list_all::<AttachmentSpec>().map_err(intent_status)?;
+        if spec.capture_device.is_none()
+            && let Some(a) = attachments.iter().find(|a| matches!(a.spec.mode, Mode::Mesh { .. }))
+        {
+            return Err(Status::failed_precondition(format!(
+                "attachments/{} is in mesh mode and needs the capture device",
+                a.id
+            )));
+        }
+        if spec.vxlan.is_none()
+            && let Some(a) = attachments.iter().find(|a| matches!(a.spec.segment, Segment::Vxlan(_)))
+        {
+            return Err(Status::failed_precondition(format!(
+                "attachments/{} is on a VXLAN network and needs the vxlan settings",
+                a.id
+            )));
         }
         let stored = match current {
             None if expected.is_some() => {
@@ -527,6 +586,32 @@ mod tests {
         let db = create(&api, "db", mesh).await.unwrap();
         assert_eq!(db.mark, MARK_BASE + 1);
         assert_eq!(db.service_ports, vec![80]);
+        // VXLAN networks need the fabric's vxlan settings.
+        let mut vx = c("pf0vf3", "02:00:00:00:00:07", "10.200.0.7/24");
+        (vx.vlan, vx.vni) = (0, 5000);
+        assert_eq!(code(create(&api, "vx", vx.clone()).await), tonic::Code::FailedPrecondition);
+        let update = pb::UpdateFabricRequest {
+            fabric: Some(pb::Fabric {
+                vxlan_device: "vxlan0".into(),
+                vtep: "192.168.50.1".into(),
+                vxlan_peers: vec!["192.168.50.2".into()],
+                ..pb::Fabric::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["vxlan".into()] }),
+            ..pb::UpdateFabricRequest::default()
+        };
+        let fabric = api.update_fabric(Request::new(update)).await.unwrap().into_inner();
+        assert_eq!((fabric.vxlan_port, fabric.uplink.as_str()), (4789, "p0"), "the mask kept the uplink");
+        let created = create(&api, "vx", vx).await.unwrap();
+        assert_eq!((created.vni, created.vlan), (5000, 0));
+        let clear = pb::UpdateFabricRequest {
+            fabric: Some(pb::Fabric::default()),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["vxlan".into()] }),
+            ..pb::UpdateFabricRequest::default()
+        };
+        assert_eq!(api.update_fabric(Request::new(clear)).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+        let delete = pb::DeleteAttachmentRequest { name: "vx".into(), allow_missing: false };
+        api.delete_attachment(Request::new(delete)).await.unwrap();
         // The same MAC on another VLAN is another network.
         let mut other = c("pf0vf3", "02:00:00:00:00:01", "10.0.0.1/24");
         other.vlan = 200;
@@ -561,6 +646,8 @@ mod tests {
         let field = |a: pb::Attachment| attachment_from(a).unwrap_err().message().split(':').next().unwrap().to_owned();
         assert_eq!(field(pb::Attachment { mac: "zz".into(), ..base.clone() }), "attachment.mac");
         assert_eq!(field(pb::Attachment { vlan: 0, ..base.clone() }), "attachment.vlan");
+        assert_eq!(field(pb::Attachment { vni: 7, ..base.clone() }), "attachment.vni");
+        assert_eq!(field(pb::Attachment { vlan: 0, vni: 1 << 24, ..base.clone() }), "attachment.vni");
         assert_eq!(field(pb::Attachment { ips: vec!["10.0.0.1/40".into()], ..base.clone() }), "attachment.ips");
         assert_eq!(field(pb::Attachment { service_ports: vec![80], ..base.clone() }), "attachment.service_ports");
         assert_eq!(field(pb::Attachment { mode: 9, ..base.clone() }), "attachment.mode");
