@@ -104,38 +104,103 @@ impl FabricReconciler {
             self.switch.add_clsact(dev)?;
             out.changes += 1;
         }
-        let present: BTreeMap<RuleId, Option<Vec<u8>>> =
-            self.switch.rules(dev)?.into_iter().map(|f| (f.id, f.cookie)).collect();
-        let resolve = |d: &str| self.switch.ifindex(d);
-        let ifindex = self.switch.ifindex(dev)?;
-        for rule in wanted {
+        let plan = plan(self.switch.as_ref(), dev, wanted, hw)?;
+        for step in plan.steps {
+            let rule = match &step {
+                Step::Add { rule, .. } | Step::Replace { rule, .. } | Step::Broken { rule, .. } => *rule,
+            };
             if owners(rule).all(|o| out.failed.contains_key(o)) {
+                // Its attachment already failed elsewhere in this pass.
                 continue;
             }
-            let result = cookie(ifindex, rule, hw, &resolve).and_then(|c| match present.get(&rule.id()) {
-                Some(Some(have)) if *have == c => Ok(false),
-                Some(_) => self.switch.install(dev, rule, hw, &c, true).map(|()| true),
-                None => {
-                    self.switch.install(dev, rule, hw, &c, false)?;
+            let result = match step {
+                Step::Add { rule, cookie } => self.switch.install(dev, rule, hw, &cookie, false).map(|()| {
                     added.push((dev.to_owned(), rule.id(), rule.owner.clone()));
-                    Ok(true)
-                }
-            });
+                }),
+                Step::Replace { rule, cookie } => self.switch.install(dev, rule, hw, &cookie, true),
+                Step::Broken { error, .. } => Err(error),
+            };
             match result {
-                Ok(changed) => out.changes += usize::from(changed),
+                Ok(()) => out.changes += 1,
                 Err(e) => {
                     tracing::warn!(dev, rule = %rule.id(), owner = %rule.owner, error = %e, "installing a rule failed");
                     fail(&mut out.failed, &rule.owner, &e);
                 }
             }
         }
-        let wanted_ids: BTreeSet<RuleId> = wanted.iter().map(Rule::id).collect();
-        for id in present.keys().filter(|id| !wanted_ids.contains(id)) {
-            self.switch.remove(dev, *id)?;
+        for id in plan.remove {
+            self.switch.remove(dev, id)?;
             out.changes += 1;
         }
         Ok(())
     }
+}
+
+/// One difference between a device's filters and the wanted rules.
+#[derive(Debug)]
+pub enum Step<'a> {
+    /// Not installed: add it with this cookie.
+    Add { rule: &'a Rule, cookie: Vec<u8> },
+    /// Installed with other content: replace it.
+    Replace { rule: &'a Rule, cookie: Vec<u8> },
+    /// Cannot be encoded here (a device it names is missing).
+    Broken { rule: &'a Rule, error: FabricError },
+}
+
+/// What differs on one device; an unchanged device has an empty plan.
+#[derive(Debug, Default)]
+pub struct Plan<'a> {
+    pub steps: Vec<Step<'a>>,
+    /// Filters present that no wanted rule has.
+    pub remove: Vec<RuleId>,
+    /// Wanted rules already installed with the same content.
+    pub unchanged: usize,
+}
+
+/// Compares the ingress filters of `dev` (which must have a clsact qdisc) with `wanted`, by identity and
+/// content cookie. Reads only: one filter dump.
+pub fn plan<'a>(switch: &dyn Switch, dev: &str, wanted: &'a [Rule], offload: bool) -> Result<Plan<'a>, FabricError> {
+    let present: BTreeMap<RuleId, Option<Vec<u8>>> = switch.rules(dev)?.into_iter().map(|f| (f.id, f.cookie)).collect();
+    let resolve = |d: &str| switch.ifindex(d);
+    let ifindex = switch.ifindex(dev)?;
+    let mut plan = Plan::default();
+    for rule in wanted {
+        match cookie(ifindex, rule, offload, &resolve) {
+            Err(error) => plan.steps.push(Step::Broken { rule, error }),
+            Ok(c) => match present.get(&rule.id()) {
+                Some(Some(have)) if *have == c => plan.unchanged += 1,
+                Some(_) => plan.steps.push(Step::Replace { rule, cookie: c }),
+                None => plan.steps.push(Step::Add { rule, cookie: c }),
+            },
+        }
+    }
+    let wanted_ids: BTreeSet<RuleId> = wanted.iter().map(Rule::id).collect();
+    plan.remove = present.into_keys().filter(|id| !wanted_ids.contains(id)).collect();
+    Ok(plan)
+}
+
+/// Brings `dev` to exactly `wanted` (adding the clsact qdisc if needed), stopping at the first refusal.
+/// Returns the number of writes: 0 when nothing differed.
+pub fn sync(switch: &dyn Switch, dev: &str, wanted: &[Rule], offload: bool) -> Result<usize, FabricError> {
+    let mut writes = 0;
+    if !switch.has_clsact(dev)? {
+        switch.add_clsact(dev)?;
+        writes += 1;
+    }
+    let plan = plan(switch, dev, wanted, offload)?;
+    for step in plan.steps {
+        match step {
+            Step::Add { rule, cookie } => switch.install(dev, rule, offload, &cookie, false)?,
+            Step::Replace { rule, cookie } => switch.install(dev, rule, offload, &cookie, true)?,
+            Step::Broken { error, .. } => return Err(error),
+        }
+        writes += 1;
+    }
+    for id in plan.remove {
+        switch.remove(dev, id)?;
+        writes += 1;
+    }
+    Ok(writes)
 }
 
 fn owners(rule: &Rule) -> impl Iterator<Item = &str> {
@@ -328,6 +393,31 @@ mod tests {
         assert_eq!(by_id["m"].state, ObjectState::Error);
         assert!(by_id["m"].reason.contains("proxy0"), "{}", by_id["m"].reason);
         assert_eq!(sim.filter_count("pf0vf2"), 0, "the mesh pod's rules were rolled back");
+    }
+
+    #[test]
+    fn sync_writes_only_differences() {
+        let sim = SimSwitch::new();
+        sim.add_device("a", Some(PortId::vf(0, 1)), false);
+        sim.add_device("b", None, false);
+        let rule = |handle: u32| Rule {
+            prio: 30,
+            protocol: PROTO_ALL,
+            handle,
+            keys: crate::rules::Keys {
+                dst_mac: Some((MacAddr([2, 0, 0, 0, 0, handle as u8]), MacAddr([0xff; 6]))),
+                ..Default::default()
+            },
+            actions: vec![crate::rules::Action::Redirect { dev: "b".into() }],
+            owner: "x".into(),
+        };
+        let wanted: Vec<Rule> = (1..=50).map(rule).collect();
+        assert_eq!(sync(&sim, "a", &wanted, false).unwrap(), 51, "the qdisc and every rule");
+        assert_eq!(sync(&sim, "a", &wanted, false).unwrap(), 0);
+        let p = plan(&sim, "a", &wanted, false).unwrap();
+        assert_eq!((p.steps.len(), p.remove.len(), p.unchanged), (0, 0, 50));
+        assert_eq!(sync(&sim, "a", &wanted[..40], false).unwrap(), 10, "ten removed");
+        assert_eq!(sync(&sim, "a", &wanted, true).unwrap_err().errno(), Some(95), "no offload on this port");
     }
 
     #[tokio::test]

@@ -4,26 +4,33 @@
 #
 # Simulated switch: representors pf0vf1..3 are veths whose peers are eth0 of pods in network namespaces
 # pod1..3; the uplink p0 is a veth to a second simulated host (namespace hostb) with a pod on VLAN 100
-# (p0b.100); the proxy's capture device proxy0 leads to namespace proxy, which owns a service address.
+# (p0b.100) and, over the underlay 192.168.50.0/24 on the same link, a VXLAN endpoint for VNI 5000 (vx5000,
+# reached through the agent's collect-metadata device vxlan0); the proxy's capture device proxy0 leads to
+# namespace proxy, which owns a service address.
 #
 #   pod1  pf0vf1  VLAN 100  direct   10.100.0.1
 #   pod2  pf0vf2  VLAN 100  mesh     10.100.0.2   TCP :8080 steered to the proxy, 100 Mbit/s police
 #   pod3  pf0vf3  VLAN 200  direct   10.100.0.3   same subnet, other network: must reach nobody
+#   pod4  pf0vf4  VNI 5000  direct   10.200.0.4
 #   hostb p0b.100           remote   10.100.0.101
+#   hostb vx5000            remote   10.200.0.101  (VXLAN, VTEP 192.168.50.2; this host is 192.168.50.1)
 #   proxy cap0              listener 10.100.0.250:8080
 #
 # Checks, each with ping/nc and with iproute2's `tc -s filter show` as an independent reader of the kernel:
-# refusals (unknown VF, duplicate MAC), pod↔pod on the host, pod↔pod across hosts (VLAN on the uplink),
+# refusals (unknown VF, duplicate MAC), pod↔pod on the host, pod↔pod across hosts (VLAN on the uplink and
+# VXLAN with tunnel_key set/unset),
 # VLAN isolation, mesh steering to the listener with the skbedit mark, rate-limit police, a pass over an
 # unchanged fabric writes nothing, a rule deleted behind the agent's back is restored, detach removes the
 # rules and the connectivity.
 #
 # Builds (incremental): cross/build.sh for the aarch64 musl agent and dpuctl. DPU_GUEST_NO_BUILD=1 uses the
-# binaries already in the target directory.
+# binaries already in the target directory. DPU_FABRIC_BENCH=1 runs bench/fabric.sh's benchmark instead
+# (tests/guest/lib/fabric-bench.sh).
 # shellcheck shell=bash disable=SC2034 # variables are read by tests/guest.sh
 
 GUEST_ARCH=arm64
-GUEST_MODULES=(veth 8021q sch_ingress cls_flower act_mirred act_vlan act_gact act_skbedit act_police)
+GUEST_MODULES=(veth 8021q vxlan sch_ingress cls_flower act_mirred act_vlan act_gact act_skbedit act_police
+	act_tunnel_key)
 GUEST_TIMEOUT=300
 GUEST_MEMORY=1024
 # The agent binary changes with every build.
@@ -31,6 +38,8 @@ GUEST_CACHE_IMAGE=0
 
 # shellcheck source=tests/guest/lib/fabric-iproute2.sh
 source "$REPO_ROOT/tests/guest/lib/fabric-iproute2.sh"
+# shellcheck source=tests/guest/lib/fabric-bench.sh
+source "$REPO_ROOT/tests/guest/lib/fabric-bench.sh"
 
 fabric_target_dir() {
 	local dir=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
@@ -52,6 +61,9 @@ guest_prepare() {
 		}
 	done
 	tree=$(fabric_iproute2_tree) || return 1
+	if [[ ${DPU_FABRIC_BENCH:-0} == 1 ]]; then
+		fabric_bench_prepare "$target" || return 1
+	fi
 	cat >"$GUEST_WORK/agent.toml" <<'TOML'
 data_dir = "/var/lib/dpu-agent"
 
@@ -74,6 +86,10 @@ TOML
 }
 
 guest_script() {
+	if [[ ${DPU_FABRIC_BENCH:-0} == 1 ]]; then
+		fabric_bench_script
+		return
+	fi
 	cat <<'GUEST'
 STEP=setup
 step() { STEP=$1; echo "GUEST-STEP: $1"; }
@@ -105,15 +121,16 @@ ready() { ctl --json fabric show "$1" | grep -q '"state": "ready"'; }
 step topology
 chmod 0755 /usr/bin/dpu-agent /usr/bin/dpuctl
 mkdir -p /run/netns /var/lib/dpu-agent
-for n in 1 2 3; do
+for n in 1 2 3 4; do
 	ipr netns add pod$n
 	ipr link add pf0vf$n type veth peer name eth0 netns pod$n
 	ipr link set pf0vf$n up
 	ipr -n pod$n link set eth0 address 02:00:00:00:00:0$n
 	ipr -n pod$n link set lo up
 	ipr -n pod$n link set eth0 up
-	ipr -n pod$n addr add 10.100.0.$n/24 dev eth0
 done
+for n in 1 2 3; do ipr -n pod$n addr add 10.100.0.$n/24 dev eth0; done
+ipr -n pod4 addr add 10.200.0.4/24 dev eth0
 ipr netns add hostb
 ipr link add p0 type veth peer name p0b netns hostb
 ipr link set p0 up
@@ -122,6 +139,15 @@ ipr -n hostb link add link p0b name p0b.100 type vlan id 100
 ipr -n hostb link set p0b.100 address 02:00:00:00:01:01
 ipr -n hostb link set p0b.100 up
 ipr -n hostb addr add 10.100.0.101/24 dev p0b.100
+# VXLAN underlay on the same link, untagged.
+ipr addr add 192.168.50.1/24 dev p0
+ipr -n hostb addr add 192.168.50.2/24 dev p0b
+ipr link add vxlan0 type vxlan external dstport 4789
+ipr link set vxlan0 up
+ipr -n hostb link add vx5000 type vxlan id 5000 local 192.168.50.2 remote 192.168.50.1 dstport 4789 dev p0b
+ipr -n hostb link set vx5000 address 02:00:00:00:01:05
+ipr -n hostb link set vx5000 up
+ipr -n hostb addr add 10.200.0.101/24 dev vx5000
 ipr netns add proxy
 ipr link add proxy0 type veth peer name cap0 netns proxy
 ipr link set proxy0 up
@@ -138,17 +164,19 @@ dpu-agent --config /etc/dpu-agent/agent.toml >/tmp/agent.log 2>&1 &
 agent=$!
 guest_wait_listen 50051 120 || fail "dpu-agent is not listening on :50051"
 ctl fabric ports
-for p in p0 pf0vf1 pf0vf2 pf0vf3; do
+for p in p0 pf0vf1 pf0vf2 pf0vf3 pf0vf4; do
 	ctl --json fabric ports | grep -q "\"port\": \"$p\"" || fail "port $p is not in the inventory"
 done
 
 step attach
-ctl fabric set --uplink p0 --capture-device proxy0
+ctl fabric set --uplink p0 --capture-device proxy0 --vxlan-device vxlan0 --vtep 192.168.50.1 \
+	--vxlan-peer 192.168.50.2
 ctl fabric attach pod1 --port pf0vf1 --mac 02:00:00:00:00:01 --ip 10.100.0.1/24 --vlan 100 \
 	--spiffe-id spiffe://cluster.local/ns/default/sa/pod1
 ctl fabric attach pod2 --port pf0vf2 --mac 02:00:00:00:00:02 --ip 10.100.0.2/24 --vlan 100 \
 	--mode mesh --service-port 8080 --rate-limit-bps 100000000 --spiffe-id spiffe://cluster.local/ns/default/sa/pod2
 ctl fabric attach pod3 --port pf0vf3 --mac 02:00:00:00:00:03 --ip 10.100.0.3/24 --vlan 200
+ctl fabric attach pod4 --port pf0vf4 --mac 02:00:00:00:00:04 --ip 10.200.0.4/24 --vni 5000
 if ctl fabric attach ghost --port pf0vf9 --mac 02:00:00:00:00:09 --ip 10.100.0.9/24 --vlan 100 2>/tmp/err; then
 	fail "attaching an absent VF succeeded"
 fi
@@ -157,7 +185,7 @@ if ctl fabric attach dup --port pf0vf3 --mac 02:00:00:00:00:01 --ip 10.100.0.9/2
 	fail "a duplicate MAC was accepted"
 fi
 grep -q AlreadyExists /tmp/err || fail "duplicate MAC: $(cat /tmp/err)"
-for a in pod1 pod2 pod3; do
+for a in pod1 pod2 pod3 pod4; do
 	wait_for 30 "attachments/$a ready" ready "$a"
 done
 ctl fabric show pod2
@@ -177,6 +205,14 @@ must_reach pod2 10.100.0.1
 must_reach pod1 10.100.0.101
 must_reach pod2 10.100.0.101
 tcr -s filter show dev p0 ingress | grep -q 'Sent [1-9]' || fail "no packets counted on the uplink's rules"
+
+step vxlan
+must_reach pod4 10.200.0.101
+echo "fabric: tc -s filter show dev vxlan0 ingress"
+tcr -s filter show dev vxlan0 ingress
+tcr filter show dev vxlan0 ingress | grep -q 'enc_key_id 5000' || fail "no VNI 5000 rule on vxlan0"
+tcr filter show dev pf0vf4 ingress | grep -q 'tunnel_key' || fail "no tunnel_key set on pf0vf4"
+tcr -s filter show dev vxlan0 ingress | grep -q 'Sent [1-9]' || fail "no packets counted on vxlan0's rules"
 
 step isolation
 must_not_reach pod3 10.100.0.1
