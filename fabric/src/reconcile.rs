@@ -59,6 +59,9 @@ impl FabricReconciler {
         let offload: BTreeMap<&str, bool> = ports.iter().map(|p| (p.netdev.as_str(), p.hw_tc_offload)).collect();
         let mut devices: BTreeSet<&str> = ports.iter().map(|p| p.netdev.as_str()).collect();
         devices.extend(compiled.rules.keys().map(String::as_str));
+        // The fabric's own devices are cleaned up too when nothing needs them any more.
+        devices.extend(fabric.capture_device.as_deref());
+        devices.extend(fabric.vxlan.as_ref().map(|v| v.device.as_str()));
         // (dev, id, owner) of every filter added in this pass, for rollback.
         let mut added: Vec<(String, RuleId, String)> = Vec::new();
         let none = Vec::new();
@@ -96,7 +99,10 @@ impl FabricReconciler {
         out: &mut Outcome,
         added: &mut Vec<(String, RuleId, String)>,
     ) -> Result<(), FabricError> {
-        let has_clsact = self.switch.has_clsact(dev)?;
+        let has_clsact = match self.switch.has_clsact(dev) {
+            Err(FabricError::NoDevice(_)) if wanted.is_empty() => return Ok(()),
+            other => other?,
+        };
         if wanted.is_empty() && !has_clsact {
             return Ok(());
         }
@@ -393,6 +399,13 @@ mod tests {
         assert_eq!(by_id["m"].state, ObjectState::Error);
         assert!(by_id["m"].reason.contains("proxy0"), "{}", by_id["m"].reason);
         assert_eq!(sim.filter_count("pf0vf2"), 0, "the mesh pod's rules were rolled back");
+        // Once the device is back the mesh pod is served; detached, its return rule goes from the capture device.
+        sim.add_device("proxy0", None, false);
+        reconciler.reconcile(&store).await.unwrap();
+        assert_eq!(sim.filter_count("proxy0"), 1);
+        store.delete::<AttachmentSpec>("m", false).unwrap();
+        reconciler.reconcile(&store).await.unwrap();
+        assert_eq!(sim.filter_count("proxy0"), 0);
     }
 
     #[test]

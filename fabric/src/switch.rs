@@ -411,6 +411,9 @@ mod tests {
             eprintln!("skipped: needs root (creates a veth pair and a clsact qdisc)");
             return;
         }
+        if !crate::netlink::socket::tests::tc_netlink_works() {
+            return;
+        }
         let name = format!("fbt{}", std::process::id() % 100_000);
         let peer = format!("{name}p");
         let ip = |args: &[&str]| std::process::Command::new("ip").args(args).status().map(|s| s.success());
