@@ -107,7 +107,8 @@ fn attachment_json(a: pb::Attachment) -> Value {
 
 fn port_json(p: pb::Port) -> Value {
     json!({ "name": p.name, "state": p.attachment, "port": p.port, "flavour": p.flavour, "netdev": p.netdev,
-            "ifindex": p.ifindex, "hw_tc_offload": p.hw_tc_offload })
+            "ifindex": p.ifindex, "hw_tc_offload": p.hw_tc_offload, "controller": p.controller, "pf": p.pf,
+            "number": p.number, "source": p.source })
 }
 
 fn rule_json(port: &str, r: &pb::RuleStats) -> Value {

@@ -462,7 +462,13 @@ mod tests {
     use crate::ports::Port;
 
     pub(crate) fn port(name: &str, dev: &str, ifindex: u32) -> Port {
-        Port { id: name.parse().unwrap(), netdev: dev.into(), ifindex, hw_tc_offload: false }
+        Port {
+            id: name.parse().unwrap(),
+            netdev: dev.into(),
+            ifindex,
+            hw_tc_offload: false,
+            source: crate::ports::PortSource::NetdevName,
+        }
     }
 
     pub(crate) fn attach(vf: u16, vlan: u16, mode: Mode) -> AttachmentSpec {

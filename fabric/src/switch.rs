@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use crate::FabricError;
+use crate::netlink::devlink::Devlink;
 use crate::netlink::socket::{Ethtool, NlSocket};
 use crate::netlink::tc::{self, Filter};
-use crate::ports::{InventoryConfig, Port, scan};
+use crate::ports::{InventoryConfig, InventorySource, Port, PortSource, from_devlink, scan};
 use crate::rules::{Rule, RuleId};
 
 const NLM_F_REPLACE: u16 = 0x100;
@@ -63,11 +64,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The real switch: rtnetlink for tc, ethtool netlink for `hw-tc-offload`, sysfs for the inventory.
+/// The real switch: rtnetlink for tc, ethtool netlink for `hw-tc-offload`, devlink (generic netlink) or sysfs
+/// for the inventory.
 #[derive(Debug)]
 pub struct NetlinkSwitch {
     route: Mutex<NlSocket>,
     ethtool: Mutex<Option<Ethtool>>,
+    devlink: Mutex<Option<Devlink>>,
+    /// The inventory source of the last read, to log when it changes.
+    last_source: Mutex<Option<&'static str>>,
     inventory: InventoryConfig,
     writes: AtomicU64,
 }
@@ -84,6 +89,8 @@ impl NetlinkSwitch {
         Ok(Self {
             route: Mutex::new(NlSocket::open(NETLINK_ROUTE)?),
             ethtool: Mutex::new(ethtool),
+            devlink: Mutex::new(None),
+            last_source: Mutex::new(None),
             inventory,
             writes: AtomicU64::new(0),
         })
@@ -98,6 +105,31 @@ impl NetlinkSwitch {
                 tracing::debug!(dev, error = %err, "reading hw-tc-offload failed; treating the port as software-only");
                 false
             }
+        }
+    }
+
+    /// The eSwitch ports devlink reports; the socket is opened on first use and reopened after a failure.
+    fn devlink_ports(&self) -> Result<Vec<Port>, FabricError> {
+        let listed = {
+            let mut devlink = lock(&self.devlink);
+            if devlink.is_none() {
+                *devlink = Some(Devlink::open()?);
+            }
+            let result = devlink.as_mut().map(Devlink::ports).unwrap_or_else(|| Ok(Vec::new()));
+            if result.is_err() {
+                *devlink = None;
+            }
+            result?
+        };
+        Ok(from_devlink(listed, &|dev| self.offloads(dev)))
+    }
+
+    /// Logs the inventory source when it differs from the previous read's.
+    fn note_source(&self, source: &'static str, ports: usize, why: Option<String>) {
+        let mut last = lock(&self.last_source);
+        if *last != Some(source) {
+            tracing::info!(source, ports, reason = why.unwrap_or_default(), "fabric port inventory source");
+            *last = Some(source);
         }
     }
 
@@ -119,7 +151,18 @@ impl NetlinkSwitch {
 
 impl Switch for NetlinkSwitch {
     fn ports(&self) -> Result<Vec<Port>, FabricError> {
-        scan(&self.inventory, &|dev| self.offloads(dev))
+        let sysfs = || scan(&self.inventory, &|dev| self.offloads(dev));
+        let (source, ports, why) = match self.inventory.source {
+            InventorySource::Sysfs => ("sysfs", sysfs()?, None),
+            InventorySource::Devlink => ("devlink", self.devlink_ports()?, None),
+            InventorySource::Auto => match self.devlink_ports() {
+                Ok(ports) if !ports.is_empty() => ("devlink", ports, None),
+                Ok(_) => ("sysfs", sysfs()?, Some("devlink reports no eSwitch port with a netdev".to_owned())),
+                Err(e) => ("sysfs", sysfs()?, Some(format!("devlink: {e}"))),
+            },
+        };
+        self.note_source(source, ports.len(), why);
+        Ok(ports)
     }
 
     fn ifindex(&self, dev: &str) -> Result<u32, FabricError> {
@@ -263,7 +306,13 @@ impl Switch for SimSwitch {
             .iter()
             .filter_map(|(dev, id)| {
                 let d = s.devices.get(dev)?;
-                Some(Port { id: *id, netdev: dev.clone(), ifindex: d.ifindex, hw_tc_offload: d.offload })
+                Some(Port {
+                    id: *id,
+                    netdev: dev.clone(),
+                    ifindex: d.ifindex,
+                    hw_tc_offload: d.offload,
+                    source: PortSource::NetdevName,
+                })
             })
             .collect();
         out.sort_by_key(|p| p.id);

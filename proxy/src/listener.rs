@@ -39,7 +39,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 /// Why a listener could not be bound.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    #[error("transparent listener {address} needs CAP_NET_ADMIN to set IP_TRANSPARENT")]
+    #[error("transparent listener {address}: cannot set IP_TRANSPARENT (needs CAP_NET_ADMIN and a kernel with TPROXY)")]
     Transparent {
         address: SocketAddr,
         #[source]

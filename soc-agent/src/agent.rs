@@ -78,8 +78,12 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
 
     // Fabric: the representor ports over rtnetlink; link events (representors appearing or going) trigger a pass.
     let fabric_switch: Arc<dyn dpu_fabric::switch::Switch> = Arc::new(
-        dpu_fabric::switch::NetlinkSwitch::open(dpu_fabric::ports::InventoryConfig::default())
-            .context("opening the fabric's netlink sockets")?,
+        dpu_fabric::switch::NetlinkSwitch::open(dpu_fabric::ports::InventoryConfig {
+            mapping: config.fabric.mapping.clone(),
+            source: config.fabric.inventory,
+            ..dpu_fabric::ports::InventoryConfig::default()
+        })
+        .context("opening the fabric's netlink sockets")?,
     );
     let fabric_controller = Controller::new(
         dpu_fabric::reconcile::FabricReconciler::new(fabric_switch.clone()),

@@ -50,6 +50,20 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub mesh: MeshConfig,
+    #[serde(default)]
+    pub fabric: FabricConfig,
+}
+
+/// The eSwitch port inventory of the fabric data path.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FabricConfig {
+    /// JSON object of port name to netdev (`{"pf0vf3": "veth-pod3"}`) for netdevs that carry no port name.
+    #[serde(default)]
+    pub mapping: Option<PathBuf>,
+    /// `auto` (devlink when it reports eSwitch ports, sysfs otherwise), `devlink` or `sysfs`.
+    #[serde(default)]
+    pub inventory: dpu_fabric::ports::InventorySource,
 }
 
 /// The shared service-mesh proxy. Its listeners, clusters and routes are intent (MeshService); this section
@@ -217,6 +231,7 @@ impl Default for Config {
             reconcile: ReconcileConfig::default(),
             storage: StorageConfig::default(),
             mesh: MeshConfig::default(),
+            fabric: FabricConfig::default(),
         }
     }
 }
@@ -251,6 +266,9 @@ impl Config {
         }
         if let Some(ca) = self.mesh.xds.as_mut().and_then(|x| x.ca.as_mut()) {
             resolve(ca);
+        }
+        if let Some(mapping) = &mut self.fabric.mapping {
+            resolve(mapping);
         }
     }
 
@@ -372,6 +390,21 @@ mod tests {
         std::fs::write(&path, "data_dir = \"state\"\n").unwrap();
         let config = Config::load(&path).unwrap();
         assert_eq!(config.data_dir, dir.path().join("state"));
+    }
+
+    #[test]
+    fn fabric_section() {
+        use dpu_fabric::ports::InventorySource;
+        assert_eq!(Config::parse("").unwrap().fabric.inventory, InventorySource::Auto);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "[fabric]\nmapping = \"ports.json\"\ninventory = \"devlink\"\n").unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.fabric.mapping, Some(dir.path().join("ports.json")));
+        assert_eq!(config.fabric.inventory, InventorySource::Devlink);
+        let err = Config::parse("[fabric]\ninventory = \"lldp\"\n").unwrap_err();
+        assert!(err.contains("inventory") || err.contains("lldp"), "{err}");
+        assert!(Config::parse("[fabric]\nmaping = \"x\"\n").unwrap_err().contains("maping"));
     }
 
     #[test]

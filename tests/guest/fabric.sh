@@ -16,6 +16,11 @@
 #   hostb vx5000            remote   10.200.0.101  (VXLAN, VTEP 192.168.50.2; this host is 192.168.50.1)
 #   proxy cap0              listener 10.100.0.250:8080
 #
+# Inventory: the agent asks devlink (generic netlink) first; this kernel has no driver that registers devlink
+# ports (Debian's arm64 6.1 kernel is built without netdevsim), so iproute2's `devlink port show` lists none and
+# the agent must say it fell back to sysfs after a successful, empty devlink dump. The [fabric] mapping file
+# (relative to agent.toml) names the netdev of port pf0vf7.
+#
 # Checks, each with ping/nc and with iproute2's `tc -s filter show` as an independent reader of the kernel:
 # refusals (unknown VF, duplicate MAC), pod↔pod on the host, pod↔pod across hosts (VLAN on the uplink and
 # VXLAN with tunnel_key set/unset),
@@ -75,11 +80,17 @@ listen = "127.0.0.1:9100"
 
 [reconcile]
 drift_seconds = 2
+
+[fabric]
+inventory = "auto"
+mapping = "ports.json"
 TOML
+	printf '{"pf0vf7": "mapped7"}\n' >"$GUEST_WORK/ports.json"
 	GUEST_FILES+=(
 		"$target/dpu-agent:/usr/bin/dpu-agent"
 		"$target/dpuctl:/usr/bin/dpuctl"
 		"$GUEST_WORK/agent.toml:/etc/dpu-agent/agent.toml"
+		"$GUEST_WORK/ports.json:/etc/dpu-agent/ports.json"
 		"$tree:/opt/iproute2"
 		"$tree/lib/ld-linux-aarch64.so.1:/lib/ld-linux-aarch64.so.1"
 	)
@@ -101,6 +112,7 @@ fail() {
 }
 ipr() { LD_LIBRARY_PATH=/opt/iproute2/lib /opt/iproute2/ip "$@"; }
 tcr() { LD_LIBRARY_PATH=/opt/iproute2/lib /opt/iproute2/tc "$@"; }
+devl() { LD_LIBRARY_PATH=/opt/iproute2/lib /opt/iproute2/devlink "$@"; }
 ctl() { dpuctl --addr http://127.0.0.1:50051 --timeout 60 "$@"; }
 in_ns() { ns=$1; shift; ipr netns exec "$ns" "$@"; }
 reaches() { in_ns "$1" ping -c 1 -W 2 "$2" >/dev/null 2>&1 || in_ns "$1" ping -c 2 -W 2 "$2" >/dev/null 2>&1; }
@@ -156,6 +168,7 @@ ipr -n proxy link set cap0 up
 ipr -n proxy addr add 10.100.0.250/24 dev cap0
 ipr -n proxy neigh add 10.100.0.2 lladdr 02:00:00:00:00:02 dev cap0 nud permanent
 ipr -n pod2 neigh add 10.100.0.250 lladdr 02:00:00:00:02:50 dev eth0 nud permanent
+ipr link add mapped7 type veth peer name mapped7p
 must_not_reach pod1 10.100.0.2
 
 step agent
@@ -167,6 +180,27 @@ ctl fabric ports
 for p in p0 pf0vf1 pf0vf2 pf0vf3 pf0vf4; do
 	ctl --json fabric ports | grep -q "\"port\": \"$p\"" || fail "port $p is not in the inventory"
 done
+
+step inventory
+# iproute2's devlink reads the same generic netlink family as the agent.
+devl dev show >/tmp/devlink-devs 2>&1 || fail "devlink dev show: $(cat /tmp/devlink-devs)"
+devl port show >/tmp/devlink-ports 2>&1 || fail "devlink port show: $(cat /tmp/devlink-ports)"
+echo "fabric: devlink dev show: $(wc -l </tmp/devlink-devs) device(s);" \
+	"devlink port show: $(wc -l </tmp/devlink-ports) port(s)"
+[ ! -s /tmp/devlink-ports ] \
+	|| fail "this kernel has devlink ports; the inventory check expects none: $(cat /tmp/devlink-ports)"
+grep 'fabric port inventory source' /tmp/agent.log || fail "the agent did not log its inventory source"
+grep 'fabric port inventory source' /tmp/agent.log | grep 'sysfs' \
+	| grep -q 'devlink reports no eSwitch port with a netdev' \
+	|| fail "the agent did not fall back to sysfs after an empty devlink dump"
+ctl --json fabric ports >/tmp/ports.json
+for p in p0 pf0vf1 pf0vf2 pf0vf3 pf0vf4; do
+	tr -d '\n ' </tmp/ports.json | grep -q "\"port\":\"$p\",\"source\":\"netdev_name\"" \
+		|| fail "port $p is not reported from its netdev name: $(cat /tmp/ports.json)"
+done
+tr -d '\n ' </tmp/ports.json | grep -q '"netdev":"mapped7","number":7,"pf":0,"port":"pf0vf7","source":"mapping"' \
+	|| fail "the [fabric] mapping file's pf0vf7 -> mapped7 is not in the inventory: $(cat /tmp/ports.json)"
+echo "fabric: ok: devlink has no ports here; sysfs inventory with port-named netdevs and the mapping file"
 
 step attach
 ctl fabric set --uplink p0 --capture-device proxy0 --vxlan-device vxlan0 --vtep 192.168.50.1 \

@@ -189,10 +189,24 @@ const ETHTOOL_A_BITSET_BITS: u16 = 3;
 const ETHTOOL_A_BITSET_BIT_NAME: u16 = 2;
 const ETHTOOL_A_BITSET_BIT_VALUE: u16 = 3;
 
-fn genl_payload(command: u8, version: u8, attrs: &[Attr]) -> Vec<u8> {
+/// A generic netlink payload: the `genlmsghdr` (command, version, reserved) and the attributes.
+pub fn genl_payload(command: u8, version: u8, attrs: &[Attr]) -> Vec<u8> {
     let mut out = vec![command, version, 0, 0];
     emit_all(attrs, &mut out);
     out
+}
+
+/// Opens a generic netlink socket and resolves the id of the family `name` with `CTRL_CMD_GETFAMILY`. A
+/// family the kernel does not have is refused with `ENOENT`.
+pub fn open_genl_family(name: &str) -> Result<(NlSocket, u16), FabricError> {
+    let mut socket = NlSocket::open(NETLINK_GENERIC)?;
+    let payload = genl_payload(CTRL_CMD_GETFAMILY, 1, &[Attr::string(CTRL_ATTR_FAMILY_NAME, name)]);
+    let reply = socket.query(GENL_ID_CTRL, &payload, &format!("resolving the {name} netlink family"))?;
+    let attrs = Attrs::parse(reply.get(4..).unwrap_or_default())?;
+    let family = attrs
+        .u16(CTRL_ATTR_FAMILY_ID)?
+        .ok_or_else(|| FabricError::Decode(format!("{name} family reply without an id")))?;
+    Ok((socket, family))
 }
 
 /// Ethtool over generic netlink: reads netdev features without ioctls.
@@ -205,13 +219,7 @@ pub struct Ethtool {
 impl Ethtool {
     /// Opens a generic netlink socket and resolves the `ethtool` family.
     pub fn open() -> Result<Self, FabricError> {
-        let mut socket = NlSocket::open(NETLINK_GENERIC)?;
-        let payload = genl_payload(CTRL_CMD_GETFAMILY, 1, &[Attr::string(CTRL_ATTR_FAMILY_NAME, "ethtool")]);
-        let reply = socket.query(GENL_ID_CTRL, &payload, "resolving the ethtool netlink family")?;
-        let attrs = Attrs::parse(reply.get(4..).unwrap_or_default())?;
-        let family = attrs
-            .u16(CTRL_ATTR_FAMILY_ID)?
-            .ok_or_else(|| FabricError::Decode("ethtool family reply without an id".into()))?;
+        let (socket, family) = open_genl_family("ethtool")?;
         Ok(Self { socket, family })
     }
 

@@ -387,6 +387,7 @@ impl pb::fabric_service_server::FabricService for FabricApi {
                         .find(|a| a.spec.port == p.id)
                         .map(|a| format!("attachments/{}", a.id))
                         .unwrap_or_default(),
+                    source: p.source.as_str().into(),
                 }
             })
             .collect();

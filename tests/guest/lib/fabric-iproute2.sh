@@ -1,7 +1,7 @@
 # shellcheck shell=bash
-# Host-side helper of tests/guest/fabric.sh: Debian's arm64 iproute2 (ip, tc) with the shared libraries it
-# needs and the dynamic loader, as a directory tree for the arm64 guest image. The guest runs them as
-# /opt/iproute2/{ip,tc} with LD_LIBRARY_PATH=/opt/iproute2/lib; busybox's own `ip` stays untouched.
+# Host-side helper of tests/guest/fabric.sh: Debian's arm64 iproute2 (ip, tc, devlink) with the shared
+# libraries they need and the dynamic loader, as a directory tree for the arm64 guest image. The guest runs them
+# as /opt/iproute2/{ip,tc,devlink} with LD_LIBRARY_PATH=/opt/iproute2/lib; busybox's own `ip` stays untouched.
 #
 # fabric_iproute2_tree: prints the tree's path. Built once per iproute2 version under
 # ${DPU_CACHE:-$HOME/.cache/dpu-agent}/fabric/ (apt-get download + dpkg -x; the library closure is resolved
@@ -17,7 +17,7 @@ fabric_iproute2_tree() {
 		return 1
 	}
 	out=$cache/iproute2-arm64-$version
-	if [[ -x $out/ip && -x $out/tc && -e $out/lib/ld-linux-aarch64.so.1 ]]; then
+	if [[ -x $out/ip && -x $out/tc && -x $out/devlink && -e $out/lib/ld-linux-aarch64.so.1 ]]; then
 		printf '%s\n' "$out"
 		return 0
 	fi
@@ -40,8 +40,9 @@ fabric_iproute2_tree() {
 	for deb in "$work"/*.deb; do dpkg -x "$deb" "$work/root"; done
 	cp "$work/root/sbin/tc" "$work/out/tc"
 	cp "$work/root/bin/ip" "$work/out/ip"
+	cp "$work/root/sbin/devlink" "$work/out/devlink"
 	# The closure of NEEDED libraries, looked up in the extracted multiarch directories.
-	local -a queue=("$work/out/ip" "$work/out/tc")
+	local -a queue=("$work/out/ip" "$work/out/tc" "$work/out/devlink")
 	local -A seen=()
 	local f lib path
 	while ((${#queue[@]})); do
