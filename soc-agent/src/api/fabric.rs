@@ -21,7 +21,7 @@ use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
 use super::agent::resource_status;
-use super::{FieldMask, intent_status};
+use super::{FieldMask, generation, intent_status, invalid, page, parse_name};
 
 /// Implementation of `FabricService`.
 #[derive(Debug)]
@@ -33,19 +33,9 @@ pub struct FabricApi {
     writes: Mutex<()>,
 }
 
-fn generation(g: u64) -> i64 {
-    i64::try_from(g).unwrap_or(i64::MAX)
-}
-
-fn invalid(e: dpu_fabric::model::Invalid) -> Status {
-    Status::invalid_argument(e.to_string())
-}
-
 /// Parses `attachments/{id}` (or a bare id).
 fn attachment_id(name: &str) -> Result<&str, Status> {
-    let id = name.strip_prefix("attachments/").unwrap_or(name);
-    dpu_intent::validate_id(id).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
-    Ok(id)
+    parse_name(name, "attachments", "name")
 }
 
 /// Parses a port (`pf0vf3` or `ports/pf0vf3`).
@@ -438,9 +428,7 @@ impl pb::fabric_service_server::FabricService for FabricApi {
         r: Request<pb::ListAttachmentsRequest>,
     ) -> Result<Response<pb::ListAttachmentsResponse>, Status> {
         let r = r.into_inner();
-        let size =
-            usize::try_from(r.page_size).map_err(|_| Status::invalid_argument("page_size: must not be negative"))?;
-        let token = Some(r.page_token.as_str()).filter(|t| !t.is_empty());
+        let (size, token) = page(r.page_size, &r.page_token)?;
         let page = self.store.list::<AttachmentSpec>(size, token).map_err(intent_status)?;
         Ok(Response::new(pb::ListAttachmentsResponse {
             attachments: page.items.iter().map(|a| self.attachment_message(a)).collect(),

@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
 use super::agent::resource_status;
-use super::intent_status;
+use super::{generation, intent_status, invalid, page, parse_name};
 
 /// Status-board name of the mesh reconciler.
 pub const MESH_SUBSYSTEM: &str = dpu_proxy::reconcile::SUBSYSTEM;
@@ -73,11 +73,7 @@ impl MeshApi {
     fn message<T: Kind>(&self, stored: &Stored<T>) -> T::Pb {
         let key = ObjectKey { kind: T::KIND.into(), id: stored.id.clone() };
         let status = resource_status(self.status.get(MESH_SUBSYSTEM, &key), stored.meta.generation);
-        stored.spec.message(
-            format!("{}/{}", T::KIND, stored.id),
-            i64::try_from(stored.meta.generation).unwrap_or(i64::MAX),
-            status,
-        )
+        stored.spec.message(format!("{}/{}", T::KIND, stored.id), generation(stored.meta.generation), status)
     }
 
     fn create<T: Kind>(&self, id: &str, pb: Option<T::Pb>) -> Result<Response<T::Pb>, Status> {
@@ -93,9 +89,7 @@ impl MeshApi {
     }
 
     fn list<T: Kind>(&self, r: &pb::ListMeshResourcesRequest) -> Result<(Vec<T::Pb>, String), Status> {
-        let size =
-            usize::try_from(r.page_size).map_err(|_| Status::invalid_argument("page_size: must not be negative"))?;
-        let token = Some(r.page_token.as_str()).filter(|t| !t.is_empty());
+        let (size, token) = page(r.page_size, &r.page_token)?;
         let page = self.store.list::<T>(size, token).map_err(intent_status)?;
         Ok((page.items.iter().map(|s| self.message(s)).collect(), page.next_page_token.unwrap_or_default()))
     }
@@ -133,17 +127,6 @@ impl MeshApi {
 
 fn referrer(specs: &MeshSpecs, kind: &str, id: &str) -> Option<dpu_mesh::Reference> {
     specs.references().into_iter().find(|r| r.to.0 == kind && r.to.1 == id)
-}
-
-fn invalid(e: Invalid) -> Status {
-    Status::invalid_argument(e.to_string())
-}
-
-/// Parses `collection/{id}` (or a bare id) into the id, validated.
-fn parse_name<'a>(name: &'a str, collection: &str, field: &str) -> Result<&'a str, Status> {
-    let id = name.strip_prefix(collection).and_then(|r| r.strip_prefix('/')).unwrap_or(name);
-    dpu_intent::validate_id(id).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
-    Ok(id)
 }
 
 type Reply<T> = Result<Response<T>, Status>;

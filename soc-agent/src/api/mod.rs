@@ -42,6 +42,29 @@ impl FieldMask {
     }
 }
 
+/// Parses `collection/{id}` (or a bare id) into the id, validated; errors name `field`.
+pub fn parse_name<'a>(name: &'a str, collection: &str, field: &str) -> Result<&'a str, Status> {
+    let id = name.strip_prefix(collection).and_then(|r| r.strip_prefix('/')).unwrap_or(name);
+    dpu_intent::validate_id(id).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
+    Ok(id)
+}
+
+/// The page size and token of an AIP-158 list request (0 = the store's default size; empty token = first page).
+pub fn page(size: i32, token: &str) -> Result<(usize, Option<&str>), Status> {
+    let size = usize::try_from(size).map_err(|_| Status::invalid_argument("page_size: must not be negative"))?;
+    Ok((size, Some(token).filter(|t| !t.is_empty())))
+}
+
+/// A store generation as the API's `int64`.
+pub fn generation(g: u64) -> i64 {
+    i64::try_from(g).unwrap_or(i64::MAX)
+}
+
+/// A validation failure of a request, naming the field.
+pub fn invalid(e: dpu_intent::Invalid) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
 /// Maps intent-store errors onto gRPC codes deliberately.
 pub fn intent_status(e: dpu_intent::Error) -> Status {
     use dpu_intent::Error as E;

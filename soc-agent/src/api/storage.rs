@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
 use super::agent::resource_status;
-use super::intent_status;
+use super::{generation, intent_status, invalid, page, parse_name};
 
 /// Status-board name of the storage reconciler.
 pub const STORAGE_SUBSYSTEM: &str = "storage";
@@ -102,7 +102,7 @@ impl StorageApi {
         let current = self.subsystem(id)?;
         let mut spec = current.spec.clone();
         change(&mut spec)?;
-        spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        spec.validate().map_err(invalid)?;
         self.store.update(id, spec, Some(current.meta.generation)).map_err(intent_status)
     }
 }
@@ -136,17 +136,6 @@ impl StorageApi {
     }
 }
 
-fn generation(g: u64) -> i64 {
-    i64::try_from(g).unwrap_or(i64::MAX)
-}
-
-/// Parses `collection/{id}` (or a bare id) into the id, validated.
-fn parse_name<'a>(name: &'a str, collection: &str, field: &str) -> Result<&'a str, Status> {
-    let id = name.strip_prefix(collection).and_then(|r| r.strip_prefix('/')).unwrap_or(name);
-    dpu_intent::validate_id(id).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
-    Ok(id)
-}
-
 /// Parses `subsystems/{s}/{child}/{id}` into (s, id).
 fn parse_child<'a>(name: &'a str, child: &str) -> Result<(&'a str, &'a str), Status> {
     let parts: Vec<&str> = name.split('/').collect();
@@ -159,14 +148,6 @@ fn parse_child<'a>(name: &'a str, child: &str) -> Result<(&'a str, &'a str), Sta
         }
         _ => Err(Status::invalid_argument(format!("name: {name:?} is not subsystems/{{subsystem}}/{child}/{{id}}"))),
     }
-}
-
-fn page_size(size: i32) -> Result<usize, Status> {
-    usize::try_from(size).map_err(|_| Status::invalid_argument("page_size: must not be negative"))
-}
-
-fn page_token(token: &str) -> Option<&str> {
-    Some(token).filter(|t| !t.is_empty())
 }
 
 fn parse_uuid(text: &str) -> Result<[u8; 16], Status> {
@@ -188,7 +169,7 @@ fn volume_from(v: pb::Volume) -> Result<VolumeSpec, Status> {
             size_bytes: v.size_bytes,
             backend,
         };
-        spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        spec.validate().map_err(invalid)?;
         Ok(spec)
     }
 }
@@ -203,7 +184,7 @@ fn subsystem_from(id: &str, s: pb::Subsystem) -> Result<SubsystemSpec, Status> {
         namespaces: Default::default(),
         listeners: Default::default(),
     };
-    spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+    spec.validate().map_err(invalid)?;
     Ok(spec)
 }
 
@@ -226,8 +207,8 @@ impl pb::storage_service_server::StorageService for StorageApi {
         r: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let r = r.into_inner();
-        let page =
-            self.store.list::<VolumeSpec>(page_size(r.page_size)?, page_token(&r.page_token)).map_err(intent_status)?;
+        let (size, token) = page(r.page_size, &r.page_token)?;
+        let page = self.store.list::<VolumeSpec>(size, token).map_err(intent_status)?;
         Ok(Response::new(pb::ListVolumesResponse {
             volumes: page.items.into_iter().map(|v| self.volume_message(v)).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
@@ -290,10 +271,8 @@ impl pb::storage_service_server::StorageService for StorageApi {
         r: Request<pb::ListSubsystemsRequest>,
     ) -> Result<Response<pb::ListSubsystemsResponse>, Status> {
         let r = r.into_inner();
-        let page = self
-            .store
-            .list::<SubsystemSpec>(page_size(r.page_size)?, page_token(&r.page_token))
-            .map_err(intent_status)?;
+        let (size, token) = page(r.page_size, &r.page_token)?;
+        let page = self.store.list::<SubsystemSpec>(size, token).map_err(intent_status)?;
         Ok(Response::new(pb::ListSubsystemsResponse {
             subsystems: page.items.iter().map(|s| self.subsystem_message(s)).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
