@@ -97,6 +97,8 @@ pub struct Metrics {
     pub active_connections: Family<WorkloadLabels, Gauge>,
     pub config_applies: Family<SourceLabels, Counter>,
     pub config_errors: Family<ConfigErrorLabels, Counter>,
+    /// Downstream HTTP/1.1 connections holding codec buffers now (idle keep-alive connections release theirs).
+    pub http1_codecs: Gauge,
 }
 
 impl Metrics {
@@ -113,6 +115,7 @@ impl Metrics {
             active_connections: Family::default(),
             config_applies: Family::default(),
             config_errors: Family::default(),
+            http1_codecs: Gauge::default(),
         };
         registry.register("istio_requests", "Requests handled by the proxy", m.requests.clone());
         registry.register(
@@ -147,6 +150,11 @@ impl Metrics {
             "dpu_proxy_config_errors",
             "Objects left out of a configuration apply, per source and kind",
             m.config_errors.clone(),
+        );
+        registry.register(
+            "dpu_proxy_http1_codecs",
+            "Downstream HTTP/1.1 connections holding codec buffers (idle keep-alive connections hold none)",
+            m.http1_codecs.clone(),
         );
         registry.register_collector(Box::new(ClusterCollector { snapshot }));
         m

@@ -717,6 +717,108 @@ async fn upgrade_is_tunnelled_both_ways() {
     }
 }
 
+/// The value of an unlabelled gauge or counter in the text exposition.
+fn metric_value(registry: &Registry, name: &str) -> Option<i64> {
+    metrics_text(registry)
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
+
+/// Reads one response with a Content-Length body off a raw connection; returns the head and the body.
+async fn read_response(stream: &mut TcpStream) -> (String, String) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("response head in time")
+            .expect("read");
+        assert_ne!(n, 0, "connection closed before a full response head: {:?}", String::from_utf8_lossy(&buf));
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let length = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+        .and_then(|v| v.parse::<usize>().ok())
+        .expect("content-length");
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.expect("body");
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_keep_alive_connections_release_their_codec_and_serve_again() {
+    let a = http_backend("a").await;
+    let addr = listen_addr();
+    let specs = http_specs(
+        addr,
+        &[("a", a)],
+        vec![vhost(
+            "web",
+            &["*"],
+            vec![route("all", PathMatch::Prefix("/".into()), RouteAction::Forward(forward_to(&[("a", 1)])))],
+        )],
+    );
+    let mut registry = Registry::default();
+    let proxy = Proxy::new(&mut registry);
+    apply_ok(&proxy, "intent", specs).await;
+    let codecs = || metric_value(&registry, "dpu_proxy_http1_codecs").expect("dpu_proxy_http1_codecs");
+    let released = || async {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while codecs() != 0 {
+            assert!(Instant::now() < deadline, "the codec was not released: {} held", codecs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let quiet = dpu_proxy::http::RELEASE_IDLE_CODEC_AFTER * 4;
+
+    // A keep-alive client: the codec goes while it is quiet, and the same connection serves the next request.
+    let mut client = H1::connect(addr).await;
+    assert_eq!(client.get("web", "/one", &[]).await.status, StatusCode::OK);
+    released().await;
+    let again = client.get("web", "/two", &[]).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.json()["path"], "/two");
+    released().await;
+
+    // A head that arrives in two pieces with a quiet spell between them, then two pipelined requests.
+    let mut raw = TcpStream::connect(addr).await.expect("connect proxy");
+    raw.write_all(b"GET /split HTTP/1.1\r\nHo").await.expect("write");
+    tokio::time::sleep(quiet).await;
+    raw.write_all(b"st: web\r\n\r\n").await.expect("write");
+    let (head, body) = read_response(&mut raw).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("/split"), "{body}");
+    tokio::time::sleep(quiet).await;
+    raw.write_all(b"GET /p1 HTTP/1.1\r\nHost: web\r\n\r\nGET /p2 HTTP/1.1\r\nHost: web\r\n\r\n").await.expect("write");
+    for path in ["/p1", "/p2"] {
+        let (head, body) = read_response(&mut raw).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(!head.to_ascii_lowercase().contains("connection: close"), "{head}");
+        assert!(body.contains(path), "{path} answered with {body}");
+    }
+    released().await;
+
+    // An upgrade on a connection that has released its codec: the tunnel gets the transport.
+    let req = Request::builder()
+        .uri("/ws")
+        .header("host", "web")
+        .header("connection", "Upgrade")
+        .header("upgrade", "echo")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    client.sender.ready().await.expect("connection still open");
+    let resp = client.sender.send_request(req).await.expect("upgrade response");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    io.write_all(b"after a release").await.expect("write");
+    let mut buf = vec![0u8; 15];
+    tokio::time::timeout(Duration::from_secs(3), io.read_exact(&mut buf)).await.expect("echo in time").expect("read");
+    assert_eq!(buf, b"after a release");
+    released().await;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // HTTP/2 and gRPC
 // ---------------------------------------------------------------------------------------------------------------

@@ -2,70 +2,64 @@
 //! TLS) whose requests are routed per request against the current snapshot, admitted, authorized and forwarded.
 
 mod body;
+mod h1;
 mod local;
 mod request;
 mod upgrade;
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::oneshot;
 
+use crate::Body;
 use crate::listener::{Activity, ConnContext, Io, Metered};
 use crate::model::HttpCodec;
+
+pub use h1::RELEASE_IDLE_CODEC_AFTER;
 
 pub use local::{grpc_status_for, is_grpc};
 
 /// hyper refuses read buffers smaller than this.
 const MIN_READ_BUFFER: usize = 8192;
 
-/// Runs a hyper connection to completion; starts a graceful shutdown (HTTP/2 GOAWAY, HTTP/1.1 close after the
-/// current response) when the listener drains or the connection goes idle, and drops it at the drain deadline.
-macro_rules! drive {
-    ($conn:expr, $idle:expr, $graceful:expr, $close:expr) => {{
-        let conn = $conn;
-        let idle = $idle;
-        tokio::pin!(conn);
-        tokio::pin!(idle);
-        let graceful: &CancellationToken = &$graceful;
-        let close: &CancellationToken = &$close;
-        let mut shutting_down = false;
-        loop {
-            tokio::select! {
-                r = conn.as_mut() => break r.map_err(crate::BoxError::from),
-                () = graceful.cancelled(), if !shutting_down => {
-                    shutting_down = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                () = &mut idle, if !shutting_down => {
-                    tracing::debug!("idle timeout, closing");
-                    shutting_down = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                () = close.cancelled() => break Ok(()),
-            }
-        }
-    }};
-}
-
 /// One downstream HTTP connection as request handlers see it.
-#[derive(Debug)]
 struct HttpConn {
     ctx: Arc<ConnContext>,
     route_table: String,
     activity: Arc<Activity>,
     scheme: &'static str,
+    /// Set once an upgrade has been answered with `101`: the tunnel waiting for the downstream transport, which
+    /// the HTTP/1.1 connection hands over when hyper lets go of it.
+    upgrade: Mutex<Option<oneshot::Sender<h1::Transport>>>,
 }
+
+impl std::fmt::Debug for HttpConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConn")
+            .field("peer", &self.ctx.peer)
+            .field("route_table", &self.route_table)
+            .field("scheme", &self.scheme)
+            .finish_non_exhaustive()
+    }
+}
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Version {
     Http1,
     Http2,
-    Auto,
 }
+
+/// How long an `auto` listener waits for the bytes that tell HTTP/1.1 from HTTP/2 when the listener sets no
+/// header timeout.
+const DEFAULT_PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves HTTP on an accepted (and, with TLS, handshaken) connection until the client closes it, the idle timeout
 /// passes, or the listener drains.
@@ -76,27 +70,49 @@ pub async fn serve(
     codec: HttpCodec,
     alpn: Option<Vec<u8>>,
 ) {
-    let version = match (ctx.tls, alpn.as_deref(), codec) {
-        (true, Some(b"h2"), _) => Version::Http2,
-        (true, _, _) => Version::Http1,
-        (false, _, HttpCodec::Http1) => Version::Http1,
-        (false, _, HttpCodec::Http2) => Version::Http2,
-        (false, _, HttpCodec::Auto) => Version::Auto,
-    };
-    let activity = Arc::new(Activity::default());
-    let io = TokioIo::new(Metered::new(io, activity.clone()));
-    let scheme = if ctx.tls { "https" } else { "http" };
-    let conn = Arc::new(HttpConn { ctx: ctx.clone(), route_table, activity: activity.clone(), scheme });
-    let service = service_fn(move |req| {
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(request::handle(conn, req).await) }
-    });
-
     let timeouts = ctx.listener.spec.timeouts;
     let header_timeout =
         (timeouts.request_headers_ms > 0).then(|| Duration::from_millis(timeouts.request_headers_ms.into()));
     let idle = (timeouts.idle_ms > 0).then(|| Duration::from_millis(timeouts.idle_ms.into()));
     let max_head = ctx.listener.spec.max_request_headers_bytes as usize;
+
+    let activity = Arc::new(Activity::default());
+    let mut io = h1::Transport::new(Metered::new(io, activity.clone()));
+    let version = match (ctx.tls, alpn.as_deref(), codec) {
+        (true, Some(b"h2"), _) => Version::Http2,
+        (true, _, _) => Version::Http1,
+        (false, _, HttpCodec::Http1) => Version::Http1,
+        (false, _, HttpCodec::Http2) => Version::Http2,
+        (false, _, HttpCodec::Auto) => {
+            let sniff = h1::starts_with_h2_preface(&mut io);
+            match tokio::time::timeout(header_timeout.unwrap_or(DEFAULT_PREFACE_TIMEOUT), sniff).await {
+                Ok(Ok(true)) => Version::Http2,
+                Ok(Ok(false)) => Version::Http1,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "connection failed before its first request");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("client sent no complete request start in time, closing");
+                    return;
+                }
+            }
+        }
+    };
+    let scheme = if ctx.tls { "https" } else { "http" };
+    let conn = Arc::new(HttpConn {
+        ctx: ctx.clone(),
+        route_table,
+        activity: activity.clone(),
+        scheme,
+        upgrade: Mutex::default(),
+    });
+    let handler = conn.clone();
+    let service = service_fn(move |req| -> ResponseFuture {
+        let conn = handler.clone();
+        Box::pin(async move { Ok::<_, Infallible>(request::handle(conn, req).await) })
+    });
+
     let idle_expired = async {
         match idle {
             Some(d) => activity.idle_expired(d).await,
@@ -111,25 +127,30 @@ pub async fn serve(
                 .max_buf_size(max_head.max(MIN_READ_BUFFER))
                 .max_header_size(max_head)
                 .keep_alive(true);
-            let conn = b.serve_connection(io, service).with_upgrades();
-            drive!(conn, idle_expired, ctx.graceful, ctx.close)
+            h1::serve(&conn, io, &b, service, idle).await
         }
         Version::Http2 => {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new()).max_header_list_size(max_head as u32);
-            let conn = b.serve_connection(io, service);
-            drive!(conn, idle_expired, ctx.graceful, ctx.close)
-        }
-        Version::Auto => {
-            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            b.http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(max_head.max(MIN_READ_BUFFER))
-                .keep_alive(true);
-            b.http2().timer(TokioTimer::new()).max_header_list_size(max_head as u32);
-            let conn = b.serve_connection_with_upgrades(io, service);
-            drive!(conn, idle_expired, ctx.graceful, ctx.close)
+            let conn = b.serve_connection(TokioIo::new(io), service);
+            tokio::pin!(conn, idle_expired);
+            let mut shutting_down = false;
+            // GOAWAY when the listener drains or the connection goes idle; dropped at the drain deadline.
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => break r.map_err(crate::BoxError::from),
+                    () = ctx.graceful.cancelled(), if !shutting_down => {
+                        shutting_down = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = &mut idle_expired, if !shutting_down => {
+                        tracing::debug!("idle timeout, closing");
+                        shutting_down = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = ctx.close.cancelled() => break Ok(()),
+                }
+            }
         }
     };
     if let Err(e) = result {

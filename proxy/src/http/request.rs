@@ -11,7 +11,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Ur
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
 use tracing::Instrument;
 
 use super::body::{Counted, Record, Recorded, ReplayCopy, Teed};
@@ -30,9 +29,9 @@ const MAX_REPLAY_BODY: u64 = 64 * 1024;
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
-pub(super) async fn handle(conn: Arc<HttpConn>, mut req: Request<Incoming>) -> Response<Body> {
+pub(super) async fn handle(conn: Arc<HttpConn>, req: Request<Incoming>) -> Response<Body> {
     conn.activity.in_flight.fetch_add(1, Ordering::AcqRel);
-    let on_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let upgrade = is_upgrade(&req);
     let (parts, body) = req.into_parts();
     let grpc = local::is_grpc(&parts.headers);
     let request_id = parts
@@ -44,7 +43,7 @@ pub(super) async fn handle(conn: Arc<HttpConn>, mut req: Request<Incoming>) -> R
     let mut record = new_record(&conn, &parts, grpc, &request_id);
     let span =
         tracing::debug_span!("request", method = %parts.method, path = parts.uri.path(), request_id = %request_id);
-    let resp = route_and_forward(&conn, parts, body, on_upgrade, grpc, &request_id, &mut record).instrument(span).await;
+    let resp = route_and_forward(&conn, parts, body, upgrade, grpc, &request_id, &mut record).instrument(span).await;
     finish(resp, record)
 }
 
@@ -52,7 +51,7 @@ async fn route_and_forward(
     conn: &HttpConn,
     mut parts: Parts,
     body: Incoming,
-    on_upgrade: Option<OnUpgrade>,
+    upgrade: bool,
     grpc: bool,
     request_id: &str,
     record: &mut Record,
@@ -141,14 +140,14 @@ async fn route_and_forward(
     record.entry.cluster = cluster.id().to_string();
     record.labels.destination_service = cluster.id().to_string();
 
-    prepare_upstream_head(&mut parts, route, fwd, conn.scheme, request_id, on_upgrade.is_some());
+    prepare_upstream_head(&mut parts, route, fwd, conn.scheme, request_id, upgrade);
     let received = record.received.clone();
     let lb_headers = parts.headers.clone();
     let lb = LbContext { source: ctx.peer.ip(), headers: Some(&lb_headers) };
 
-    if let Some(on_upgrade) = on_upgrade {
+    if upgrade {
         let req = Request::from_parts(parts, Counted::new(body, received).map_err(BoxError::from).boxed_unsync());
-        return match upgrade::forward(&cluster, &lb, req, on_upgrade).await {
+        return match upgrade::forward(conn, &cluster, &lb, req).await {
             Ok(mut resp) => {
                 if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                     strip_hop_by_hop(resp.headers_mut(), false);
