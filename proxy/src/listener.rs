@@ -344,7 +344,8 @@ async fn connection(
                 0 => DEFAULT_HANDSHAKE_TIMEOUT,
                 ms => Duration::from_millis(u64::from(ms)),
             };
-            let accept = tokio_rustls::TlsAcceptor::from(config.clone()).accept(stream);
+            // Boxed: the handshake state is large and lives only until the handshake is done.
+            let accept = Box::pin(tokio_rustls::TlsAcceptor::from(config.clone()).accept(stream));
             match tokio::time::timeout(timeout, accept).await {
                 Ok(Ok(tls_stream)) => {
                     let (_, conn) = tls_stream.get_ref();
@@ -398,14 +399,14 @@ async fn connection(
                 tracing::warn!(cluster = %cluster, "cluster vanished, closing");
                 return;
             };
-            tcp::proxy(&ctx, io, tcp::Target::Cluster(cluster)).await;
+            Box::pin(tcp::proxy(&ctx, io, tcp::Target::Cluster(cluster))).await;
         }
         Handler::Passthrough => {
             if let Err(denied) = ctx.listener.authorizer.check_connection(&ctx.peer_info()) {
                 tracing::info!(policy = %denied.policy, reason = %denied.reason, "connection denied by policy");
                 return;
             }
-            tcp::proxy(&ctx, io, tcp::Target::OriginalDestination(local)).await;
+            Box::pin(tcp::proxy(&ctx, io, tcp::Target::OriginalDestination(local))).await;
         }
         Handler::Http { route_table, codec } => http::serve(ctx, io, route_table, codec, alpn).await,
     }

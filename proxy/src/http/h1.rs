@@ -159,7 +159,8 @@ where
     let mut may_release = true;
     let codecs = &ctx.runtime.metrics.http1_codecs;
     loop {
-        let mut hyper_conn = builder.serve_connection(TokioIo::new(io), service);
+        // Boxed, so a released connection's task keeps none of it.
+        let mut hyper_conn = Box::new(builder.serve_connection(TokioIo::new(io), service));
         let codec = Held::new(codecs);
         let mut ending: Option<Ended> = None;
         let served = loop {
@@ -179,7 +180,7 @@ where
                 r = poll_fn(|cx| hyper_conn.poll_without_shutdown(cx)) => break r,
                 () = ctx.graceful.cancelled(), if ending.is_none() => {
                     ending = Some(Ended::Closed);
-                    Pin::new(&mut hyper_conn).graceful_shutdown();
+                    Pin::new(&mut *hyper_conn).graceful_shutdown();
                 }
                 () = quiet => {
                     let timed_out = idle.is_some_and(|idle| activity.idle_for() >= idle);
@@ -187,7 +188,7 @@ where
                         tracing::debug!("idle timeout, closing");
                     }
                     ending = Some(if timed_out { Ended::Closed } else { Ended::Released });
-                    Pin::new(&mut hyper_conn).graceful_shutdown();
+                    Pin::new(&mut *hyper_conn).graceful_shutdown();
                 }
                 () = ctx.close.cancelled() => return Ok(()),
             }

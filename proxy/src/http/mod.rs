@@ -132,8 +132,8 @@ pub async fn serve(
         Version::Http2 => {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new()).max_header_list_size(max_head as u32);
-            let conn = b.serve_connection(TokioIo::new(io), service);
-            tokio::pin!(conn, idle_expired);
+            let mut conn = Box::pin(b.serve_connection(TokioIo::new(io), service));
+            tokio::pin!(idle_expired);
             let mut shutting_down = false;
             // GOAWAY when the listener drains or the connection goes idle; dropped at the drain deadline.
             loop {
