@@ -1,6 +1,7 @@
 //! `dpuctl fabric`: the eSwitch data path. `ports` lists the representor ports; `set` changes the fabric
-//! settings (uplink, proxy capture device); `attach` / `detach` connect a VF to a pod network; `stats` shows the
-//! installed rules with their counters and offload state.
+//! settings (uplink, proxy capture device); `attach` / `detach` connect a VF to a pod network; `service-*` manage
+//! ClusterIP services balanced in the eSwitch; `stats` shows the installed rules with their counters and offload
+//! state.
 
 use clap::{Subcommand, ValueEnum};
 use dpu_proto::v1 as pb;
@@ -34,6 +35,9 @@ pub enum FabricCommand {
         /// VXLAN UDP port; 0 for 4789.
         #[arg(long, default_value_t = 0)]
         vxlan_port: u32,
+        /// MAC address pods send service (ClusterIP) traffic to; "" for the default.
+        #[arg(long)]
+        service_gateway_mac: Option<String>,
     },
     /// The eSwitch ports on this DPU.
     Ports,
@@ -81,6 +85,106 @@ pub enum FabricCommand {
     },
     /// Installed rules per port with counters and offload state.
     Stats,
+    /// Balance a ClusterIP (VIP:port of a pod network) over backend pods.
+    ServiceCreate {
+        /// Service id, e.g. the Kubernetes service's name.
+        id: String,
+        /// The virtual IPv4 address, e.g. 10.96.0.10.
+        #[arg(long)]
+        vip: String,
+        #[arg(long)]
+        port: u32,
+        #[arg(long, value_enum, default_value_t = ServiceProtocol::Tcp)]
+        protocol: ServiceProtocol,
+        /// VLAN of the pod network (or --vni).
+        #[arg(long, default_value_t = 0)]
+        vlan: u32,
+        /// VXLAN network of the pods (or --vlan).
+        #[arg(long, default_value_t = 0)]
+        vni: u32,
+        /// Backend pod as IP:PORT, or IP:PORT:unready (repeatable).
+        #[arg(long = "backend")]
+        backends: Vec<String>,
+        #[arg(long, value_enum, default_value_t = Affinity::None)]
+        affinity: Affinity,
+    },
+    /// One service with its status.
+    ServiceGet { id: String },
+    /// Every service.
+    ServiceList,
+    /// Replace a service's backends and/or session affinity; only the options given change.
+    ServiceUpdate {
+        id: String,
+        /// Backend pod as IP:PORT, or IP:PORT:unready (repeatable); the list replaces the current one.
+        #[arg(long = "backend")]
+        backends: Vec<String>,
+        /// Remove every backend (instead of --backend).
+        #[arg(long)]
+        no_backends: bool,
+        #[arg(long, value_enum)]
+        affinity: Option<Affinity>,
+    },
+    /// Delete a service: the fabric stops balancing its VIP.
+    ServiceDelete {
+        id: String,
+        #[arg(long)]
+        allow_missing: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ServiceProtocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Affinity {
+    None,
+    ClientIp,
+}
+
+impl Affinity {
+    fn proto(self) -> pb::SessionAffinity {
+        match self {
+            Self::None => pb::SessionAffinity::None,
+            Self::ClientIp => pb::SessionAffinity::ClientIp,
+        }
+    }
+}
+
+/// `IP:PORT` (ready) or `IP:PORT:unready` / `IP:PORT:ready`.
+fn backend(text: &str) -> anyhow::Result<pb::ServiceBackend> {
+    let mut parts = text.split(':');
+    let (Some(ip), Some(port)) = (parts.next(), parts.next()) else {
+        anyhow::bail!("--backend {text:?}: expected IP:PORT or IP:PORT:unready");
+    };
+    let ready = match parts.next() {
+        None | Some("ready") => true,
+        Some("unready") => false,
+        Some(other) => anyhow::bail!("--backend {text:?}: {other:?} is neither ready nor unready"),
+    };
+    if parts.next().is_some() {
+        anyhow::bail!("--backend {text:?}: expected IP:PORT or IP:PORT:unready");
+    }
+    let port = port.parse().map_err(|_| anyhow::anyhow!("--backend {text:?}: {port:?} is not a port"))?;
+    Ok(pb::ServiceBackend { ip: ip.to_owned(), port, ready })
+}
+
+fn service_json(s: pb::Service) -> Value {
+    let protocol = match pb::ServiceProtocol::try_from(s.protocol) {
+        Ok(pb::ServiceProtocol::Udp) => "udp",
+        _ => "tcp",
+    };
+    let affinity = match pb::SessionAffinity::try_from(s.session_affinity) {
+        Ok(pb::SessionAffinity::ClientIp) => "client_ip",
+        _ => "none",
+    };
+    let backends: Vec<Value> =
+        s.backends.iter().map(|b| json!({ "ip": b.ip, "port": b.port, "ready": b.ready })).collect();
+    json!({ "name": s.name, "vip": s.vip, "port": s.port, "protocol": protocol, "vlan": s.vlan, "vni": s.vni,
+            "backends": backends, "session_affinity": affinity, "generation": s.generation,
+            "status": resource_state(s.status.as_ref()) })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -92,7 +196,7 @@ pub enum Mode {
 fn fabric_json(f: pb::Fabric) -> Value {
     json!({ "name": f.name, "uplink": f.uplink, "capture_device": f.capture_device,
             "vxlan_device": f.vxlan_device, "vtep": f.vtep, "vxlan_port": f.vxlan_port, "vxlan_peers": f.vxlan_peers,
-            "generation": f.generation, "status": resource_state(f.status.as_ref()) })
+            "service_gateway_mac": f.service_gateway_mac, "generation": f.generation, "status": resource_state(f.status.as_ref()) })
 }
 
 fn attachment_json(a: pb::Attachment) -> Value {
@@ -130,7 +234,15 @@ pub async fn fabric(channel: Channel, command: &FabricCommand) -> anyhow::Result
         FabricCommand::Get => {
             fabric_json(c.get_fabric(pb::GetFabricRequest { name: String::new() }).await?.into_inner())
         }
-        FabricCommand::Set { uplink, capture_device, vxlan_device, vtep, vxlan_peers, vxlan_port } => {
+        FabricCommand::Set {
+            uplink,
+            capture_device,
+            vxlan_device,
+            vtep,
+            vxlan_peers,
+            vxlan_port,
+            service_gateway_mac,
+        } => {
             let mut paths = Vec::new();
             let mut fabric = pb::Fabric::default();
             if let Some(u) = uplink {
@@ -148,8 +260,14 @@ pub async fn fabric(channel: Channel, command: &FabricCommand) -> anyhow::Result
                 fabric.vxlan_port = *vxlan_port;
                 paths.push("vxlan".to_owned());
             }
+            if let Some(mac) = service_gateway_mac {
+                fabric.service_gateway_mac.clone_from(mac);
+                paths.push("service_gateway_mac".to_owned());
+            }
             if paths.is_empty() {
-                anyhow::bail!("nothing to change: give --uplink, --capture-device or --vxlan-device");
+                anyhow::bail!(
+                    "nothing to change: give --uplink, --capture-device, --vxlan-device or --service-gateway-mac"
+                );
             }
             let request = pb::UpdateFabricRequest {
                 fabric: Some(fabric),
@@ -216,6 +334,69 @@ pub async fn fabric(channel: Channel, command: &FabricCommand) -> anyhow::Result
             let name = format!("attachments/{id}");
             c.delete_attachment(pb::DeleteAttachmentRequest { name: name.clone(), allow_missing: *allow_missing })
                 .await?;
+            json!({ "deleted": name })
+        }
+        FabricCommand::ServiceCreate { id, vip, port, protocol, vlan, vni, backends, affinity } => {
+            let protocol = match protocol {
+                ServiceProtocol::Tcp => pb::ServiceProtocol::Tcp,
+                ServiceProtocol::Udp => pb::ServiceProtocol::Udp,
+            };
+            let service = pb::Service {
+                vip: vip.clone(),
+                port: *port,
+                protocol: protocol.into(),
+                vlan: *vlan,
+                vni: *vni,
+                backends: backends.iter().map(|b| backend(b)).collect::<anyhow::Result<_>>()?,
+                session_affinity: affinity.proto().into(),
+                ..Default::default()
+            };
+            let request = pb::CreateServiceRequest { service_id: id.clone(), service: Some(service) };
+            service_json(c.create_service(request).await?.into_inner())
+        }
+        FabricCommand::ServiceGet { id } => {
+            service_json(c.get_service(pb::GetServiceRequest { name: format!("services/{id}") }).await?.into_inner())
+        }
+        FabricCommand::ServiceList => {
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = c.list_services(pb::ListServicesRequest { page_size: 0, page_token }).await?.into_inner();
+                all.extend(page.services.into_iter().map(service_json));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            json!({ "services": all })
+        }
+        FabricCommand::ServiceUpdate { id, backends, no_backends, affinity } => {
+            let mut paths = Vec::new();
+            let mut service = pb::Service { name: format!("services/{id}"), ..Default::default() };
+            if !backends.is_empty() || *no_backends {
+                if !backends.is_empty() && *no_backends {
+                    anyhow::bail!("give either --backend or --no-backends");
+                }
+                service.backends = backends.iter().map(|b| backend(b)).collect::<anyhow::Result<_>>()?;
+                paths.push("backends".to_owned());
+            }
+            if let Some(a) = affinity {
+                service.session_affinity = a.proto().into();
+                paths.push("session_affinity".to_owned());
+            }
+            if paths.is_empty() {
+                anyhow::bail!("nothing to change: give --backend, --no-backends or --affinity");
+            }
+            let request = pb::UpdateServiceRequest {
+                service: Some(service),
+                update_mask: Some(prost_types::FieldMask { paths }),
+                expected_generation: 0,
+            };
+            service_json(c.update_service(request).await?.into_inner())
+        }
+        FabricCommand::ServiceDelete { id, allow_missing } => {
+            let name = format!("services/{id}");
+            c.delete_service(pb::DeleteServiceRequest { name: name.clone(), allow_missing: *allow_missing }).await?;
             json!({ "deleted": name })
         }
         FabricCommand::Stats => {

@@ -488,17 +488,18 @@ fn plain(value: &Value) -> String {
     value.as_str().map_or_else(|| value.to_string(), str::to_owned)
 }
 
-/// Prints a JSON object as aligned `key  value` lines; nested arrays of objects become indented rows.
-fn print_table(value: &Value) {
+/// Renders a JSON object as aligned `key  value` lines; nested arrays of objects become indented rows.
+fn table(value: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let Value::Object(map) = value else {
-        println!("{value}");
-        return;
+        return format!("{value}\n");
     };
     let width = map.keys().map(String::len).max().unwrap_or(0);
     for (key, v) in map {
         match v {
             Value::Array(rows) if rows.iter().all(Value::is_object) => {
-                println!("{key}:");
+                _ = writeln!(out, "{key}:");
                 let cell = |row: &Value, k: &str| row.get(k).map_or_else(String::new, plain);
                 for row in rows {
                     let rest: Vec<String> = row
@@ -508,18 +509,19 @@ fn print_table(value: &Value) {
                         .filter(|(k, _)| !matches!(k.as_str(), "name" | "state"))
                         .map(|(_, c)| plain(c))
                         .collect();
-                    println!("  {:<12} {:<12} {}", cell(row, "name"), cell(row, "state"), rest.join(" "));
+                    _ = writeln!(out, "  {:<12} {:<12} {}", cell(row, "name"), cell(row, "state"), rest.join(" "));
                 }
             }
             Value::Object(inner) => {
                 let text: Vec<String> = inner.iter().map(|(k, c)| format!("{k}={}", plain(c))).collect();
-                println!("{key:<width$}  {}", text.join(" "));
+                _ = writeln!(out, "{key:<width$}  {}", text.join(" "));
             }
-            Value::String(s) => println!("{key:<width$}  {s}"),
-            Value::Null => println!("{key:<width$}  -"),
-            other => println!("{key:<width$}  {other}"),
+            Value::String(s) => _ = writeln!(out, "{key:<width$}  {s}"),
+            Value::Null => _ = writeln!(out, "{key:<width$}  -"),
+            other => _ = writeln!(out, "{key:<width$}  {other}"),
         }
     }
+    out
 }
 
 fn parse_labels(labels: &[String]) -> anyhow::Result<std::collections::HashMap<String, String>> {
@@ -589,12 +591,16 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(execute(&cli)) {
         Ok(value) => {
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
-            } else {
-                print_table(&value);
+            let text =
+                if cli.json { serde_json::to_string_pretty(&value).unwrap_or_default() + "\n" } else { table(&value) };
+            // A reader that stops early (`| grep -q`, `| head`) is not an error of the command.
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    eprintln!("dpuctl: writing the output: {e}");
+                    ExitCode::FAILURE
+                }
+                _ => ExitCode::SUCCESS,
             }
-            ExitCode::SUCCESS
         }
         Err(e) => {
             match e.downcast_ref::<tonic::Status>() {

@@ -1,14 +1,15 @@
 //! Validated fabric intent: what the API accepted, as stored in the intent store.
 //!
 //! - `fabrics/default` ([`FabricSpec`]): the node's uplink port and the proxy's capture device;
-//! - `attachments/{id}` ([`AttachmentSpec`]): one VF attached to a pod network.
+//! - `attachments/{id}` ([`AttachmentSpec`]): one VF attached to a pod network;
+//! - `services/{id}` ([`ServiceSpec`]): a ClusterIP of a pod network balanced over backend pods.
 //!
 //! A port is named by its eSwitch identity ([`PortId`]: controller, PF, VF or SF number), never by the netdev
 //! name its representor happens to have.
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::str::FromStr;
 
 pub use dpu_intent::Invalid;
@@ -347,7 +348,13 @@ pub struct FabricSpec {
     /// How VXLAN networks reach the other hosts; `None`: VXLAN attachments are refused.
     #[serde(default)]
     pub vxlan: Option<VxlanSpec>,
+    /// The MAC address pods send service (ClusterIP) traffic to; `None`: [`DEFAULT_SERVICE_GATEWAY_MAC`].
+    #[serde(default)]
+    pub service_gateway_mac: Option<MacAddr>,
 }
+
+/// The service gateway MAC when the fabric does not name one: locally administered, unicast.
+pub const DEFAULT_SERVICE_GATEWAY_MAC: MacAddr = MacAddr([0x02, 0xd9, 0xd0, 0x5e, 0x00, 0x01]);
 
 /// Default VXLAN UDP port (IANA).
 pub const VXLAN_PORT: u16 = 4789;
@@ -367,7 +374,17 @@ impl Resource for FabricSpec {
 }
 
 impl FabricSpec {
+    /// The MAC address pods send service traffic to.
+    pub fn gateway_mac(&self) -> MacAddr {
+        self.service_gateway_mac.unwrap_or(DEFAULT_SERVICE_GATEWAY_MAC)
+    }
+
     pub fn validate(&self) -> Result<(), Invalid> {
+        if let Some(mac) = self.service_gateway_mac
+            && (mac.is_multicast() || mac.is_zero())
+        {
+            return invalid("fabric.service_gateway_mac", format!("{mac} is not a unicast address"));
+        }
         if let Some(uplink) = &self.uplink
             && uplink.function != Function::Physical
         {
@@ -398,6 +415,118 @@ impl FabricSpec {
             }
         }
         Ok(())
+    }
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        })
+    }
+}
+
+/// How a service picks the backend of a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionAffinity {
+    /// By the client's source port: connections spread over the backends.
+    #[default]
+    None,
+    /// By the client's address: every connection of a client goes to the same backend.
+    ClientIp,
+}
+
+/// One backend pod of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Backend {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// Ready (Kubernetes EndpointSlice condition): only ready backends get new connections; established ones
+    /// to an unready backend go on.
+    pub ready: bool,
+}
+
+/// Most backends of one service.
+pub const MAX_BACKENDS: usize = 256;
+
+/// `services/{id}`: a virtual address (ClusterIP) of a pod network, balanced over backend pods of that network
+/// with conntrack DNAT in the eSwitch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub segment: Segment,
+    /// Sorted by (ip, port), unique.
+    pub backends: Vec<Backend>,
+    #[serde(default)]
+    pub session_affinity: SessionAffinity,
+}
+
+impl Resource for ServiceSpec {
+    const KIND: &'static str = "services";
+}
+
+impl ServiceSpec {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let unicast = |ip: Ipv4Addr| !(ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast());
+        if !unicast(self.vip) {
+            return invalid("service.vip", format!("{} is not a unicast address", self.vip));
+        }
+        if self.port == 0 {
+            return invalid("service.port", "0 is not a port");
+        }
+        match self.segment {
+            Segment::Vlan(id) if !(1..=4094).contains(&id) => {
+                return invalid("service.vlan", format!("{id} is not in 1..=4094"));
+            }
+            Segment::Vxlan(vni) if !(1..=0xff_ffff).contains(&vni) => {
+                return invalid("service.vni", format!("{vni} is not in 1..=16777215"));
+            }
+            Segment::Vlan(_) | Segment::Vxlan(_) => {}
+        }
+        if self.backends.len() > MAX_BACKENDS {
+            return invalid("service.backends", format!("{} backends; at most {MAX_BACKENDS}", self.backends.len()));
+        }
+        for pair in self.backends.windows(2) {
+            if (pair[0].ip, pair[0].port) >= (pair[1].ip, pair[1].port) {
+                return invalid("service.backends", format!("{}:{} is listed twice", pair[1].ip, pair[1].port));
+            }
+        }
+        for b in &self.backends {
+            if !unicast(b.ip) || b.ip == self.vip {
+                return invalid("service.backends", format!("{} is not a unicast pod address", b.ip));
+            }
+            if b.port == 0 {
+                return invalid("service.backends", format!("{}: 0 is not a port", b.ip));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sorts the backends into their stored order (by address and port).
+    pub fn normalize(&mut self) {
+        self.backends.sort_by_key(|b| (b.ip, b.port, b.ready));
     }
 }
 
@@ -489,6 +618,7 @@ mod tests {
             uplink: Some("p0".parse().unwrap()),
             capture_device: Some("proxy0".into()),
             vxlan: Some(vxlan.clone()),
+            service_gateway_mac: None,
         };
         good.validate().unwrap();
         let vf = FabricSpec { uplink: Some(PortId::vf(0, 1)), ..FabricSpec::default() };
@@ -500,6 +630,53 @@ mod tests {
         assert_eq!(mixed.validate().unwrap_err().field, "fabric.vxlan_peers");
         let zero = FabricSpec { vxlan: Some(VxlanSpec { port: 0, ..vxlan }), ..FabricSpec::default() };
         assert_eq!(zero.validate().unwrap_err().field, "fabric.vxlan_port");
+    }
+
+    fn service() -> ServiceSpec {
+        ServiceSpec {
+            vip: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            segment: Segment::Vlan(100),
+            backends: vec![
+                Backend { ip: "10.100.0.2".parse().unwrap(), port: 8080, ready: true },
+                Backend { ip: "10.100.0.3".parse().unwrap(), port: 8080, ready: false },
+            ],
+            session_affinity: SessionAffinity::None,
+        }
+    }
+
+    #[test]
+    fn service_rules() {
+        service().validate().unwrap();
+        let field = |s: ServiceSpec| s.validate().unwrap_err().field;
+        assert_eq!(field(ServiceSpec { vip: Ipv4Addr::UNSPECIFIED, ..service() }), "service.vip");
+        assert_eq!(field(ServiceSpec { vip: "224.0.0.1".parse().unwrap(), ..service() }), "service.vip");
+        assert_eq!(field(ServiceSpec { port: 0, ..service() }), "service.port");
+        assert_eq!(field(ServiceSpec { segment: Segment::Vlan(0), ..service() }), "service.vlan");
+        assert_eq!(field(ServiceSpec { segment: Segment::Vxlan(1 << 24), ..service() }), "service.vni");
+        let mut twice = service();
+        twice.backends[1] = twice.backends[0];
+        assert_eq!(field(twice), "service.backends");
+        let mut unsorted = service();
+        unsorted.backends.reverse();
+        assert_eq!(field(unsorted.clone()), "service.backends");
+        unsorted.normalize();
+        unsorted.validate().unwrap();
+        let mut zero = service();
+        zero.backends[0].port = 0;
+        assert_eq!(field(zero), "service.backends");
+        let mut vip = service();
+        vip.backends[0].ip = vip.vip;
+        assert_eq!(field(vip), "service.backends");
+        let json = serde_json::to_value(service()).unwrap();
+        assert_eq!(json["protocol"], "tcp");
+        assert_eq!(json["session_affinity"], "none");
+        assert_eq!(serde_json::from_value::<ServiceSpec>(json).unwrap(), service());
+        let bad_gw = FabricSpec { service_gateway_mac: Some(MacAddr::BROADCAST), ..FabricSpec::default() };
+        assert_eq!(bad_gw.validate().unwrap_err().field, "fabric.service_gateway_mac");
+        assert_eq!(FabricSpec::default().gateway_mac(), DEFAULT_SERVICE_GATEWAY_MAC);
+        assert!(!DEFAULT_SERVICE_GATEWAY_MAC.is_multicast() && DEFAULT_SERVICE_GATEWAY_MAC.0[0] & 2 == 2);
     }
 
     #[test]

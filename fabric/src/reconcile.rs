@@ -13,9 +13,9 @@ use dpu_intent::Store;
 use dpu_intent::reconcile::{ObjectKey, ObjectState, ObjectStatus, Pass, ReconcileError, Reconciler, Trigger};
 
 use crate::FabricError;
-use crate::model::{AttachmentSpec, FABRIC_ID, FabricSpec};
-use crate::rules::{Rule, RuleId, compile};
-use crate::switch::{Switch, cookie};
+use crate::model::{AttachmentSpec, FABRIC_ID, FabricSpec, ServiceSpec};
+use crate::rules::{Rule, RuleId, compile, service_owner};
+use crate::switch::{Change, Encoded, Links, Switch, encode};
 
 /// Status-board name of the fabric reconciler.
 pub const SUBSYSTEM: &str = "fabric";
@@ -34,8 +34,10 @@ fn status(state: ObjectState, reason: impl Into<String>, generation: u64) -> Obj
 #[derive(Debug, Default)]
 struct Outcome {
     changes: usize,
-    /// Attachment id → why it is not fully installed.
+    /// Attachment id or service owner (`services/{id}`) → why its rules are not installed.
     failed: BTreeMap<String, String>,
+    /// Service id → why it is not (fully) served, though its rules are installed.
+    unserved_services: BTreeMap<String, String>,
 }
 
 impl FabricReconciler {
@@ -48,13 +50,23 @@ impl FabricReconciler {
         &self.switch
     }
 
-    /// One pass over the switch (blocking: netlink round trips).
-    fn converge(&self, fabric: &FabricSpec, attachments: &[(String, AttachmentSpec)]) -> Result<Outcome, FabricError> {
+    /// One pass over the switch (blocking: netlink round trips). Interface indexes are read once, at its start;
+    /// a device that disappears during the pass fails its rules, and the link event it causes starts another.
+    fn converge(
+        &self,
+        fabric: &FabricSpec,
+        attachments: &[(String, AttachmentSpec)],
+        services: &[(String, ServiceSpec)],
+    ) -> Result<Outcome, FabricError> {
         let ports = self.switch.ports()?;
-        let compiled = compile(fabric, attachments, &ports);
+        let links = self.switch.links()?;
+        let compiled = compile(fabric, attachments, services, &ports);
         let mut out = Outcome::default();
         for u in &compiled.unserved {
             out.failed.entry(u.attachment.clone()).or_insert_with(|| u.reason.clone());
+        }
+        for u in &compiled.unserved_services {
+            out.unserved_services.entry(u.service.clone()).or_insert_with(|| u.reason.clone());
         }
         let offload: BTreeMap<&str, bool> = ports.iter().map(|p| (p.netdev.as_str(), p.hw_tc_offload)).collect();
         let mut devices: BTreeSet<&str> = ports.iter().map(|p| p.netdev.as_str()).collect();
@@ -62,23 +74,30 @@ impl FabricReconciler {
         // The fabric's own devices are cleaned up too when nothing needs them any more.
         devices.extend(fabric.capture_device.as_deref());
         devices.extend(fabric.vxlan.as_ref().map(|v| v.device.as_str()));
-        // (dev, id, owner) of every filter added in this pass, for rollback.
-        let mut added: Vec<(String, RuleId, String)> = Vec::new();
+        // Filters added in this pass with their owners, per device, for rollback.
+        let mut added: BTreeMap<String, Vec<(RuleId, String)>> = BTreeMap::new();
         let none = Vec::new();
         for dev in devices {
             let wanted = compiled.rules.get(dev).unwrap_or(&none);
             let hw = offload.get(dev).copied().unwrap_or(false);
             // A device that fails (vanished, refused the qdisc, unreadable) fails only the attachments it serves.
-            if let Err(e) = self.converge_device(dev, wanted, hw, &mut out, &mut added) {
+            let mut device_added = Vec::new();
+            if let Err(e) = self.converge_device(&links, dev, wanted, hw, &mut out, &mut device_added) {
                 tracing::warn!(dev, error = %e, "converging a port failed");
                 for r in wanted {
                     fail(&mut out.failed, &r.owner, &e);
                 }
             }
+            if !device_added.is_empty() {
+                added.insert(dev.to_owned(), device_added);
+            }
         }
-        for (dev, id, owner) in added {
-            if owner.split(',').all(|o| out.failed.contains_key(o)) {
-                match self.switch.remove(&dev, id) {
+        for (dev, rules) in added {
+            let undo: Vec<(RuleId, String)> =
+                rules.into_iter().filter(|(_, owner)| owners_of(owner).all(|o| out.failed.contains_key(o))).collect();
+            let changes: Vec<Change<'_>> = undo.iter().map(|(id, _)| Change::Remove(*id)).collect();
+            for ((id, owner), result) in undo.iter().zip(self.switch.apply(&dev, &changes)) {
+                match result {
                     Ok(()) => tracing::info!(dev, rule = %id, owner, "rolled back a rule of a failed attachment"),
                     Err(e) => tracing::warn!(dev, rule = %id, error = %e, "rolling back a rule failed"),
                 }
@@ -89,15 +108,16 @@ impl FabricReconciler {
 }
 
 impl FabricReconciler {
-    /// Brings one device's ingress filters to `wanted`. Refused rules fail their owners and the pass goes on;
-    /// errors reading or preparing the device are returned.
+    /// Brings one device's ingress filters to `wanted` with one pipelined batch of writes. Refused rules fail
+    /// their owners and the pass goes on; errors reading or preparing the device are returned.
     fn converge_device(
         &self,
+        links: &Links,
         dev: &str,
         wanted: &[Rule],
         hw: bool,
         out: &mut Outcome,
-        added: &mut Vec<(String, RuleId, String)>,
+        added: &mut Vec<(RuleId, String)>,
     ) -> Result<(), FabricError> {
         let has_clsact = match self.switch.has_clsact(dev) {
             Err(FabricError::NoDevice(_)) if wanted.is_empty() => return Ok(()),
@@ -110,47 +130,70 @@ impl FabricReconciler {
             self.switch.add_clsact(dev)?;
             out.changes += 1;
         }
-        let plan = plan(self.switch.as_ref(), dev, wanted, hw)?;
-        for step in plan.steps {
-            let rule = match &step {
-                Step::Add { rule, .. } | Step::Replace { rule, .. } | Step::Broken { rule, .. } => *rule,
-            };
+        let plan = plan(self.switch.as_ref(), links, dev, wanted, hw)?;
+        let mut changes = Vec::with_capacity(plan.steps.len() + plan.remove.len());
+        let mut sent: Vec<&Rule> = Vec::with_capacity(plan.steps.len());
+        for step in &plan.steps {
+            let rule = step.rule();
             if owners(rule).all(|o| out.failed.contains_key(o)) {
                 // Its attachment already failed elsewhere in this pass.
                 continue;
             }
-            let result = match step {
-                Step::Add { rule, cookie } => self.switch.install(dev, rule, hw, &cookie, false).map(|()| {
-                    added.push((dev.to_owned(), rule.id(), rule.owner.clone()));
-                }),
-                Step::Replace { rule, cookie } => self.switch.install(dev, rule, hw, &cookie, true),
-                Step::Broken { error, .. } => Err(error),
-            };
-            match result {
-                Ok(()) => out.changes += 1,
-                Err(e) => {
+            match step {
+                Step::Add { encoded, .. } => changes.push(Change::Add(encoded)),
+                Step::Replace { encoded, .. } => changes.push(Change::Replace(encoded)),
+                Step::Broken { error, .. } => {
+                    tracing::warn!(dev, rule = %rule.id(), owner = %rule.owner, error = %error, "encoding a rule failed");
+                    fail(&mut out.failed, &rule.owner, error);
+                    continue;
+                }
+            }
+            sent.push(rule);
+        }
+        let installs = changes.len();
+        changes.extend(plan.remove.iter().map(|id| Change::Remove(*id)));
+        let results = self.switch.apply(dev, &changes);
+        let mut removal_error = None;
+        for (i, (change, result)) in changes.iter().zip(results).enumerate() {
+            match (result, sent.get(i)) {
+                (Ok(()), Some(rule)) => {
+                    out.changes += 1;
+                    if matches!(change, Change::Add(_)) {
+                        added.push((rule.id(), rule.owner.clone()));
+                    }
+                }
+                (Err(e), Some(rule)) => {
                     tracing::warn!(dev, rule = %rule.id(), owner = %rule.owner, error = %e, "installing a rule failed");
                     fail(&mut out.failed, &rule.owner, &e);
                 }
+                (Ok(()), None) => out.changes += 1,
+                (Err(e), None) => {
+                    tracing::warn!(dev, rule = %plan.remove[i - installs], error = %e, "removing a rule failed");
+                    removal_error.get_or_insert(e);
+                }
             }
         }
-        for id in plan.remove {
-            self.switch.remove(dev, id)?;
-            out.changes += 1;
-        }
-        Ok(())
+        removal_error.map_or(Ok(()), Err)
     }
 }
 
 /// One difference between a device's filters and the wanted rules.
 #[derive(Debug)]
 pub enum Step<'a> {
-    /// Not installed: add it with this cookie.
-    Add { rule: &'a Rule, cookie: Vec<u8> },
+    /// Not installed: add it.
+    Add { rule: &'a Rule, encoded: Encoded },
     /// Installed with other content: replace it.
-    Replace { rule: &'a Rule, cookie: Vec<u8> },
+    Replace { rule: &'a Rule, encoded: Encoded },
     /// Cannot be encoded here (a device it names is missing).
     Broken { rule: &'a Rule, error: FabricError },
+}
+
+impl<'a> Step<'a> {
+    pub fn rule(&self) -> &'a Rule {
+        match self {
+            Self::Add { rule, .. } | Self::Replace { rule, .. } | Self::Broken { rule, .. } => rule,
+        }
+    }
 }
 
 /// What differs on one device; an unchanged device has an empty plan.
@@ -164,19 +207,24 @@ pub struct Plan<'a> {
 }
 
 /// Compares the ingress filters of `dev` (which must have a clsact qdisc) with `wanted`, by identity and
-/// content cookie. Reads only: one filter dump.
-pub fn plan<'a>(switch: &dyn Switch, dev: &str, wanted: &'a [Rule], offload: bool) -> Result<Plan<'a>, FabricError> {
+/// content cookie. Reads only: one filter dump; every wanted rule is encoded once, with `links`.
+pub fn plan<'a>(
+    switch: &dyn Switch,
+    links: &Links,
+    dev: &str,
+    wanted: &'a [Rule],
+    offload: bool,
+) -> Result<Plan<'a>, FabricError> {
     let present: BTreeMap<RuleId, Option<Vec<u8>>> = switch.rules(dev)?.into_iter().map(|f| (f.id, f.cookie)).collect();
-    let resolve = |d: &str| switch.ifindex(d);
-    let ifindex = switch.ifindex(dev)?;
+    links.ifindex(dev)?;
     let mut plan = Plan::default();
     for rule in wanted {
-        match cookie(ifindex, rule, offload, &resolve) {
+        match encode(links, dev, rule, offload) {
             Err(error) => plan.steps.push(Step::Broken { rule, error }),
-            Ok(c) => match present.get(&rule.id()) {
-                Some(Some(have)) if *have == c => plan.unchanged += 1,
-                Some(_) => plan.steps.push(Step::Replace { rule, cookie: c }),
-                None => plan.steps.push(Step::Add { rule, cookie: c }),
+            Ok(encoded) => match present.get(&rule.id()) {
+                Some(Some(have)) if have[..] == encoded.cookie[..] => plan.unchanged += 1,
+                Some(_) => plan.steps.push(Step::Replace { rule, encoded }),
+                None => plan.steps.push(Step::Add { rule, encoded }),
             },
         }
     }
@@ -185,32 +233,49 @@ pub fn plan<'a>(switch: &dyn Switch, dev: &str, wanted: &'a [Rule], offload: boo
     Ok(plan)
 }
 
-/// Brings `dev` to exactly `wanted` (adding the clsact qdisc if needed), stopping at the first refusal.
-/// Returns the number of writes: 0 when nothing differed.
+/// Brings `dev` to exactly `wanted` (adding the clsact qdisc if needed) with one pipelined batch; returns the
+/// first refusal (the other changes of the batch are applied). Returns the number of writes: 0 when nothing
+/// differed.
 pub fn sync(switch: &dyn Switch, dev: &str, wanted: &[Rule], offload: bool) -> Result<usize, FabricError> {
     let mut writes = 0;
     if !switch.has_clsact(dev)? {
         switch.add_clsact(dev)?;
         writes += 1;
     }
-    let plan = plan(switch, dev, wanted, offload)?;
-    for step in plan.steps {
+    let links = switch.links()?;
+    let mut plan = plan(switch, &links, dev, wanted, offload)?;
+    if let Some(at) = plan.steps.iter().position(|s| matches!(s, Step::Broken { .. }))
+        && let Step::Broken { error, .. } = plan.steps.swap_remove(at)
+    {
+        return Err(error);
+    }
+    let mut changes = Vec::with_capacity(plan.steps.len() + plan.remove.len());
+    for step in &plan.steps {
         match step {
-            Step::Add { rule, cookie } => switch.install(dev, rule, offload, &cookie, false)?,
-            Step::Replace { rule, cookie } => switch.install(dev, rule, offload, &cookie, true)?,
-            Step::Broken { error, .. } => return Err(error),
+            Step::Add { encoded, .. } => changes.push(Change::Add(encoded)),
+            Step::Replace { encoded, .. } => changes.push(Change::Replace(encoded)),
+            Step::Broken { .. } => {}
         }
-        writes += 1;
     }
-    for id in plan.remove {
-        switch.remove(dev, id)?;
-        writes += 1;
+    changes.extend(plan.remove.iter().map(|id| Change::Remove(*id)));
+    let mut first = None;
+    for result in switch.apply(dev, &changes) {
+        match result {
+            Ok(()) => writes += 1,
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
     }
-    Ok(writes)
+    first.map_or(Ok(writes), Err)
 }
 
 fn owners(rule: &Rule) -> impl Iterator<Item = &str> {
-    rule.owner.split(',')
+    owners_of(&rule.owner)
+}
+
+fn owners_of(owner: &str) -> impl Iterator<Item = &str> {
+    owner.split(',')
 }
 
 fn fail(failed: &mut BTreeMap<String, String>, owner: &str, e: &FabricError) {
@@ -231,10 +296,13 @@ impl Reconciler for FabricReconciler {
             Err(e) => return Err(e.into()),
         };
         let attachments = store.list_all::<AttachmentSpec>()?;
+        let services = store.list_all::<ServiceSpec>()?;
         let spec = fabric.as_ref().map(|f| f.spec.clone()).unwrap_or_default();
         let input: Vec<(String, AttachmentSpec)> = attachments.iter().map(|a| (a.id.clone(), a.spec.clone())).collect();
+        let service_input: Vec<(String, ServiceSpec)> =
+            services.iter().map(|s| (s.id.clone(), s.spec.clone())).collect();
         let this = self.clone();
-        let outcome = tokio::task::spawn_blocking(move || this.converge(&spec, &input))
+        let outcome = tokio::task::spawn_blocking(move || this.converge(&spec, &input, &service_input))
             .await
             .map_err(|e| ReconcileError::Failed(format!("fabric pass panicked: {e}")))?
             .map_err(|e| ReconcileError::Failed(e.to_string()))?;
@@ -248,6 +316,14 @@ impl Reconciler for FabricReconciler {
                 None => status(ObjectState::Ready, "", a.meta.generation),
             };
             statuses.push((ObjectKey::of::<AttachmentSpec>(&a.id), s));
+        }
+        for svc in &services {
+            let failed = outcome.failed.get(&service_owner(&svc.id));
+            let s = match failed.or_else(|| outcome.unserved_services.get(&svc.id)) {
+                Some(reason) => status(ObjectState::Error, reason.clone(), svc.meta.generation),
+                None => status(ObjectState::Ready, "", svc.meta.generation),
+            };
+            statuses.push((ObjectKey::of::<ServiceSpec>(&svc.id), s));
         }
         Ok(Pass { changes: outcome.changes, statuses })
     }
@@ -312,7 +388,11 @@ mod tests {
         store
             .create(
                 FABRIC_ID,
-                FabricSpec { uplink: Some("p0".parse().unwrap()), capture_device: Some("proxy0".into()), vxlan: None },
+                FabricSpec {
+                    uplink: Some("p0".parse().unwrap()),
+                    capture_device: Some("proxy0".into()),
+                    ..FabricSpec::default()
+                },
             )
             .unwrap();
         let reconciler = FabricReconciler::new(sim.clone());
@@ -427,7 +507,7 @@ mod tests {
         let wanted: Vec<Rule> = (1..=50).map(rule).collect();
         assert_eq!(sync(&sim, "a", &wanted, false).unwrap(), 51, "the qdisc and every rule");
         assert_eq!(sync(&sim, "a", &wanted, false).unwrap(), 0);
-        let p = plan(&sim, "a", &wanted, false).unwrap();
+        let p = plan(&sim, &sim.links().unwrap(), "a", &wanted, false).unwrap();
         assert_eq!((p.steps.len(), p.remove.len(), p.unchanged), (0, 0, 50));
         assert_eq!(sync(&sim, "a", &wanted[..40], false).unwrap(), 10, "ten removed");
         assert_eq!(sync(&sim, "a", &wanted, true).unwrap_err().errno(), Some(95), "no offload on this port");
@@ -448,5 +528,61 @@ mod tests {
         let pass = reconciler.reconcile(&store).await.unwrap();
         assert!(pass.statuses.iter().all(|(_, s)| s.state == ObjectState::Ready));
         assert!(sim.filter_count("pf0vf1") > 0);
+    }
+
+    #[tokio::test]
+    async fn services_converge_write_nothing_unchanged_and_report_unserved_backends() {
+        use crate::model::{Backend, Protocol, SessionAffinity};
+        let (_dir, store, sim, reconciler) = setup();
+        for vf in 1..=3 {
+            store.create(&format!("pod{vf}"), attachment(vf, 10)).unwrap();
+        }
+        let backend = |last: u8, ready: bool| Backend { ip: [10, 0, 0, last].into(), port: 8080, ready };
+        let web = ServiceSpec {
+            vip: [10, 96, 0, 10].into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            segment: Segment::Vlan(10),
+            backends: vec![backend(2, true), backend(3, true), backend(9, true)],
+            session_affinity: SessionAffinity::None,
+        };
+        store.create("web", web.clone()).unwrap();
+        let pass = reconciler.reconcile(&store).await.unwrap();
+        let by_id: BTreeMap<String, ObjectStatus> = pass.statuses.into_iter().map(|(k, s)| (k.id, s)).collect();
+        assert_eq!(by_id["pod1"].state, ObjectState::Ready, "{}", by_id["pod1"].reason);
+        assert_eq!(by_id["web"].state, ObjectState::Error);
+        assert_eq!(by_id["web"].reason, "backends 10.0.0.9:8080 are no pod of vlan 10 on this DPU");
+        let ct_rules = |dev: &str| {
+            sim.rules(dev)
+                .unwrap()
+                .into_iter()
+                .filter(|f| f.actions.iter().any(|a| matches!(a, crate::rules::Action::Ct { .. })))
+                .count()
+        };
+        assert_eq!(ct_rules("pf0vf1"), 1 + usize::from(crate::rules::SERVICE_BUCKETS), "track + one rule per bucket");
+        assert!(ct_rules("pf0vf2") > ct_rules("pf0vf1"), "a backend also tracks its replies");
+
+        // Read back from the switch, the ct and pedit rules compare equal: nothing is rewritten.
+        let writes = sim.writes();
+        assert_eq!(reconciler.reconcile(&store).await.unwrap().changes, 0);
+        assert_eq!(sim.writes(), writes, "a no-op pass writes nothing");
+
+        // An unready backend: only the buckets that pointed at it are rewritten.
+        let mut update = web.clone();
+        update.backends = vec![backend(2, true), backend(3, false)];
+        store.update("web", update, None).unwrap();
+        let pass = reconciler.reconcile(&store).await.unwrap();
+        assert!(pass.changes > 0 && pass.changes <= 3 * 10, "{} changes", pass.changes);
+        let web_status = pass.statuses.iter().find(|(k, _)| k.id == "web").unwrap();
+        assert_eq!(web_status.1.state, ObjectState::Ready, "{}", web_status.1.reason);
+        let writes = sim.writes();
+        assert_eq!(reconciler.reconcile(&store).await.unwrap().changes, 0);
+        assert_eq!(sim.writes(), writes);
+
+        store.delete::<ServiceSpec>("web", false).unwrap();
+        assert!(reconciler.reconcile(&store).await.unwrap().changes > 0);
+        for dev in ["pf0vf1", "pf0vf2", "pf0vf3"] {
+            assert_eq!(ct_rules(dev), 0, "{dev}");
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Mutex, PoisonError};
 
 use crate::FabricError;
 use crate::netlink::devlink::Devlink;
-use crate::netlink::socket::{Ethtool, NlSocket};
+use crate::netlink::socket::{Ethtool, NlSocket, Request};
 use crate::netlink::tc::{self, Filter};
 use crate::ports::{InventoryConfig, InventorySource, Port, PortSource, from_devlink, scan};
 use crate::rules::{Rule, RuleId};
@@ -23,41 +23,81 @@ const NETLINK_ROUTE: isize = 0;
 pub trait Switch: Send + Sync + fmt::Debug + 'static {
     /// The port inventory.
     fn ports(&self) -> Result<Vec<Port>, FabricError>;
-    /// Interface index of a netdev.
-    fn ifindex(&self, dev: &str) -> Result<u32, FabricError>;
+    /// Interface indexes of every netdev now: read once per pass, so encoding a rule reads nothing.
+    fn links(&self) -> Result<Links, FabricError>;
     /// Whether `dev` has a clsact qdisc.
     fn has_clsact(&self, dev: &str) -> Result<bool, FabricError>;
     /// Adds the clsact qdisc to `dev`.
     fn add_clsact(&self, dev: &str) -> Result<(), FabricError>;
     /// Flower filters on the ingress hook of `dev`, chain 0.
     fn rules(&self, dev: &str) -> Result<Vec<Filter>, FabricError>;
-    /// Installs `rule` on `dev` (in hardware only when `offload`, else in software only), replacing a filter
-    /// with the same identity when `replace`. The rule carries `cookie` for later comparison.
-    fn install(&self, dev: &str, rule: &Rule, offload: bool, cookie: &[u8], replace: bool) -> Result<(), FabricError>;
-    /// Removes one filter.
-    fn remove(&self, dev: &str, id: RuleId) -> Result<(), FabricError>;
+    /// Applies `changes` to the ingress hook of `dev` in order, returning one result per change: a refused
+    /// change does not stop the ones after it. The netlink switch pipelines them (many requests per datagram).
+    fn apply(&self, dev: &str, changes: &[Change<'_>]) -> Vec<Result<(), FabricError>>;
     /// Number of writes (qdisc and filter changes) made so far.
     fn writes(&self) -> u64;
+}
+
+/// Interface indexes by netdev name, as read at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Links {
+    by_name: BTreeMap<String, u32>,
+}
+
+impl Links {
+    pub fn new(by_name: BTreeMap<String, u32>) -> Self {
+        Self { by_name }
+    }
+
+    /// Interface index of `dev`.
+    pub fn ifindex(&self, dev: &str) -> Result<u32, FabricError> {
+        self.by_name.get(dev).copied().ok_or_else(|| FabricError::NoDevice(dev.to_owned()))
+    }
+}
+
+/// A rule encoded for one device: its `RTM_NEWTFILTER` payload, which carries its content cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub id: RuleId,
+    /// Installed in hardware only (`skip_sw`) rather than software only.
+    pub offload: bool,
+    pub cookie: [u8; tc::COOKIE_LEN],
+    pub payload: Vec<u8>,
+}
+
+/// Encodes `rule` for `dev` once: the payload and the cookie identifying its exact content (including the
+/// resolved interface indexes and the placement).
+pub fn encode(links: &Links, dev: &str, rule: &Rule, offload: bool) -> Result<Encoded, FabricError> {
+    let resolve = |d: &str| links.ifindex(d);
+    let (payload, cookie) =
+        tc::filter_digested(links.ifindex(dev)?, rule.id(), &rule.keys, &rule.actions, placement(offload), &resolve)?;
+    Ok(Encoded { id: rule.id(), offload, cookie, payload })
+}
+
+/// One write to a device's ingress hook.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// Adds a filter that must not exist yet.
+    Add(&'a Encoded),
+    /// Replaces the filter with the same identity.
+    Replace(&'a Encoded),
+    /// Removes a filter.
+    Remove(RuleId),
+}
+
+impl Change<'_> {
+    /// Names the change in errors and logs, e.g. `adding flower prio 30 … on pf0vf1`.
+    pub fn describe(&self, dev: &str) -> String {
+        match self {
+            Self::Add(e) | Self::Replace(e) => format!("adding flower {} on {dev}", e.id),
+            Self::Remove(id) => format!("deleting flower {id} on {dev}"),
+        }
+    }
 }
 
 /// `TCA_CLS_FLAGS_*` for a port: `skip_sw` on offloading ports, `skip_hw` otherwise.
 pub fn placement(offload: bool) -> u32 {
     if offload { tc::SKIP_SW } else { tc::SKIP_HW }
-}
-
-/// The cookie identifying a rule's exact content (including resolved interface indexes and placement): two
-/// 64-bit FNV-1a digests with different offsets over the encoded filter.
-pub fn cookie(
-    ifindex: u32,
-    rule: &Rule,
-    offload: bool,
-    resolve: &dyn Fn(&str) -> Result<u32, FabricError>,
-) -> Result<Vec<u8>, FabricError> {
-    let encoded = tc::filter(ifindex, rule.id(), &rule.keys, &rule.actions, placement(offload), &[], resolve)?;
-    let fnv = |basis: u64| encoded.iter().fold(basis, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
-    let mut out = fnv(0xcbf2_9ce4_8422_2325).to_be_bytes().to_vec();
-    out.extend_from_slice(&fnv(0x6c62_272e_07bb_0142).to_be_bytes());
-    Ok(out)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -133,6 +173,15 @@ impl NetlinkSwitch {
         }
     }
 
+    /// Interface index of `dev` (one sysfs read).
+    fn ifindex(&self, dev: &str) -> Result<u32, FabricError> {
+        let path = self.inventory.net_dir.join(dev).join("ifindex");
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| FabricError::NoDevice(dev.to_owned()))
+    }
+
     fn names(&self) -> BTreeMap<u32, String> {
         let mut out = BTreeMap::new();
         if let Ok(entries) = std::fs::read_dir(&self.inventory.net_dir) {
@@ -165,12 +214,8 @@ impl Switch for NetlinkSwitch {
         Ok(ports)
     }
 
-    fn ifindex(&self, dev: &str) -> Result<u32, FabricError> {
-        let path = self.inventory.net_dir.join(dev).join("ifindex");
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| FabricError::NoDevice(dev.to_owned()))
+    fn links(&self) -> Result<Links, FabricError> {
+        Ok(Links::new(self.names().into_iter().map(|(i, n)| (n, i)).collect()))
     }
 
     fn has_clsact(&self, dev: &str) -> Result<bool, FabricError> {
@@ -208,19 +253,38 @@ impl Switch for NetlinkSwitch {
         Ok(out)
     }
 
-    fn install(&self, dev: &str, rule: &Rule, offload: bool, cookie: &[u8], replace: bool) -> Result<(), FabricError> {
-        let resolve = |d: &str| self.ifindex(d);
-        let payload =
-            tc::filter(self.ifindex(dev)?, rule.id(), &rule.keys, &rule.actions, placement(offload), cookie, &resolve)?;
-        let flags = if replace { NLM_F_CREATE | NLM_F_REPLACE } else { NLM_F_CREATE | NLM_F_EXCL };
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        lock(&self.route).request(tc::RTM_NEWTFILTER, flags, &payload, &format!("adding flower {} on {dev}", rule.id()))
-    }
-
-    fn remove(&self, dev: &str, id: RuleId) -> Result<(), FabricError> {
-        let payload = tc::filter_delete(self.ifindex(dev)?, id);
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        lock(&self.route).request(tc::RTM_DELTFILTER, 0, &payload, &format!("deleting flower {id} on {dev}"))
+    fn apply(&self, dev: &str, changes: &[Change<'_>]) -> Vec<Result<(), FabricError>> {
+        if changes.is_empty() {
+            return Vec::new();
+        }
+        let ifindex = match self.ifindex(dev) {
+            Ok(i) => i,
+            Err(_) => return changes.iter().map(|_| Err(FabricError::NoDevice(dev.to_owned()))).collect(),
+        };
+        let deletes: Vec<Vec<u8>> = changes
+            .iter()
+            .map(|c| match c {
+                Change::Remove(id) => tc::filter_delete(ifindex, *id),
+                Change::Add(_) | Change::Replace(_) => Vec::new(),
+            })
+            .collect();
+        let requests: Vec<Request<'_>> = changes
+            .iter()
+            .zip(&deletes)
+            .map(|(c, delete)| match c {
+                Change::Add(e) => {
+                    Request { message_type: tc::RTM_NEWTFILTER, flags: NLM_F_CREATE | NLM_F_EXCL, payload: &e.payload }
+                }
+                Change::Replace(e) => Request {
+                    message_type: tc::RTM_NEWTFILTER,
+                    flags: NLM_F_CREATE | NLM_F_REPLACE,
+                    payload: &e.payload,
+                },
+                Change::Remove(_) => Request { message_type: tc::RTM_DELTFILTER, flags: 0, payload: delete },
+            })
+            .collect();
+        self.writes.fetch_add(changes.len() as u64, Ordering::Relaxed);
+        lock(&self.route).pipeline(&requests, &|i| changes[i].describe(dev))
     }
 
     fn writes(&self) -> u64 {
@@ -293,6 +357,44 @@ impl SimSwitch {
         lock(&self.state).devices.get(dev).map_or(0, |d| d.filters.len())
     }
 
+    fn apply_one(&self, dev: &str, change: &Change<'_>) -> Result<(), FabricError> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        let request = change.describe(dev);
+        let mut s = lock(&self.state);
+        let (encoded, replace) = match change {
+            Change::Remove(id) => {
+                let d = s.devices.get_mut(dev).ok_or_else(|| FabricError::NoDevice(dev.to_owned()))?;
+                return match d.filters.remove(id) {
+                    Some(_) => Ok(()),
+                    None => Err(Self::refused(request, 2, "Filter with specified handle not found")),
+                };
+            }
+            Change::Add(e) => (*e, false),
+            Change::Replace(e) => (*e, true),
+        };
+        if let Some((refused_dev, message)) = &s.refuse
+            && refused_dev == dev
+        {
+            return Err(Self::refused(request, 22, message));
+        }
+        let d = s.devices.get_mut(dev).ok_or_else(|| FabricError::NoDevice(dev.to_owned()))?;
+        if !d.clsact {
+            return Err(Self::refused(request, 22, "Parent Qdisc doesn't exists"));
+        }
+        if encoded.offload && !d.offload {
+            return Err(Self::refused(request, 95, "TC offload is disabled on net device"));
+        }
+        let (msg, _) = tc::TcMsg::parse(&encoded.payload)?;
+        if msg.ifindex != d.ifindex {
+            return Err(Self::refused(request, 19, "Network device not found"));
+        }
+        if !replace && d.filters.contains_key(&encoded.id) {
+            return Err(Self::refused(request, 17, "Filter already exists"));
+        }
+        d.filters.insert(encoded.id, encoded.payload.clone());
+        Ok(())
+    }
+
     fn refused(request: String, errno: i32, message: &str) -> FabricError {
         FabricError::Kernel { request, errno, message: message.to_owned() }
     }
@@ -319,8 +421,8 @@ impl Switch for SimSwitch {
         Ok(out)
     }
 
-    fn ifindex(&self, dev: &str) -> Result<u32, FabricError> {
-        lock(&self.state).devices.get(dev).map(|d| d.ifindex).ok_or_else(|| FabricError::NoDevice(dev.to_owned()))
+    fn links(&self) -> Result<Links, FabricError> {
+        Ok(Links::new(lock(&self.state).devices.iter().map(|(n, d)| (n.clone(), d.ifindex)).collect()))
     }
 
     fn has_clsact(&self, dev: &str) -> Result<bool, FabricError> {
@@ -359,45 +461,8 @@ impl Switch for SimSwitch {
         Ok(out)
     }
 
-    fn install(&self, dev: &str, rule: &Rule, offload: bool, cookie: &[u8], replace: bool) -> Result<(), FabricError> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        let request = format!("adding flower {} on {dev}", rule.id());
-        let mut s = lock(&self.state);
-        if let Some((refused_dev, message)) = &s.refuse
-            && refused_dev == dev
-        {
-            return Err(Self::refused(request, 22, message));
-        }
-        let indexes: BTreeMap<String, u32> = s.devices.iter().map(|(n, d)| (n.clone(), d.ifindex)).collect();
-        let resolve = |d: &str| indexes.get(d).copied().ok_or_else(|| FabricError::NoDevice(d.to_owned()));
-        let d = s.devices.get_mut(dev).ok_or_else(|| FabricError::NoDevice(dev.to_owned()))?;
-        if !d.clsact {
-            return Err(Self::refused(request, 22, "Parent Qdisc doesn't exists"));
-        }
-        if offload && !d.offload {
-            return Err(Self::refused(request, 95, "TC offload is disabled on net device"));
-        }
-        if !replace && d.filters.contains_key(&rule.id()) {
-            return Err(Self::refused(request, 17, "Filter already exists"));
-        }
-        let payload =
-            tc::filter(d.ifindex, rule.id(), &rule.keys, &rule.actions, placement(offload), cookie, &resolve)?;
-        d.filters.insert(rule.id(), payload);
-        Ok(())
-    }
-
-    fn remove(&self, dev: &str, id: RuleId) -> Result<(), FabricError> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        let mut s = lock(&self.state);
-        let d = s.devices.get_mut(dev).ok_or_else(|| FabricError::NoDevice(dev.to_owned()))?;
-        match d.filters.remove(&id) {
-            Some(_) => Ok(()),
-            None => Err(Self::refused(
-                format!("deleting flower {id} on {dev}"),
-                2,
-                "Filter with specified handle not found",
-            )),
-        }
+    fn apply(&self, dev: &str, changes: &[Change<'_>]) -> Vec<Result<(), FabricError>> {
+        changes.iter().map(|c| self.apply_one(dev, c)).collect()
     }
 
     fn writes(&self) -> u64 {
@@ -421,37 +486,57 @@ mod tests {
         }
     }
 
+    fn one(sim: &dyn Switch, dev: &str, change: Change<'_>) -> Result<(), FabricError> {
+        sim.apply(dev, &[change]).pop().unwrap()
+    }
+
     #[test]
     fn simulation_refuses_like_the_kernel() {
         let sim = SimSwitch::new();
         sim.add_device("a", Some(crate::model::PortId::vf(0, 1)), false);
         sim.add_device("b", None, false);
-        let e = sim.install("a", &rule(1), false, &[], false).unwrap_err();
+        let links = sim.links().unwrap();
+        let r1 = encode(&links, "a", &rule(1), false).unwrap();
+        let e = one(&sim, "a", Change::Add(&r1)).unwrap_err();
         assert!(e.to_string().contains("Parent Qdisc doesn't exists"), "{e}");
         sim.add_clsact("a").unwrap();
         assert!(sim.add_clsact("a").is_err());
-        sim.install("a", &rule(1), false, &[1; 16], false).unwrap();
-        assert_eq!(sim.install("a", &rule(1), false, &[], false).unwrap_err().errno(), Some(17));
-        assert_eq!(sim.install("a", &rule(2), true, &[], false).unwrap_err().errno(), Some(95));
+        one(&sim, "a", Change::Add(&r1)).unwrap();
+        assert_eq!(one(&sim, "a", Change::Add(&r1)).unwrap_err().errno(), Some(17));
+        let hw = encode(&links, "a", &rule(2), true).unwrap();
+        assert_eq!(one(&sim, "a", Change::Add(&hw)).unwrap_err().errno(), Some(95));
         let listed = sim.rules("a").unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].actions, vec![Action::Redirect { dev: "b".into() }]);
-        assert_eq!(listed[0].cookie.as_deref(), Some(&[1u8; 16][..]));
+        assert_eq!(listed[0].cookie.as_deref(), Some(&r1.cookie[..]));
         assert_eq!(listed[0].flags & tc::NOT_IN_HW, tc::NOT_IN_HW);
-        sim.remove("a", rule(1).id()).unwrap();
-        assert_eq!(sim.remove("a", rule(1).id()).unwrap_err().errno(), Some(2));
+        // One batch: a refusal in the middle leaves the changes around it applied.
+        let r3 = encode(&links, "a", &rule(3), false).unwrap();
+        let results = sim.apply("a", &[Change::Remove(rule(1).id()), Change::Add(&hw), Change::Add(&r3)]);
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert_eq!(results[1].as_ref().unwrap_err().errno(), Some(95));
+        assert_eq!(one(&sim, "a", Change::Remove(rule(1).id())).unwrap_err().errno(), Some(2));
         assert_eq!(sim.ports().unwrap().len(), 1);
+        assert_eq!(sim.writes(), 10, "every change counts, refused or not");
     }
 
     #[test]
     fn cookies_follow_content_and_placement() {
-        let resolve = |d: &str| if d == "b" { Ok(5) } else { Err(FabricError::NoDevice(d.into())) };
-        let a = cookie(4, &rule(1), false, &resolve).unwrap();
-        assert_eq!(a.len(), 16);
-        assert_eq!(a, cookie(4, &rule(1), false, &resolve).unwrap());
-        assert_ne!(a, cookie(4, &rule(1), true, &resolve).unwrap(), "placement is part of the content");
-        let moved = |d: &str| if d == "b" { Ok(6) } else { Err(FabricError::NoDevice(d.into())) };
-        assert_ne!(a, cookie(4, &rule(1), false, &moved).unwrap(), "a re-created target device changes the rule");
+        let links = Links::new([("a".to_owned(), 4), ("b".to_owned(), 5)].into());
+        let a = encode(&links, "a", &rule(1), false).unwrap();
+        assert_eq!(a, encode(&links, "a", &rule(1), false).unwrap());
+        assert_ne!(a.cookie, encode(&links, "a", &rule(1), true).unwrap().cookie, "placement is part of the content");
+        let moved = Links::new([("a".to_owned(), 4), ("b".to_owned(), 6)].into());
+        assert_ne!(a.cookie, encode(&moved, "a", &rule(1), false).unwrap().cookie, "a re-created target changes it");
+        let mut other = rule(1);
+        other.keys.vlan_id = Some(7);
+        assert_ne!(a.cookie, encode(&links, "a", &other, false).unwrap().cookie, "the match is part of the content");
+        assert!(matches!(encode(&links, "c", &rule(1), false), Err(FabricError::NoDevice(_))));
+        // The payload carries exactly that cookie, read back by the dump decoder.
+        let f =
+            tc::decode_filter(&a.payload, &|i| if i == 5 { "b".into() } else { format!("if{i}") }).unwrap().unwrap();
+        assert_eq!(f.cookie.as_deref(), Some(&a.cookie[..]));
+        assert_eq!(f.actions, rule(1).actions);
     }
 
     #[test]
@@ -478,23 +563,51 @@ mod tests {
             assert!(switch.rules(&name).unwrap().is_empty());
             let dup = switch.add_clsact(&name).unwrap_err();
             assert_eq!(dup.errno(), Some(17), "{dup}");
+            let links = switch.links().unwrap();
             // Flower may be missing from this kernel; if it is, the refusal carries the kernel's own words.
             let mut r = rule(1);
             r.actions = vec![Action::Redirect { dev: peer.clone() }];
-            match switch.install(&name, &r, false, &[3; 16], false) {
+            let e = encode(&links, &name, &r, false).unwrap();
+            let batch: Vec<Encoded> = (2..=300)
+                .map(|h| {
+                    let mut r = r.clone();
+                    r.handle = h;
+                    r.keys.dst_mac = Some((
+                        crate::model::MacAddr([2, 0, 0, 0, (h >> 8) as u8, h as u8]),
+                        crate::model::MacAddr([0xff; 6]),
+                    ));
+                    encode(&links, &name, &r, false).unwrap()
+                })
+                .collect();
+            match one(&switch, &name, Change::Add(&e)) {
                 Ok(()) => {
                     let listed = switch.rules(&name).unwrap();
                     assert_eq!(listed.len(), 1);
                     assert_eq!(listed[0].actions, r.actions);
-                    assert_eq!(listed[0].cookie.as_deref(), Some(&[3u8; 16][..]));
-                    switch.remove(&name, r.id()).unwrap();
+                    assert_eq!(listed[0].cookie.as_deref(), Some(&e.cookie[..]));
+                    // Pipelined: more requests than one window, with a refusal (a duplicate) in the middle.
+                    let mut changes: Vec<Change<'_>> = batch.iter().map(Change::Add).collect();
+                    changes.insert(150, Change::Add(&e));
+                    let results = switch.apply(&name, &changes);
+                    assert_eq!(results.len(), changes.len());
+                    for (i, res) in results.iter().enumerate() {
+                        if i == 150 {
+                            assert_eq!(res.as_ref().unwrap_err().errno(), Some(17), "the duplicate is refused");
+                        } else {
+                            assert!(res.is_ok(), "request {i}: {res:?}");
+                        }
+                    }
+                    assert_eq!(switch.rules(&name).unwrap().len(), 300);
+                    let removes: Vec<Change<'_>> = batch.iter().map(|e| Change::Remove(e.id)).collect();
+                    assert!(switch.apply(&name, &removes).iter().all(Result::is_ok));
+                    one(&switch, &name, Change::Remove(r.id())).unwrap();
                 }
                 Err(e) => {
                     assert!(e.errno().is_some(), "{e}");
                     eprintln!("flower refused by this kernel: {e}");
                 }
             }
-            assert!(matches!(switch.ifindex("no-such-dev0"), Err(FabricError::NoDevice(_))));
+            assert!(matches!(links.ifindex("no-such-dev0"), Err(FabricError::NoDevice(_))));
         });
         let _ = ip(&["link", "del", &name]);
         if let Err(panic) = result {

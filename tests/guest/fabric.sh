@@ -12,6 +12,7 @@
 #   pod2  pf0vf2  VLAN 100  mesh     10.100.0.2   TCP :8080 steered to the proxy, 100 Mbit/s police
 #   pod3  pf0vf3  VLAN 200  direct   10.100.0.3   same subnet, other network: must reach nobody
 #   pod4  pf0vf4  VNI 5000  direct   10.200.0.4
+#   pod5  pf0vf5  VLAN 100  direct   10.100.0.5   (attached in the service step)
 #   hostb p0b.100           remote   10.100.0.101
 #   hostb vx5000            remote   10.200.0.101  (VXLAN, VTEP 192.168.50.2; this host is 192.168.50.1)
 #   proxy cap0              listener 10.100.0.250:8080
@@ -24,7 +25,10 @@
 # Checks, each with ping/nc and with iproute2's `tc -s filter show` as an independent reader of the kernel:
 # refusals (unknown VF, duplicate MAC), pod↔pod on the host, pod↔pod across hosts (VLAN on the uplink and
 # VXLAN with tunnel_key set/unset),
-# VLAN isolation, mesh steering to the listener with the skbedit mark, rate-limit police, a pass over an
+# VLAN isolation, mesh steering to the listener with the skbedit mark, rate-limit police, a ClusterIP service
+# (10.96.0.10:80 TCP on VLAN 100, backends pod2 and pod5 answering their own names through busybox nc, reached
+# by pod1 through the service gateway MAC) balanced over both backends, an unready backend getting no new
+# connections, client-IP affinity, the ct actions' counters and the kernel's conntrack table, a pass over an
 # unchanged fabric writes nothing, a rule deleted behind the agent's back is restored, detach removes the
 # rules and the connectivity.
 #
@@ -34,8 +38,10 @@
 # shellcheck shell=bash disable=SC2034 # variables are read by tests/guest.sh
 
 GUEST_ARCH=arm64
+# crc32c_generic before act_ct: conntrack's libcrc32c needs the crc32c algorithm (a soft dependency that
+# modules.dep does not list).
 GUEST_MODULES=(veth 8021q vxlan sch_ingress cls_flower act_mirred act_vlan act_gact act_skbedit act_police
-	act_tunnel_key)
+	act_tunnel_key crc32c_generic act_ct act_pedit)
 GUEST_TIMEOUT=300
 GUEST_MEMORY=1024
 # The agent binary changes with every build.
@@ -128,12 +134,12 @@ wait_for() { # SECONDS DESCRIPTION COMMAND...
 		sleep 0.5
 	done
 }
-ready() { ctl --json fabric show "$1" | grep -q '"state": "ready"'; }
+ready() { ctl --json fabric show "$1" | grep '"state": "ready"' >/dev/null; }
 
 step topology
 chmod 0755 /usr/bin/dpu-agent /usr/bin/dpuctl
 mkdir -p /run/netns /var/lib/dpu-agent
-for n in 1 2 3 4; do
+for n in 1 2 3 4 5; do
 	ipr netns add pod$n
 	ipr link add pf0vf$n type veth peer name eth0 netns pod$n
 	ipr link set pf0vf$n up
@@ -141,7 +147,7 @@ for n in 1 2 3 4; do
 	ipr -n pod$n link set lo up
 	ipr -n pod$n link set eth0 up
 done
-for n in 1 2 3; do ipr -n pod$n addr add 10.100.0.$n/24 dev eth0; done
+for n in 1 2 3 5; do ipr -n pod$n addr add 10.100.0.$n/24 dev eth0; done
 ipr -n pod4 addr add 10.200.0.4/24 dev eth0
 ipr netns add hostb
 ipr link add p0 type veth peer name p0b netns hostb
@@ -265,6 +271,82 @@ echo "fabric: ok: pod2 TCP :8080 reached the proxy's listener"
 tcr -s filter show dev pf0vf2 ingress | grep -B3 -A20 'dst_port 8080' | grep -q 'Sent [1-9]' \
 	|| fail "the steering rule counted no packets"
 
+step service
+# Backends: pod2 and pod5 answer every connection on :80 with their own name.
+ctl fabric attach pod5 --port pf0vf5 --mac 02:00:00:00:00:05 --ip 10.100.0.5/24 --vlan 100
+wait_for 30 "attachments/pod5 ready" ready pod5
+for n in 2 5; do
+	printf '#!/bin/sh\necho pod%s\n' "$n" >/tmp/answer$n
+	chmod 0755 /tmp/answer$n
+	in_ns pod$n nc -ll -p 80 -e /tmp/answer$n &
+done
+# pod1 reaches the service range through an on-link gateway whose neighbour entry is the fabric's gateway MAC.
+gw_mac=$(ctl --json fabric get | sed -n 's/.*"service_gateway_mac": "\([0-9a-f:]*\)".*/\1/p')
+[ -n "$gw_mac" ] || fail "GetFabric reports no service_gateway_mac"
+ipr -n pod1 neigh add 10.100.0.254 lladdr "$gw_mac" dev eth0 nud permanent
+ipr -n pod1 route add 10.96.0.0/12 via 10.100.0.254 dev eth0
+if ctl fabric service-create bad --vip fd00::10 --port 80 --vlan 100 --backend 10.100.0.2:80 2>/tmp/err; then
+	fail "an IPv6 VIP was accepted"
+fi
+grep -q 'InvalidArgument' /tmp/err && grep -q 'service.vip' /tmp/err || fail "IPv6 VIP: $(cat /tmp/err)"
+ctl fabric service-create web --vip 10.96.0.10 --port 80 --vlan 100 --backend 10.100.0.2:80 \
+	--backend 10.100.0.5:80
+if ctl fabric service-create web2 --vip 10.96.0.10 --port 80 --vlan 100 --backend 10.100.0.5:80 2>/tmp/err; then
+	fail "a second service with the same VIP:port was accepted"
+fi
+grep -q AlreadyExists /tmp/err || fail "duplicate VIP: $(cat /tmp/err)"
+svc_converged() { # the service's current generation is reconciled and ready
+	_j=$(ctl --json fabric service-get web | tr -d ' \n')
+	_g=$(echo "$_j" | sed -n 's/.*[{,]"generation":\([0-9]*\).*/\1/p')
+	echo "$_j" | grep -q "\"observed_generation\":$_g[,}]" && echo "$_j" | grep -q '"state":"ready"'
+}
+wait_for 30 "services/web ready" svc_converged
+ask() { # COUNT: connections from pod1 to the VIP, one answer per line
+	_i=0
+	while [ "$_i" -lt "$1" ]; do
+		in_ns pod1 nc -w 3 10.96.0.10 80 </dev/null || echo "no-answer"
+		_i=$((_i + 1))
+	done
+}
+ask 20 >/tmp/answers
+echo "fabric: 20 connections to 10.96.0.10:80: pod2 $(grep -c pod2 /tmp/answers), pod5 $(grep -c pod5 /tmp/answers)," \
+	"unanswered $(grep -c no-answer /tmp/answers)"
+[ "$(grep -c -e pod2 -e pod5 /tmp/answers)" -eq 20 ] || fail "not every connection was answered: $(cat /tmp/answers)"
+grep -q pod2 /tmp/answers && grep -q pod5 /tmp/answers || fail "connections were not balanced: $(sort /tmp/answers | uniq -c)"
+echo "fabric: tc -s filter show dev pf0vf1 ingress (service rules)"
+tcr -s filter show dev pf0vf1 ingress | grep -A12 -E 'pref (31|41|51) ' | head -60
+ct_counted() { # DEV: some ct action on DEV counted packets (iproute2 as the reader)
+	tcr -s filter show dev "$1" ingress \
+		| awk '/action order [0-9]+: ct /{ct=1} ct && /Sent [1-9]/{found=1} /^filter/{ct=0} END{exit !found}'
+}
+ct_counted pf0vf1 || fail "no ct action on pf0vf1 counted packets"
+ct_counted pf0vf2 || fail "no ct action on the backend pf0vf2 counted replies"
+tcr filter show dev pf0vf1 ingress | grep -q 'pedit' || fail "no pedit action on pf0vf1"
+if [ -r /proc/net/nf_conntrack ]; then
+	grep 'dport=80' /proc/net/nf_conntrack | head -3
+	grep -q 'dst=10.96.0.10.*dport=80.*src=10.100.0.[25] ' /proc/net/nf_conntrack \
+		|| fail "no DNATed connection in /proc/net/nf_conntrack"
+fi
+echo "fabric: ok: 10.96.0.10:80 balanced over pod2 and pod5"
+
+ctl fabric service-update web --backend 10.100.0.2:80:unready --backend 10.100.0.5:80
+wait_for 30 "services/web ready after the update" svc_converged
+ask 10 >/tmp/answers
+[ "$(grep -c pod5 /tmp/answers)" -eq 10 ] || fail "pod2 is unready but connections went elsewhere: $(sort /tmp/answers | uniq -c)"
+echo "fabric: ok: pod2 unready: 10 of 10 new connections to pod5"
+
+ctl fabric service-update web --backend 10.100.0.2:80 --backend 10.100.0.5:80 --affinity client-ip
+wait_for 30 "services/web ready with client-IP affinity" svc_converged
+ask 10 >/tmp/answers
+[ "$(sort -u /tmp/answers | wc -l)" -eq 1 ] || fail "client-IP affinity: one client reached $(sort /tmp/answers | uniq -c)"
+grep -q -e pod2 -e pod5 /tmp/answers || fail "client-IP affinity: unanswered: $(cat /tmp/answers)"
+echo "fabric: ok: client-IP affinity: 10 of 10 connections to $(head -1 /tmp/answers)"
+ctl fabric service-list
+ctl fabric service-create ghost --vip 10.96.0.11 --port 80 --vlan 100 --backend 10.100.0.77:80
+wait_for 30 "services/ghost reports its unserved backend" sh -c \
+	"dpuctl --addr http://127.0.0.1:50051 --json fabric service-get ghost | grep '10.100.0.77:80 are no pod' >/dev/null"
+ctl fabric service-delete ghost
+
 step no-op
 sleep 3
 passes=$(metric passes); changes=$(metric changes)
@@ -275,10 +357,10 @@ echo "fabric: ok: $(($(metric passes) - passes)) passes over an unchanged fabric
 
 step drift
 before=$(flowers pf0vf1)
-tcr filter del dev pf0vf1 ingress pref 30
-[ "$(flowers pf0vf1)" -lt "$before" ] || fail "deleting pref 30 removed nothing"
+tcr filter del dev pf0vf1 ingress pref 60
+[ "$(flowers pf0vf1)" -lt "$before" ] || fail "deleting pref 60 removed nothing"
 wait_for 20 "the deleted rule to come back" sh -c "[ \"\$(LD_LIBRARY_PATH=/opt/iproute2/lib /opt/iproute2/tc filter show dev pf0vf1 ingress | grep -c 'flower chain 0 handle')\" -eq $before ]"
-tcr filter show dev pf0vf1 ingress pref 30
+tcr filter show dev pf0vf1 ingress pref 60
 must_reach pod1 10.100.0.2
 
 step detach

@@ -40,6 +40,11 @@ pub enum Reply {
 
 /// Splits a received datagram into messages of `sequence` (others are skipped).
 pub fn parse_replies(datagram: &[u8], sequence: u32) -> Result<Vec<Reply>, FabricError> {
+    Ok(parse_sequenced(datagram)?.into_iter().filter(|(seq, _)| *seq == sequence).map(|(_, r)| r).collect())
+}
+
+/// Splits a received datagram into its messages, each with its sequence number.
+pub fn parse_sequenced(datagram: &[u8]) -> Result<Vec<(u32, Reply)>, FabricError> {
     let mut out = Vec::new();
     let mut offset = 0;
     while offset + HEADER_LEN <= datagram.len() {
@@ -51,14 +56,12 @@ pub fn parse_replies(datagram: &[u8], sequence: u32) -> Result<Vec<Reply>, Fabri
         let (kind, flags, seq) = (buf.message_type(), buf.flags(), buf.sequence_number());
         let payload = &datagram[offset + HEADER_LEN..offset + len];
         offset += (len + 3) & !3;
-        if seq != sequence {
-            continue;
-        }
-        out.push(match kind {
+        let reply = match kind {
             NLMSG_DONE => Reply::Done,
             NLMSG_ERROR => parse_error(payload, flags)?,
             _ => Reply::Data(kind, payload.to_vec()),
-        });
+        };
+        out.push((seq, reply));
     }
     Ok(out)
 }
@@ -84,6 +87,20 @@ fn parse_error(payload: &[u8], flags: u16) -> Result<Reply, FabricError> {
     // Codes are negative errnos; a corrupt i32::MIN must not overflow.
     Ok(Reply::Ack { errno: code.saturating_neg(), message })
 }
+
+/// One request of a pipelined batch ([`NlSocket::pipeline`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub message_type: u16,
+    pub flags: u16,
+    pub payload: &'a [u8],
+}
+
+/// Most requests sent before their acknowledgements are read: the kernel queues one acknowledgement per request
+/// on the socket while it processes the datagram, and they must all fit the receive buffer.
+pub const WINDOW: usize = 128;
+/// Most bytes of requests in one datagram (well below the default socket send buffer).
+const WINDOW_BYTES: usize = 64 * 1024;
 
 /// A netlink socket of one protocol.
 #[derive(Debug)]
@@ -134,6 +151,78 @@ impl NlSocket {
                 }
             }
         }
+    }
+
+    /// Sends `requests` with acknowledgements requested, many per datagram (each with its own sequence number),
+    /// and collects one result per request, in order. The kernel processes every request of a datagram even when
+    /// an earlier one fails, so a refusal affects only its own request; `what(i)` names request `i` in errors.
+    pub fn pipeline(
+        &mut self,
+        requests: &[Request<'_>],
+        what: &dyn Fn(usize) -> String,
+    ) -> Vec<Result<(), FabricError>> {
+        let mut results: Vec<Option<Result<(), FabricError>>> = (0..requests.len()).map(|_| None).collect();
+        let mut start = 0;
+        while start < requests.len() {
+            let mut datagram = Vec::new();
+            let mut pending: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+            let mut end = start;
+            while end < requests.len() && end - start < WINDOW {
+                let r = &requests[end];
+                if !datagram.is_empty() && datagram.len() + HEADER_LEN + r.payload.len() > WINDOW_BYTES {
+                    break;
+                }
+                self.sequence = self.sequence.wrapping_add(1).max(1);
+                datagram.extend(frame(r.message_type, r.flags | NLM_F_REQUEST | NLM_F_ACK, self.sequence, r.payload));
+                pending.insert(self.sequence, end);
+                end += 1;
+            }
+            let lost = |results: &mut Vec<Option<Result<(), FabricError>>>,
+                        pending: &std::collections::HashMap<u32, usize>,
+                        operation: &'static str,
+                        e: &std::io::Error| {
+                for i in pending.values() {
+                    let source = std::io::Error::new(e.kind(), e.to_string());
+                    results[*i] = Some(Err(FabricError::Socket { operation, source }));
+                }
+            };
+            if let Err(e) = self.socket.send(&datagram, 0) {
+                lost(&mut results, &pending, "send", &e);
+                start = end;
+                continue;
+            }
+            while !pending.is_empty() {
+                let datagram = match self.socket.recv_from_full() {
+                    Ok((d, _)) => d,
+                    Err(e) => {
+                        lost(&mut results, &pending, "receive", &e);
+                        pending.clear();
+                        break;
+                    }
+                };
+                let replies = match parse_sequenced(&datagram) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let e = std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+                        lost(&mut results, &pending, "receive", &e);
+                        pending.clear();
+                        break;
+                    }
+                };
+                for (seq, reply) in replies {
+                    if let Reply::Ack { errno, message } = reply
+                        && let Some(i) = pending.remove(&seq)
+                    {
+                        results[i] = Some(if errno == 0 { Ok(()) } else { Err(refusal(&what(i), errno, message)) });
+                    }
+                }
+            }
+            start = end;
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(FabricError::Decode("no acknowledgement".into()))))
+            .collect()
     }
 
     /// Sends a dump request and collects the payloads of every data message.
@@ -314,6 +403,35 @@ pub(crate) mod tests {
                 false
             }
         }
+    }
+
+    #[test]
+    fn pipelined_requests_map_every_answer_to_its_request() {
+        const RTM_GETLINK: u16 = 18;
+        let link = |ifindex: i32| {
+            let mut payload = vec![0u8; 16];
+            payload[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+            payload
+        };
+        let (lo, missing) = (link(1), link(0x7fff_fff0));
+        // More than two windows; every third request names an interface that cannot exist.
+        let requests: Vec<Request<'_>> = (0..WINDOW * 2 + 7)
+            .map(|i| Request { message_type: RTM_GETLINK, flags: 0, payload: if i % 3 == 0 { &missing } else { &lo } })
+            .collect();
+        let mut socket = NlSocket::open(0).unwrap();
+        let results = socket.pipeline(&requests, &|i| format!("reading link {i}"));
+        assert_eq!(results.len(), requests.len());
+        for (i, r) in results.iter().enumerate() {
+            if i % 3 == 0 {
+                let e = r.as_ref().unwrap_err();
+                assert_eq!(e.errno(), Some(libc::ENODEV), "{e}");
+                assert!(e.to_string().contains(&format!("reading link {i}:")), "{e}");
+            } else {
+                assert!(r.is_ok(), "request {i}: {r:?}");
+            }
+        }
+        // The socket stays in step: a plain request afterwards gets its own answer.
+        socket.dump(RTM_GETLINK, &[0; 16], "listing links").unwrap();
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! rtnetlink traffic-control messages: the clsact qdisc, flower filters and the actions the fabric uses
-//! (mirred, vlan, skbedit, gact, police), encoded from [`Rule`]s and decoded back from the kernel's dumps.
+//! (mirred, vlan, skbedit, gact, police, tunnel_key, ct, pedit), encoded from [`Rule`]s and decoded back from
+//! the kernel's dumps.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
+
+use netlink_packet_core::Emitable as _;
 
 use super::attr::{Attr, Attrs, emit_all};
 use crate::FabricError;
@@ -31,11 +34,22 @@ const TCA_FLOWER_KEY_ETH_SRC: u16 = 6;
 const TCA_FLOWER_KEY_ETH_SRC_MASK: u16 = 7;
 const TCA_FLOWER_KEY_ETH_TYPE: u16 = 8;
 const TCA_FLOWER_KEY_IP_PROTO: u16 = 9;
+const TCA_FLOWER_KEY_IPV4_SRC: u16 = 10;
+const TCA_FLOWER_KEY_IPV4_SRC_MASK: u16 = 11;
 const TCA_FLOWER_KEY_IPV4_DST: u16 = 12;
 const TCA_FLOWER_KEY_IPV4_DST_MASK: u16 = 13;
+const TCA_FLOWER_KEY_IPV6_SRC: u16 = 14;
+const TCA_FLOWER_KEY_IPV6_SRC_MASK: u16 = 15;
 const TCA_FLOWER_KEY_IPV6_DST: u16 = 16;
 const TCA_FLOWER_KEY_IPV6_DST_MASK: u16 = 17;
+const TCA_FLOWER_KEY_TCP_SRC: u16 = 18;
 const TCA_FLOWER_KEY_TCP_DST: u16 = 19;
+const TCA_FLOWER_KEY_UDP_SRC: u16 = 20;
+const TCA_FLOWER_KEY_UDP_DST: u16 = 21;
+const TCA_FLOWER_KEY_TCP_SRC_MASK: u16 = 35;
+const TCA_FLOWER_KEY_UDP_SRC_MASK: u16 = 37;
+const TCA_FLOWER_KEY_CT_STATE: u16 = 91;
+const TCA_FLOWER_KEY_CT_STATE_MASK: u16 = 92;
 const TCA_FLOWER_FLAGS: u16 = 22;
 const TCA_FLOWER_KEY_VLAN_ID: u16 = 23;
 const TCA_FLOWER_KEY_VLAN_ETH_TYPE: u16 = 25;
@@ -79,6 +93,27 @@ const TCA_TUNNEL_KEY_ENC_KEY_ID: u16 = 7;
 const TCA_TUNNEL_KEY_ENC_DST_PORT: u16 = 9;
 const TCA_TUNNEL_KEY_ACT_SET: i32 = 1;
 const TCA_TUNNEL_KEY_ACT_RELEASE: i32 = 2;
+const TCA_CT_PARMS: u16 = 1;
+const TCA_CT_ACTION: u16 = 3;
+const TCA_CT_ZONE: u16 = 4;
+const TCA_CT_NAT_IPV4_MIN: u16 = 9;
+const TCA_CT_NAT_IPV4_MAX: u16 = 10;
+const TCA_CT_NAT_PORT_MIN: u16 = 13;
+const TCA_CT_NAT_PORT_MAX: u16 = 14;
+const TCA_CT_ACT_COMMIT: u16 = 1;
+const TCA_CT_ACT_NAT: u16 = 8;
+const TCA_CT_ACT_NAT_DST: u16 = 32;
+const TCA_PEDIT_PARMS: u16 = 2;
+const TCA_PEDIT_PARMS_EX: u16 = 4;
+const TCA_PEDIT_KEYS_EX: u16 = 5;
+const TCA_PEDIT_KEY_EX: u16 = 6;
+const TCA_PEDIT_KEY_EX_HTYPE: u16 = 1;
+const TCA_PEDIT_KEY_EX_CMD: u16 = 2;
+const TCA_PEDIT_KEY_EX_HDR_TYPE_ETH: u16 = 1;
+const TCA_PEDIT_KEY_EX_CMD_SET: u16 = 0;
+/// `struct tc_pedit_sel` (tc_gen, nkeys, flags, padding) and `struct tc_pedit_key`.
+const TC_PEDIT_SEL_LEN: usize = 24;
+const TC_PEDIT_KEY_LEN: usize = 24;
 const TCA_POLICE_TBF: u16 = 1;
 const TCA_POLICE_RATE: u16 = 2;
 const TCA_POLICE_RESULT: u16 = 5;
@@ -199,6 +234,53 @@ pub fn filter(
     Ok(out)
 }
 
+/// Length of the content cookie [`filter_digested`] puts on a filter.
+pub const COOKIE_LEN: usize = 16;
+
+/// `RTM_NEWTFILTER` payload like [`filter`], encoded once, whose first action carries a content cookie: two
+/// 64-bit FNV-1a digests (different offsets) of the payload itself with the cookie zeroed. The same rule on the
+/// same device with the same interface indexes and placement always has the same cookie; any difference in
+/// keys, actions, targets or flags changes it. Returns the payload and the cookie.
+pub fn filter_digested(
+    ifindex: u32,
+    id: RuleId,
+    keys: &Keys,
+    actions: &[Action],
+    flags: u32,
+    resolve: &dyn Fn(&str) -> Result<u32, FabricError>,
+) -> Result<(Vec<u8>, [u8; COOKIE_LEN]), FabricError> {
+    let mut options = flower_keys(keys);
+    options.push(Attr::u32(TCA_FLOWER_FLAGS, flags));
+    let before_actions = options.as_slice().buffer_len();
+    let mut list = Vec::with_capacity(actions.len());
+    for (i, action) in actions.iter().enumerate() {
+        let mut attrs = encode_action(action, resolve)?;
+        if i == 0 {
+            // First, so its offset is known: the kernel reads action attributes by type, not position.
+            attrs.insert(0, Attr::bytes(TCA_ACT_COOKIE, [0u8; COOKIE_LEN]));
+        }
+        list.push(Attr::nested(u16::try_from(i + 1).unwrap_or(u16::MAX), attrs));
+    }
+    if list.is_empty() {
+        return Err(FabricError::Decode(format!("flower {id} has no action to carry its cookie")));
+    }
+    options.push(Attr::nested(TCA_FLOWER_ACT, list));
+    let mut out = Vec::new();
+    let info = TcMsg::filter_info(id.prio, id.protocol);
+    TcMsg { ifindex, handle: id.handle, parent: INGRESS_PARENT, info }.emit(&mut out);
+    let head = [Attr::string(TCA_KIND, "flower"), Attr::u32(TCA_CHAIN, 0)];
+    emit_all(&head, &mut out);
+    // TCA_OPTIONS header, the keys and flags, TCA_FLOWER_ACT header, action 1's header, the cookie's header.
+    let at = out.len() + 4 + before_actions + 4 + 4 + 4;
+    emit_all(&[Attr::nested(TCA_OPTIONS, options)], &mut out);
+    let fnv = |basis: u64| out.iter().fold(basis, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+    let mut cookie = [0u8; COOKIE_LEN];
+    cookie[..8].copy_from_slice(&fnv(0xcbf2_9ce4_8422_2325).to_be_bytes());
+    cookie[8..].copy_from_slice(&fnv(0x6c62_272e_07bb_0142).to_be_bytes());
+    out[at..at + COOKIE_LEN].copy_from_slice(&cookie);
+    Ok((out, cookie))
+}
+
 fn prefix_mask(prefix: u8, width: u8) -> u128 {
     if prefix == 0 { 0 } else { (u128::MAX << (width - prefix.min(width))) & (u128::MAX >> (128 - u32::from(width))) }
 }
@@ -225,6 +307,25 @@ fn flower_keys(k: &Keys) -> Vec<Attr> {
     if let Some(p) = k.ip_proto {
         out.push(Attr::u8(TCA_FLOWER_KEY_IP_PROTO, p));
     }
+    match k.src_ip {
+        Some((IpAddr::V4(a), mask)) => {
+            out.push(Attr::bytes(TCA_FLOWER_KEY_IPV4_SRC, a.octets()));
+            let mask = match mask {
+                IpAddr::V4(m) => m.octets(),
+                IpAddr::V6(_) => [0xff; 4],
+            };
+            out.push(Attr::bytes(TCA_FLOWER_KEY_IPV4_SRC_MASK, mask));
+        }
+        Some((IpAddr::V6(a), mask)) => {
+            out.push(Attr::bytes(TCA_FLOWER_KEY_IPV6_SRC, a.octets()));
+            let mask = match mask {
+                IpAddr::V6(m) => m.octets(),
+                IpAddr::V4(_) => [0xff; 16],
+            };
+            out.push(Attr::bytes(TCA_FLOWER_KEY_IPV6_SRC_MASK, mask));
+        }
+        None => {}
+    }
     if let Some(net) = k.dst_ip {
         match net.addr {
             IpAddr::V4(a) => {
@@ -238,13 +339,44 @@ fn flower_keys(k: &Keys) -> Vec<Attr> {
             }
         }
     }
+    let udp = k.ip_proto == Some(crate::rules::IPPROTO_UDP);
     if let Some(p) = k.dst_port {
-        out.push(Attr::be16(TCA_FLOWER_KEY_TCP_DST, p));
+        out.push(Attr::be16(if udp { TCA_FLOWER_KEY_UDP_DST } else { TCA_FLOWER_KEY_TCP_DST }, p));
+    }
+    if let Some((p, mask)) = k.src_port {
+        let (key, mask_key) = if udp {
+            (TCA_FLOWER_KEY_UDP_SRC, TCA_FLOWER_KEY_UDP_SRC_MASK)
+        } else {
+            (TCA_FLOWER_KEY_TCP_SRC, TCA_FLOWER_KEY_TCP_SRC_MASK)
+        };
+        out.push(Attr::be16(key, p & mask));
+        out.push(Attr::be16(mask_key, mask));
+    }
+    if let Some((state, mask)) = k.ct_state {
+        out.push(Attr::u16(TCA_FLOWER_KEY_CT_STATE, state & mask));
+        out.push(Attr::u16(TCA_FLOWER_KEY_CT_STATE_MASK, mask));
     }
     if let Some(id) = k.enc_key_id {
         out.push(Attr::be32(TCA_FLOWER_KEY_ENC_KEY_ID, id));
     }
     out
+}
+
+/// `struct tc_pedit_key` setting the bytes of `value` under `keep` (bits kept from the packet) at `offset`.
+fn pedit_key(out: &mut Vec<u8>, keep: [u8; 4], value: [u8; 4], offset: u32) {
+    out.extend_from_slice(&keep);
+    out.extend_from_slice(&value);
+    out.extend_from_slice(&offset.to_ne_bytes());
+    out.extend_from_slice(&[0; 12]); // at, offmask, shift
+}
+
+/// The two 32-bit pedit keys that set the Ethernet destination (bytes 0-5 of the Ethernet header).
+fn dst_mac_keys(mac: MacAddr) -> Vec<u8> {
+    let m = mac.0;
+    let mut keys = Vec::with_capacity(2 * TC_PEDIT_KEY_LEN);
+    pedit_key(&mut keys, [0; 4], [m[0], m[1], m[2], m[3]], 0);
+    pedit_key(&mut keys, [0, 0, 0xff, 0xff], [m[4], m[5], 0, 0], 4);
+    keys
 }
 
 /// `struct tc_gen` with `action` as the verdict.
@@ -309,6 +441,44 @@ fn encode_action(
             let mut parms = tc_gen(TC_ACT_PIPE);
             parms.extend_from_slice(&TCA_TUNNEL_KEY_ACT_RELEASE.to_ne_bytes());
             ("tunnel_key", vec![Attr::bytes(TCA_TUNNEL_KEY_PARMS, parms)])
+        }
+        Action::Ct { zone, commit, nat, dnat } => {
+            let mut flags = 0;
+            if *commit {
+                flags |= TCA_CT_ACT_COMMIT;
+            }
+            if *nat || dnat.is_some() {
+                flags |= TCA_CT_ACT_NAT;
+            }
+            let mut attrs = vec![
+                Attr::bytes(TCA_CT_PARMS, tc_gen(TC_ACT_UNSPEC)),
+                Attr::u16(TCA_CT_ACTION, flags | if dnat.is_some() { TCA_CT_ACT_NAT_DST } else { 0 }),
+                Attr::u16(TCA_CT_ZONE, *zone),
+            ];
+            if let Some((ip, port)) = dnat {
+                attrs.push(Attr::bytes(TCA_CT_NAT_IPV4_MIN, ip.octets()));
+                attrs.push(Attr::bytes(TCA_CT_NAT_IPV4_MAX, ip.octets()));
+                attrs.push(Attr::be16(TCA_CT_NAT_PORT_MIN, *port));
+                attrs.push(Attr::be16(TCA_CT_NAT_PORT_MAX, *port));
+            }
+            ("ct", attrs)
+        }
+        Action::SetDstMac(mac) => {
+            let mut parms = tc_gen(TC_ACT_UNSPEC);
+            parms.extend_from_slice(&[2, 0, 0, 0]); // nkeys, flags, padding
+            parms.extend(dst_mac_keys(*mac));
+            let key_ex = || {
+                Attr::nested(
+                    TCA_PEDIT_KEY_EX,
+                    vec![
+                        Attr::u16(TCA_PEDIT_KEY_EX_HTYPE, TCA_PEDIT_KEY_EX_HDR_TYPE_ETH),
+                        Attr::u16(TCA_PEDIT_KEY_EX_CMD, TCA_PEDIT_KEY_EX_CMD_SET),
+                    ],
+                )
+            };
+            let attrs =
+                vec![Attr::bytes(TCA_PEDIT_PARMS_EX, parms), Attr::nested(TCA_PEDIT_KEYS_EX, vec![key_ex(), key_ex()])];
+            ("pedit", attrs)
         }
         Action::Foreign { kind } => {
             return Err(FabricError::Decode(format!("a {kind:?} action is read back only, never installed")));
@@ -437,9 +607,83 @@ fn decode_keys(o: &Attrs<'_>) -> Result<Keys, FabricError> {
         let mask = o.ipv6(TCA_FLOWER_KEY_IPV6_DST_MASK)?.map_or(u128::MAX, u128::from);
         k.dst_ip = Some(IpNet { addr: IpAddr::V6(a), prefix: mask.count_ones() as u8 });
     }
-    k.dst_port = o.be16(TCA_FLOWER_KEY_TCP_DST)?;
+    if let Some(a) = o.ipv4(TCA_FLOWER_KEY_IPV4_SRC)? {
+        let mask = o.ipv4(TCA_FLOWER_KEY_IPV4_SRC_MASK)?.unwrap_or(Ipv4Addr::BROADCAST);
+        k.src_ip = Some((IpAddr::V4(a), IpAddr::V4(mask)));
+    } else if let Some(a) = o.ipv6(TCA_FLOWER_KEY_IPV6_SRC)? {
+        let mask = o.ipv6(TCA_FLOWER_KEY_IPV6_SRC_MASK)?.unwrap_or(std::net::Ipv6Addr::from(u128::MAX));
+        k.src_ip = Some((IpAddr::V6(a), IpAddr::V6(mask)));
+    }
+    let udp = k.ip_proto == Some(crate::rules::IPPROTO_UDP);
+    let (dst, src, src_mask) = if udp {
+        (TCA_FLOWER_KEY_UDP_DST, TCA_FLOWER_KEY_UDP_SRC, TCA_FLOWER_KEY_UDP_SRC_MASK)
+    } else {
+        (TCA_FLOWER_KEY_TCP_DST, TCA_FLOWER_KEY_TCP_SRC, TCA_FLOWER_KEY_TCP_SRC_MASK)
+    };
+    k.dst_port = o.be16(dst)?;
+    // Values as matched: the bits under their mask.
+    if let Some(p) = o.be16(src)? {
+        let mask = o.be16(src_mask)?.unwrap_or(u16::MAX);
+        k.src_port = Some((p & mask, mask));
+    }
+    if let Some(mask) = o.u16(TCA_FLOWER_KEY_CT_STATE_MASK)? {
+        k.ct_state = Some((o.u16(TCA_FLOWER_KEY_CT_STATE)?.unwrap_or(0) & mask, mask));
+    }
     k.enc_key_id = o.be32(TCA_FLOWER_KEY_ENC_KEY_ID)?;
     Ok(k)
+}
+
+/// Reads a `ct` action back; settings the fabric never uses (address ranges, IPv6 NAT, source NAT) are foreign.
+fn decode_ct(options: &Attrs<'_>) -> Result<Action, FabricError> {
+    parms(options, TCA_CT_PARMS, TC_GEN_LEN, "ct")?;
+    let flags = options.u16(TCA_CT_ACTION)?.unwrap_or(0);
+    let zone = options.u16(TCA_CT_ZONE)?.unwrap_or(0);
+    let known = TCA_CT_ACT_COMMIT | TCA_CT_ACT_NAT | TCA_CT_ACT_NAT_DST;
+    let dst_without_nat = flags & TCA_CT_ACT_NAT_DST != 0 && flags & TCA_CT_ACT_NAT == 0;
+    if flags & !known != 0 || dst_without_nat {
+        return Ok(Action::Foreign { kind: format!("ct flags {flags:#x}") });
+    }
+    let dnat = if flags & TCA_CT_ACT_NAT_DST != 0 {
+        let min = options.ipv4(TCA_CT_NAT_IPV4_MIN)?;
+        let max = options.ipv4(TCA_CT_NAT_IPV4_MAX)?;
+        let port_min = options.be16(TCA_CT_NAT_PORT_MIN)?;
+        let port_max = options.be16(TCA_CT_NAT_PORT_MAX)?;
+        match (min, max, port_min, port_max) {
+            (Some(a), Some(b), Some(p), Some(q)) if a == b && p == q => Some((a, p)),
+            _ => return Ok(Action::Foreign { kind: "ct nat dst range".into() }),
+        }
+    } else {
+        None
+    };
+    Ok(Action::Ct { zone, commit: flags & TCA_CT_ACT_COMMIT != 0, nat: flags & TCA_CT_ACT_NAT != 0, dnat })
+}
+
+/// Reads a `pedit` action back: the destination-MAC rewrite the fabric installs, anything else is foreign.
+fn decode_pedit(options: &Attrs<'_>) -> Result<Action, FabricError> {
+    let foreign = || Action::Foreign { kind: "pedit".into() };
+    let Some(sel) = options.get(TCA_PEDIT_PARMS_EX).or_else(|| options.get(TCA_PEDIT_PARMS)) else {
+        return Ok(foreign());
+    };
+    if sel.len() < TC_PEDIT_SEL_LEN || sel[TC_GEN_LEN] != 2 || sel.len() < TC_PEDIT_SEL_LEN + 2 * TC_PEDIT_KEY_LEN {
+        return Ok(foreign());
+    }
+    let keys = &sel[TC_PEDIT_SEL_LEN..TC_PEDIT_SEL_LEN + 2 * TC_PEDIT_KEY_LEN];
+    let mac = MacAddr([keys[4], keys[5], keys[6], keys[7], keys[TC_PEDIT_KEY_LEN + 4], keys[TC_PEDIT_KEY_LEN + 5]]);
+    if keys != dst_mac_keys(mac).as_slice() {
+        return Ok(foreign());
+    }
+    let Some(ex) = options.nested(TCA_PEDIT_KEYS_EX)? else { return Ok(foreign()) };
+    let mut count = 0;
+    for (kind, key) in ex.iter() {
+        let key = Attrs::parse(key)?;
+        let eth_set = key.u16(TCA_PEDIT_KEY_EX_HTYPE)? == Some(TCA_PEDIT_KEY_EX_HDR_TYPE_ETH)
+            && key.u16(TCA_PEDIT_KEY_EX_CMD)?.unwrap_or(TCA_PEDIT_KEY_EX_CMD_SET) == TCA_PEDIT_KEY_EX_CMD_SET;
+        if kind != TCA_PEDIT_KEY_EX || !eth_set {
+            return Ok(foreign());
+        }
+        count += 1;
+    }
+    Ok(if count == 2 { Action::SetDstMac(mac) } else { foreign() })
 }
 
 fn parms<'a>(options: &Attrs<'a>, kind: u16, len: usize, what: &str) -> Result<&'a [u8], FabricError> {
@@ -503,6 +747,8 @@ fn decode_action(act: &Attrs<'_>, name_of: &dyn Fn(u32) -> String) -> Result<Act
             }
         }
         "gact" => Action::Drop,
+        "ct" => decode_ct(&options)?,
+        "pedit" => decode_pedit(&options)?,
         "police" => {
             let p = parms(&options, TCA_POLICE_TBF, TC_POLICE_LEN, "police")?;
             let rate32 = word(p, 28) as u32;
@@ -645,6 +891,112 @@ mod tests {
             vec![Action::TunnelUnset, Action::Redirect { dev: "pf0vf1".into() }],
         );
         round_trip(Keys::default(), vec![Action::Police { rate_bps: 80_000_000_000, burst_bytes: 100_480 }]);
+    }
+
+    #[test]
+    fn service_rules_round_trip() {
+        use crate::rules::{CT_NEW, CT_TRACKED, IPPROTO_UDP};
+        let vip = Keys {
+            eth_type: Some(PROTO_IPV4),
+            ip_proto: Some(6),
+            dst_ip: Some("10.96.0.10/32".parse().unwrap()),
+            dst_port: Some(80),
+            ..Keys::default()
+        };
+        round_trip(
+            Keys { ct_state: Some((0, CT_TRACKED)), ..vip.clone() },
+            vec![Action::Ct { zone: 100, commit: false, nat: true, dnat: None }],
+        );
+        let dnat = Action::Ct { zone: 100, commit: true, nat: true, dnat: Some(("10.100.0.2".parse().unwrap(), 8080)) };
+        let new = Keys { ct_state: Some((CT_TRACKED | CT_NEW, CT_TRACKED | CT_NEW)), ..vip.clone() };
+        round_trip(Keys { src_port: Some((6, 0x1e)), ..new.clone() }, vec![dnat.clone()]);
+        round_trip(
+            Keys { src_ip: Some(("0.0.0.3".parse().unwrap(), "0.0.0.15".parse().unwrap())), ..new.clone() },
+            vec![dnat],
+        );
+        round_trip(
+            Keys {
+                ip_proto: Some(IPPROTO_UDP),
+                src_ip: Some(("10.100.0.2".parse().unwrap(), "255.255.255.255".parse().unwrap())),
+                src_port: Some((53, u16::MAX)),
+                ..vip.clone()
+            },
+            vec![Action::Ct { zone: 4196, commit: false, nat: true, dnat: None }],
+        );
+        round_trip(
+            Keys { src_ip: Some(("fd00::2".parse().unwrap(), "ffff::".parse().unwrap())), ..Keys::default() },
+            vec![Action::Drop],
+        );
+        round_trip(
+            Keys { dst_mac: Some((MacAddr([2, 0xd9, 0xd0, 0x5e, 0, 1]), MacAddr([0xff; 6]))), ..vip },
+            vec![Action::SetDstMac(MacAddr([2, 0, 0, 0, 0, 5])), Action::Redirect { dev: "pf0vf1".into() }],
+        );
+    }
+
+    #[test]
+    fn ct_and_pedit_wire_layout() {
+        let id = RuleId { prio: 41, protocol: PROTO_IPV4, handle: 7 };
+        let dnat = Action::Ct { zone: 100, commit: true, nat: true, dnat: Some(("10.100.0.2".parse().unwrap(), 80)) };
+        let keys =
+            Keys { ip_proto: Some(6), src_port: Some((0x17, 0x1e)), ct_state: Some((0x9, 0x9)), ..Keys::default() };
+        let request =
+            filter(11, id, &keys, &[dnat, Action::SetDstMac(MacAddr([1, 2, 3, 4, 5, 6]))], 0, &[], &names).unwrap();
+        let (_, rest) = TcMsg::parse(&request).unwrap();
+        let top = Attrs::parse(rest).unwrap();
+        let options = top.nested(TCA_OPTIONS).unwrap().unwrap();
+        assert_eq!(options.be16(TCA_FLOWER_KEY_TCP_SRC).unwrap(), Some(0x16), "the value is sent masked");
+        assert_eq!(options.be16(TCA_FLOWER_KEY_TCP_SRC_MASK).unwrap(), Some(0x1e));
+        assert_eq!(options.u16(TCA_FLOWER_KEY_CT_STATE_MASK).unwrap(), Some(0x9));
+        let acts = options.nested(TCA_FLOWER_ACT).unwrap().unwrap();
+        let ct = Attrs::parse(acts.get(1).unwrap()).unwrap();
+        assert_eq!(ct.string(TCA_ACT_KIND).unwrap().as_deref(), Some("ct"));
+        let o = ct.nested(TCA_ACT_OPTIONS).unwrap().unwrap();
+        assert_eq!(word(o.get(TCA_CT_PARMS).unwrap(), 8), TC_ACT_UNSPEC, "classification continues");
+        assert_eq!(o.u16(TCA_CT_ACTION).unwrap(), Some(1 | 8 | 32), "commit, nat, nat dst");
+        assert_eq!(o.u16(TCA_CT_ZONE).unwrap(), Some(100));
+        assert_eq!(o.get(TCA_CT_NAT_IPV4_MIN), Some(&[10, 100, 0, 2][..]));
+        assert_eq!(o.be16(TCA_CT_NAT_PORT_MAX).unwrap(), Some(80));
+        let pedit = Attrs::parse(acts.get(2).unwrap()).unwrap();
+        let o = pedit.nested(TCA_ACT_OPTIONS).unwrap().unwrap();
+        let sel = o.get(TCA_PEDIT_PARMS_EX).unwrap();
+        assert_eq!(sel.len(), 24 + 2 * 24, "struct tc_pedit_sel + two keys");
+        assert_eq!((word(sel, 8), sel[20]), (TC_ACT_UNSPEC, 2));
+        // key 1: bytes 0-3 replaced; key 2: bytes 4-5 replaced, 6-7 (source MAC) kept.
+        assert_eq!(&sel[24..32], &[0, 0, 0, 0, 1, 2, 3, 4]);
+        assert_eq!(&sel[48..56], &[0, 0, 0xff, 0xff, 5, 6, 0, 0]);
+        assert_eq!(word(&sel[48..], 8), 4);
+        let ex = o.nested(TCA_PEDIT_KEYS_EX).unwrap().unwrap();
+        assert_eq!(ex.iter().count(), 2);
+        for (kind, key) in ex.iter() {
+            assert_eq!(kind, TCA_PEDIT_KEY_EX);
+            assert_eq!(Attrs::parse(key).unwrap().u16(TCA_PEDIT_KEY_EX_HTYPE).unwrap(), Some(1), "Ethernet header");
+        }
+        // A ct action the fabric does not write (source NAT) reads back as foreign, never as one of ours.
+        let mut foreign = Vec::new();
+        let options = vec![
+            Attr::bytes(TCA_CT_PARMS, tc_gen(TC_ACT_PIPE)),
+            Attr::u16(TCA_CT_ACTION, TCA_CT_ACT_NAT | 16),
+            Attr::u16(TCA_CT_ZONE, 1),
+        ];
+        emit_all(&[Attr::string(TCA_ACT_KIND, "ct"), Attr::nested(TCA_ACT_OPTIONS, options)], &mut foreign);
+        let action = decode_action(&Attrs::parse(&foreign).unwrap(), &index_names).unwrap();
+        assert!(matches!(action, Action::Foreign { .. }), "{action:?}");
+    }
+
+    #[test]
+    fn digested_filters_carry_their_cookie() {
+        let id = RuleId { prio: 60, protocol: 3, handle: 9 };
+        let keys = Keys { dst_mac: Some((MacAddr([2, 0, 0, 0, 0, 9]), MacAddr([0xff; 6]))), ..Keys::default() };
+        let actions = [Action::Redirect { dev: "p0".into() }];
+        let (payload, cookie) = filter_digested(11, id, &keys, &actions, SKIP_HW, &names).unwrap();
+        let f = decode_filter(&payload, &index_names).unwrap().unwrap();
+        assert_eq!(
+            (f.cookie.as_deref(), f.keys, f.actions.as_slice()),
+            (Some(&cookie[..]), keys.clone(), &actions[..])
+        );
+        let (_, other) = filter_digested(11, id, &keys, &actions, SKIP_SW, &names).unwrap();
+        assert_ne!(cookie, other);
+        assert!(filter_digested(11, id, &keys, &[], SKIP_HW, &names).is_err(), "no action to carry the cookie");
     }
 
     #[test]

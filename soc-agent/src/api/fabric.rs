@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use dpu_fabric::model::{
-    AttachmentSpec, FABRIC_ID, FabricSpec, Function, IpNet, MARK_BASE, MacAddr, Mode, PortId, Segment, VXLAN_PORT,
-    VxlanSpec,
+    AttachmentSpec, Backend, FABRIC_ID, FabricSpec, Function, IpNet, MARK_BASE, MacAddr, Mode, PortId, Protocol,
+    Segment, ServiceSpec, SessionAffinity, VXLAN_PORT, VxlanSpec,
 };
 use dpu_fabric::netlink::tc;
 use dpu_fabric::ports::Port;
@@ -36,6 +36,86 @@ pub struct FabricApi {
 /// Parses `attachments/{id}` (or a bare id).
 fn attachment_id(name: &str) -> Result<&str, Status> {
     parse_name(name, "attachments", "name")
+}
+
+/// Parses `services/{id}` (or a bare id).
+fn service_id(name: &str) -> Result<&str, Status> {
+    parse_name(name, "services", "name")
+}
+
+/// A pod network from the vlan / vni pair of a message: exactly one is set.
+fn segment_from(object: &str, vlan: u32, vni: u32) -> Result<Segment, Status> {
+    match (vlan, vni) {
+        (0, 0) => Err(Status::invalid_argument(format!("{object}.vlan: one of vlan and vni is required"))),
+        (_, 0) => Ok(Segment::Vlan(
+            u16::try_from(vlan)
+                .ok()
+                .filter(|v| (1..=4094).contains(v))
+                .ok_or_else(|| Status::invalid_argument(format!("{object}.vlan: {vlan} is not in 1..=4094")))?,
+        )),
+        (0, vni) => Ok(Segment::Vxlan(vni)),
+        _ => Err(Status::invalid_argument(format!("{object}.vni: give either vlan or vni, not both"))),
+    }
+}
+
+/// An IPv4 address of a service field; IPv6 is refused as not supported.
+fn service_ipv4(field: &str, text: &str) -> Result<std::net::Ipv4Addr, Status> {
+    match text.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => Ok(a),
+        Ok(IpAddr::V6(_)) => Err(Status::invalid_argument(format!("{field}: IPv6 services are not supported"))),
+        Err(_) => Err(Status::invalid_argument(format!("{field}: {text:?} is not an IP address"))),
+    }
+}
+
+fn port_from(field: &str, port: u32) -> Result<u16, Status> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| Status::invalid_argument(format!("{field}: {port} is not a port")))
+}
+
+fn backends_from(backends: &[pb::ServiceBackend]) -> Result<Vec<Backend>, Status> {
+    backends
+        .iter()
+        .map(|b| {
+            Ok(Backend {
+                ip: service_ipv4("service.backends", &b.ip)?,
+                port: port_from("service.backends", b.port)?,
+                ready: b.ready,
+            })
+        })
+        .collect()
+}
+
+fn affinity_from(value: i32) -> Result<SessionAffinity, Status> {
+    match pb::SessionAffinity::try_from(value) {
+        Ok(pb::SessionAffinity::Unspecified | pb::SessionAffinity::None) => Ok(SessionAffinity::None),
+        Ok(pb::SessionAffinity::ClientIp) => Ok(SessionAffinity::ClientIp),
+        Err(_) => Err(Status::invalid_argument(format!("service.session_affinity: unknown value {value}"))),
+    }
+}
+
+/// Validates an incoming service into the domain type (backends sorted).
+fn service_from(s: &pb::Service) -> Result<ServiceSpec, Status> {
+    let protocol = match pb::ServiceProtocol::try_from(s.protocol) {
+        Ok(pb::ServiceProtocol::Tcp) => Protocol::Tcp,
+        Ok(pb::ServiceProtocol::Udp) => Protocol::Udp,
+        Ok(pb::ServiceProtocol::Unspecified) => {
+            return Err(Status::invalid_argument("service.protocol: TCP or UDP is required"));
+        }
+        Err(_) => return Err(Status::invalid_argument(format!("service.protocol: unknown value {}", s.protocol))),
+    };
+    let mut spec = ServiceSpec {
+        vip: service_ipv4("service.vip", &s.vip)?,
+        port: port_from("service.port", s.port)?,
+        protocol,
+        segment: segment_from("service", s.vlan, s.vni)?,
+        backends: backends_from(&s.backends)?,
+        session_affinity: affinity_from(s.session_affinity)?,
+    };
+    spec.normalize();
+    spec.validate().map_err(invalid)?;
+    Ok(spec)
 }
 
 /// Parses a port (`pf0vf3` or `ports/pf0vf3`).
@@ -157,6 +237,7 @@ impl FabricApi {
             vtep: vxlan.map(|v| v.local.to_string()).unwrap_or_default(),
             vxlan_port: vxlan.map_or(0, |v| u32::from(v.port)),
             vxlan_peers: vxlan.map(|v| v.peers.iter().map(ToString::to_string).collect()).unwrap_or_default(),
+            service_gateway_mac: spec.gateway_mac().to_string(),
             generation: meta.as_ref().map_or(0, |m| generation(m.generation)),
             status: Some(match &meta {
                 Some(m) => self.status_of(FabricSpec::KIND, FABRIC_ID, m.generation),
@@ -196,6 +277,55 @@ impl FabricApi {
             generation: generation(stored.meta.generation),
             status: Some(self.status_of(AttachmentSpec::KIND, &stored.id, stored.meta.generation)),
         }
+    }
+
+    fn service_message(&self, stored: &Stored<ServiceSpec>) -> pb::Service {
+        let s = &stored.spec;
+        let (vlan, vni) = match s.segment {
+            Segment::Vlan(id) => (u32::from(id), 0),
+            Segment::Vxlan(vni) => (0, vni),
+        };
+        let protocol = match s.protocol {
+            Protocol::Tcp => pb::ServiceProtocol::Tcp,
+            Protocol::Udp => pb::ServiceProtocol::Udp,
+        };
+        let affinity = match s.session_affinity {
+            SessionAffinity::None => pb::SessionAffinity::None,
+            SessionAffinity::ClientIp => pb::SessionAffinity::ClientIp,
+        };
+        pb::Service {
+            name: format!("services/{}", stored.id),
+            vip: s.vip.to_string(),
+            port: u32::from(s.port),
+            protocol: protocol.into(),
+            vlan,
+            vni,
+            backends: s
+                .backends
+                .iter()
+                .map(|b| pb::ServiceBackend { ip: b.ip.to_string(), port: u32::from(b.port), ready: b.ready })
+                .collect(),
+            session_affinity: affinity.into(),
+            generation: generation(stored.meta.generation),
+            status: Some(self.status_of(ServiceSpec::KIND, &stored.id, stored.meta.generation)),
+        }
+    }
+
+    /// Refuses a service whose VIP, port and protocol another service of the same network has.
+    fn check_service(&self, id: &str, spec: &ServiceSpec) -> Result<(), Status> {
+        for other in self.store.list_all::<ServiceSpec>().map_err(intent_status)? {
+            let o = &other.spec;
+            if other.id != id
+                && o.segment == spec.segment
+                && (o.vip, o.port, o.protocol) == (spec.vip, spec.port, spec.protocol)
+            {
+                return Err(Status::already_exists(format!(
+                    "{}:{}/{} on {} is used by services/{}",
+                    spec.vip, spec.port, spec.protocol, spec.segment, other.id
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn fabric(&self) -> Result<Option<Stored<FabricSpec>>, Status> {
@@ -305,7 +435,14 @@ impl pb::fabric_service_server::FabricService for FabricApi {
     async fn update_fabric(&self, r: Request<pb::UpdateFabricRequest>) -> Result<Response<pb::Fabric>, Status> {
         let r = r.into_inner();
         let f = r.fabric.ok_or_else(|| Status::invalid_argument("fabric: required"))?;
-        let mask = FieldMask::parse(r.update_mask, &["uplink", "capture_device", "vxlan"])?;
+        let mask = FieldMask::parse(r.update_mask, &["uplink", "capture_device", "vxlan", "service_gateway_mac"])?;
+        let gateway = match f.service_gateway_mac.as_str() {
+            "" => None,
+            text => Some(
+                text.parse::<MacAddr>()
+                    .map_err(|e| Status::invalid_argument(format!("fabric.service_gateway_mac: {e}")))?,
+            ),
+        };
         let vxlan = vxlan_from(&f)?;
         let uplink = match f.uplink.as_str() {
             "" => None,
@@ -324,6 +461,9 @@ impl pb::fabric_service_server::FabricService for FabricApi {
         }
         if mask.covers("vxlan") {
             spec.vxlan = vxlan;
+        }
+        if mask.covers("service_gateway_mac") {
+            spec.service_gateway_mac = gateway;
         }
         spec.validate().map_err(invalid)?;
         let attachments = self.store.list_all::<AttachmentSpec>().map_err(intent_status)?;
@@ -445,6 +585,98 @@ impl pb::fabric_service_server::FabricService for FabricApi {
         let _guard = self.writes.lock().await;
         if let Some(deleted) = self.store.delete::<AttachmentSpec>(id, r.allow_missing).map_err(intent_status)? {
             tracing::info!(attachment = %deleted.id, port = %deleted.spec.port, "attachment deleted");
+        }
+        Ok(Response::new(pb::DeleteResponse {}))
+    }
+
+    async fn create_service(&self, r: Request<pb::CreateServiceRequest>) -> Result<Response<pb::Service>, Status> {
+        let r = r.into_inner();
+        dpu_intent::validate_id(&r.service_id).map_err(|e| Status::invalid_argument(format!("service_id: {e}")))?;
+        let spec = service_from(r.service.as_ref().ok_or_else(|| Status::invalid_argument("service: required"))?)?;
+        let _guard = self.writes.lock().await;
+        if let Ok(existing) = self.store.get::<ServiceSpec>(&r.service_id) {
+            return if existing.spec == spec {
+                Ok(Response::new(self.service_message(&existing)))
+            } else {
+                Err(Status::already_exists(format!("services/{} exists with a different spec", r.service_id)))
+            };
+        }
+        self.check_service(&r.service_id, &spec)?;
+        let created = self.store.create(&r.service_id, spec).map_err(intent_status)?.into_stored();
+        tracing::info!(
+            service = %created.id,
+            vip = %created.spec.vip,
+            port = created.spec.port,
+            protocol = %created.spec.protocol,
+            segment = %created.spec.segment,
+            backends = created.spec.backends.len(),
+            "service created"
+        );
+        Ok(Response::new(self.service_message(&created)))
+    }
+
+    async fn get_service(&self, r: Request<pb::GetServiceRequest>) -> Result<Response<pb::Service>, Status> {
+        let id = service_id(&r.get_ref().name)?;
+        let stored = self.store.get::<ServiceSpec>(id).map_err(intent_status)?;
+        Ok(Response::new(self.service_message(&stored)))
+    }
+
+    async fn list_services(
+        &self,
+        r: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let r = r.into_inner();
+        let (size, token) = page(r.page_size, &r.page_token)?;
+        let page = self.store.list::<ServiceSpec>(size, token).map_err(intent_status)?;
+        Ok(Response::new(pb::ListServicesResponse {
+            services: page.items.iter().map(|s| self.service_message(s)).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn update_service(&self, r: Request<pb::UpdateServiceRequest>) -> Result<Response<pb::Service>, Status> {
+        let r = r.into_inner();
+        let s = r.service.ok_or_else(|| Status::invalid_argument("service: required"))?;
+        let id = service_id(&s.name)?.to_owned();
+        let mask = FieldMask::parse(r.update_mask, &["backends", "session_affinity"])?;
+        let backends = if mask.covers("backends") { Some(backends_from(&s.backends)?) } else { None };
+        let affinity = if mask.covers("session_affinity") { Some(affinity_from(s.session_affinity)?) } else { None };
+        let expected = u64::try_from(r.expected_generation).ok().filter(|g| *g != 0);
+        let _guard = self.writes.lock().await;
+        let current = self.store.get::<ServiceSpec>(&id).map_err(intent_status)?;
+        let mut spec = current.spec.clone();
+        if let Some(b) = backends {
+            spec.backends = b;
+        }
+        if let Some(a) = affinity {
+            spec.session_affinity = a;
+        }
+        spec.normalize();
+        spec.validate().map_err(invalid)?;
+        if spec == current.spec && expected.is_none_or(|g| g == current.meta.generation) {
+            return Ok(Response::new(self.service_message(&current)));
+        }
+        let stored =
+            self.store.update(&id, spec, Some(expected.unwrap_or(current.meta.generation))).map_err(intent_status)?;
+        tracing::info!(
+            service = %stored.id,
+            generation = stored.meta.generation,
+            ready = stored.spec.backends.iter().filter(|b| b.ready).count(),
+            backends = stored.spec.backends.len(),
+            "service updated"
+        );
+        Ok(Response::new(self.service_message(&stored)))
+    }
+
+    async fn delete_service(
+        &self,
+        r: Request<pb::DeleteServiceRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let r = r.into_inner();
+        let id = service_id(&r.name)?;
+        let _guard = self.writes.lock().await;
+        if let Some(deleted) = self.store.delete::<ServiceSpec>(id, r.allow_missing).map_err(intent_status)? {
+            tracing::info!(service = %deleted.id, vip = %deleted.spec.vip, "service deleted");
         }
         Ok(Response::new(pb::DeleteResponse {}))
     }
@@ -642,5 +874,112 @@ mod tests {
         assert_eq!(field(pb::Attachment { mode: 9, ..base.clone() }), "attachment.mode");
         assert_eq!(field(pb::Attachment { spiffe_id: "nope".into(), ..base.clone() }), "attachment.spiffe_id");
         assert_eq!(field(pb::Attachment { rate_limit_bps: 5, ..base }), "attachment.rate_limit_bps");
+    }
+
+    fn svc(vip: &str, backends: &[(&str, u32, bool)]) -> pb::Service {
+        pb::Service {
+            vip: vip.into(),
+            port: 80,
+            protocol: pb::ServiceProtocol::Tcp.into(),
+            vlan: 100,
+            backends: backends
+                .iter()
+                .map(|(ip, port, ready)| pb::ServiceBackend { ip: (*ip).into(), port: *port, ready: *ready })
+                .collect(),
+            ..pb::Service::default()
+        }
+    }
+
+    async fn create_svc(api: &FabricApi, id: &str, s: pb::Service) -> Result<pb::Service, Status> {
+        let r = pb::CreateServiceRequest { service_id: id.into(), service: Some(s) };
+        api.create_service(Request::new(r)).await.map(Response::into_inner)
+    }
+
+    #[tokio::test]
+    async fn services_are_validated_persisted_and_updated() {
+        let (_dir, api, sim) = api();
+        create(&api, "b1", attachment("pf0vf1", "02:00:00:00:00:01", "10.100.0.1/24")).await.unwrap();
+        let web = create_svc(&api, "web", svc("10.96.0.10", &[("10.100.0.5", 80, true), ("10.100.0.1", 80, true)]))
+            .await
+            .unwrap();
+        assert_eq!(web.name, "services/web");
+        assert_eq!(web.backends[0].ip, "10.100.0.1", "backends are kept sorted");
+        assert_eq!(web.status.unwrap().state, i32::from(pb::ResourceState::Pending));
+        // Idempotent create; a conflicting VIP:port/protocol on the same network is refused.
+        let again = create_svc(&api, "web", svc("10.96.0.10", &[("10.100.0.1", 80, true), ("10.100.0.5", 80, true)]));
+        assert_eq!(again.await.unwrap().generation, 1);
+        let code = |r: Result<pb::Service, Status>| r.unwrap_err();
+        let dup = code(create_svc(&api, "web2", svc("10.96.0.10", &[])).await);
+        assert_eq!(dup.code(), tonic::Code::AlreadyExists, "{dup:?}");
+        let mut other_net = svc("10.96.0.10", &[]);
+        other_net.vlan = 200;
+        create_svc(&api, "web3", other_net).await.unwrap();
+        let field = |s: Status| (s.code(), s.message().split(':').next().unwrap().to_owned());
+        let bad = |f: fn(&mut pb::Service)| {
+            let mut s = svc("10.96.0.20", &[("10.100.0.1", 80, true)]);
+            f(&mut s);
+            s
+        };
+        for (service, expected) in [
+            (bad(|s| s.vip = "fd00::10".into()), "service.vip"),
+            (bad(|s| s.vip = "nope".into()), "service.vip"),
+            (bad(|s| s.port = 0), "service.port"),
+            (bad(|s| s.protocol = 0), "service.protocol"),
+            (bad(|s| s.vni = 5), "service.vni"),
+            (bad(|s| s.vlan = 0), "service.vlan"),
+            (bad(|s| s.backends[0].port = 70_000), "service.backends"),
+            (bad(|s| s.backends.push(s.backends[0].clone())), "service.backends"),
+            (bad(|s| s.session_affinity = 9), "service.session_affinity"),
+        ] {
+            let e = code(create_svc(&api, "x", service).await);
+            assert_eq!(field(e), (tonic::Code::InvalidArgument, expected.to_owned()));
+        }
+        // The reconciler reports the backend that is no pod of the network here.
+        let reconciler = dpu_fabric::reconcile::FabricReconciler::new(sim.clone());
+        let pass = dpu_intent::reconcile::Reconciler::reconcile(&reconciler, &api.store).await.unwrap();
+        let status = pass.statuses.iter().find(|(k, _)| k.kind == "services" && k.id == "web").unwrap();
+        assert!(status.1.reason.contains("10.100.0.5:80"), "{}", status.1.reason);
+        // Update: readiness and affinity; the network and VIP are not in the mask.
+        let mut change = svc("10.96.0.99", &[("10.100.0.1", 80, false)]);
+        change.name = "services/web".into();
+        change.session_affinity = pb::SessionAffinity::ClientIp.into();
+        let request = pb::UpdateServiceRequest { service: Some(change.clone()), ..Default::default() };
+        let updated = api.update_service(Request::new(request)).await.unwrap().into_inner();
+        assert_eq!((updated.vip.as_str(), updated.generation), ("10.96.0.10", 2));
+        assert_eq!((updated.backends.len(), updated.backends[0].ready), (1, false));
+        assert_eq!(updated.session_affinity, i32::from(pb::SessionAffinity::ClientIp));
+        let mask = |paths: &[&str]| Some(prost_types::FieldMask { paths: paths.iter().map(|p| (*p).into()).collect() });
+        let request = pb::UpdateServiceRequest {
+            service: Some(change.clone()),
+            update_mask: mask(&["vip"]),
+            ..Default::default()
+        };
+        assert_eq!(api.update_service(Request::new(request)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        let stale = pb::UpdateServiceRequest { service: Some(change), expected_generation: 1, ..Default::default() };
+        assert_ne!(api.update_service(Request::new(stale)).await.unwrap_err().code(), tonic::Code::Ok);
+        let list = api.list_services(Request::new(pb::ListServicesRequest::default())).await.unwrap().into_inner();
+        assert_eq!(list.services.len(), 2);
+        let delete = pb::DeleteServiceRequest { name: "services/web".into(), allow_missing: false };
+        api.delete_service(Request::new(delete.clone())).await.unwrap();
+        assert_eq!(api.delete_service(Request::new(delete)).await.unwrap_err().code(), tonic::Code::NotFound);
+        let get = pb::GetServiceRequest { name: "services/web".into() };
+        assert_eq!(api.get_service(Request::new(get)).await.unwrap_err().code(), tonic::Code::NotFound);
+        // The fabric reports its service gateway MAC and accepts another one.
+        let fabric = api.get_fabric(Request::new(pb::GetFabricRequest::default())).await.unwrap().into_inner();
+        assert_eq!(fabric.service_gateway_mac, dpu_fabric::model::DEFAULT_SERVICE_GATEWAY_MAC.to_string());
+        let update = pb::UpdateFabricRequest {
+            fabric: Some(pb::Fabric { service_gateway_mac: "02:00:00:00:fe:01".into(), ..pb::Fabric::default() }),
+            update_mask: mask(&["service_gateway_mac"]),
+            ..pb::UpdateFabricRequest::default()
+        };
+        let fabric = api.update_fabric(Request::new(update)).await.unwrap().into_inner();
+        assert_eq!(fabric.service_gateway_mac, "02:00:00:00:fe:01");
+        let update = pb::UpdateFabricRequest {
+            fabric: Some(pb::Fabric { service_gateway_mac: "ff:ff:ff:ff:ff:ff".into(), ..pb::Fabric::default() }),
+            update_mask: mask(&["service_gateway_mac"]),
+            ..pb::UpdateFabricRequest::default()
+        };
+        let e = api.update_fabric(Request::new(update)).await.unwrap_err();
+        assert!(e.message().starts_with("fabric.service_gateway_mac"), "{e:?}");
     }
 }
