@@ -58,7 +58,8 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
     let controller_config = ControllerConfig { resync_interval: drift, ..ControllerConfig::default() };
     let mut reconcilers = vec![
         Controller::new(
-            SettingsReconciler::new(log.clone(), config.log.level.clone()),
+            // Without a stored log_filter the filter stays the one in force at start ([log] level, or RUST_LOG).
+            SettingsReconciler::new(log.clone(), log.active()),
             store.clone(),
             status_board.clone(),
             controller_config,

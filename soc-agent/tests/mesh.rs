@@ -178,3 +178,68 @@ async fn mesh_objects_carry_traffic_and_survive_sigkill() {
     assert!(metrics.contains("istio_requests_total{reporter=\"destination\""), "{metrics}");
     assert!(agent.stop().await.success());
 }
+
+/// Access log lines (target `dpu_proxy::access`) among the agent's log events since the last look.
+fn access_lines(agent: &Agent) -> usize {
+    agent.events().iter().filter(|e| e["target"] == "dpu_proxy::access").count()
+}
+
+/// Sets the `log_filter` agent setting and waits until the agent reports it applied.
+async fn set_log_filter(agent: &Agent, filter: &str) {
+    let mut client = pb::agent_service_client::AgentServiceClient::new(agent.channel().await);
+    let request = pb::UpdateAgentSettingsRequest {
+        settings: Some(pb::AgentSettings { log_filter: filter.into(), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["log_filter".into()] }),
+        expected_generation: 0,
+    };
+    let generation = client.update_agent_settings(request).await.unwrap().into_inner().generation;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let settings = client
+            .get_agent_settings(pb::GetAgentSettingsRequest { name: "settings".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let status = settings.status.unwrap_or_default();
+        if status.observed_generation == generation && status.state == pb::ResourceState::Ready as i32 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "log_filter {filter:?} not applied: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_filters_access_logs_until_a_log_filter_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let backend_a = backend("backend-a").await;
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let agent =
+        Agent::start_with_env(&["--data-dir", data.to_str().unwrap()], &[("RUST_LOG", "info,dpu_proxy::access=off")]);
+    let mut mesh = MeshServiceClient::new(agent.channel().await);
+    create_web(&mut mesh, backend_a, listen).await;
+
+    // The settings pass has run (nothing stored: the start filter stays), and requests log no access line.
+    set_log_filter(&agent, "").await;
+    assert!(get(listen).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(access_lines(&agent), 0, "RUST_LOG turned the access log off");
+
+    // A stored filter wins over RUST_LOG while it is set.
+    set_log_filter(&agent, "info").await;
+    assert!(get(listen).await.starts_with("HTTP/1.1 200"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while access_lines(&agent) == 0 {
+        assert!(Instant::now() < deadline, "no access line with log_filter \"info\"");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Cleared: back to the filter the agent started with.
+    set_log_filter(&agent, "").await;
+    let _ = access_lines(&agent);
+    assert!(get(listen).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(access_lines(&agent), 0, "clearing log_filter restores the start filter");
+    agent.stop().await;
+}

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
 use dpu_proto::v1::agent_service_client::AgentServiceClient;
@@ -27,19 +27,27 @@ pub fn agent_command() -> Command {
     }
 }
 
-/// A running agent on ephemeral loopback ports, stopped with SIGTERM on drop.
+/// A running agent on ephemeral loopback ports, stopped with SIGTERM on drop. Its stderr is read for as long
+/// as it runs (so it never blocks on a full pipe); the JSON log events are kept for [`Agent::events`].
 pub struct Agent {
     child: Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    events: Mutex<mpsc::Receiver<serde_json::Value>>,
 }
 
 impl Agent {
     /// Starts the agent with `args` and waits for it to report both listeners.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = agent_command()
             .args(["--log-format", "json", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -49,26 +57,30 @@ impl Agent {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-                let message = event["message"].as_str().unwrap_or_default().to_owned();
-                let addr = event["addr"].as_str().unwrap_or_default().to_owned();
-                if tx.send((message, addr)).is_err() {
-                    break;
-                }
+                // The receiver goes with the Agent; keep draining the pipe after that.
+                let _ = tx.send(event);
             }
         });
         let (mut addr, mut admin) = (None, None);
         while addr.is_none() || admin.is_none() {
-            let Ok((message, at)) = rx.recv_timeout(Duration::from_secs(20)) else {
+            let Ok(event) = rx.recv_timeout(Duration::from_secs(20)) else {
                 let status = child.wait().unwrap();
                 panic!("agent did not start (exit {status})");
             };
+            let message = event["message"].as_str().unwrap_or_default();
+            let at = event["addr"].as_str().unwrap_or_default();
             if message.starts_with("serving the control API") {
                 addr = at.parse().ok();
             } else if message.starts_with("admin listener") {
                 admin = at.parse().ok();
             }
         }
-        Self { child, addr: addr.unwrap(), admin: admin.unwrap() }
+        Self { child, addr: addr.unwrap(), admin: admin.unwrap(), events: Mutex::new(rx) }
+    }
+
+    /// The log events written since the previous call (or since start-up finished).
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.events.lock().unwrap().try_iter().collect()
     }
 
     /// SIGTERM and wait for the exit status. Waits off the runtime thread, so the test's gRPC connections
