@@ -47,8 +47,16 @@ impl Entry {
         }
     }
 
-    /// Writes the entry.
+    /// Whether access log lines are written at all (the subscriber's filter enables the target).
+    pub fn enabled() -> bool {
+        tracing::enabled!(target: TARGET, tracing::Level::INFO)
+    }
+
+    /// Writes the entry (encoded only when the access log is on).
     pub fn emit(&self) {
+        if !Self::enabled() {
+            return;
+        }
         match serde_json::to_string(self) {
             Ok(line) => tracing::info!(target: TARGET, "{line}"),
             Err(e) => tracing::warn!(error = %e, "access log entry could not be encoded"),

@@ -225,18 +225,24 @@ fn new_record(conn: &HttpConn, parts: &Parts, grpc: bool, request_id: &str) -> R
         Version::HTTP_10 => "HTTP/1.0",
         _ => "HTTP/1.1",
     };
-    let mut entry = Entry::new(protocol, SystemTime::now(), ctx.peer, ctx.local);
     let (source_workload, source_namespace) = ctx.source_workload();
     let principal = ctx.principal().map_or_else(|| "unknown".to_string(), ToString::to_string);
-    entry.method = parts.method.to_string();
-    entry.path = parts.uri.path_and_query().map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-    entry.listener = ctx.listener.id.clone();
-    entry.source_workload = source_workload.clone();
-    entry.source_principal = principal.clone();
-    entry.destination_workload = ctx.destination_workload_name();
-    entry.destination_principal =
-        ctx.destination_workload.as_ref().map_or_else(|| "unknown".to_string(), |w| w.spec.identity.to_string());
-    entry.request_id = request_id.to_string();
+    // The access log line is filled in only when the access log is on.
+    let entry = if Entry::enabled() {
+        let mut entry = Entry::new(protocol, SystemTime::now(), ctx.peer, ctx.local);
+        entry.method = parts.method.to_string();
+        entry.path = parts.uri.path_and_query().map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+        entry.listener = ctx.listener.id.clone();
+        entry.source_workload = source_workload.clone();
+        entry.source_principal = principal.clone();
+        entry.destination_workload = ctx.destination_workload_name();
+        entry.destination_principal =
+            ctx.destination_workload.as_ref().map_or_else(|| "unknown".to_string(), |w| w.spec.identity.to_string());
+        entry.request_id = request_id.to_string();
+        entry
+    } else {
+        Entry { protocol, ..Entry::default() }
+    };
     Record {
         metrics: ctx.runtime.metrics.clone(),
         activity: conn.activity.clone(),
