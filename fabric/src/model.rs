@@ -359,8 +359,9 @@ pub const DEFAULT_SERVICE_GATEWAY_MAC: MacAddr = MacAddr([0x02, 0xd9, 0xd0, 0x5e
 /// Default VXLAN UDP port (IANA).
 pub const VXLAN_PORT: u16 = 4789;
 
-/// VXLAN transport of the fabric: a collect-metadata (`external`) vxlan netdev, this host's tunnel endpoint
-/// and the other hosts' endpoints. Frames of a VXLAN network that are not for a local pod go to every peer.
+/// VXLAN transport of the fabric: a collect-metadata (`external`) vxlan netdev (created by the reconciler when
+/// missing), this host's tunnel endpoint and the other hosts' endpoints. Frames of a VXLAN network that are not
+/// for a local pod go to every peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VxlanSpec {
     pub device: String,

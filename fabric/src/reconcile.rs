@@ -13,7 +13,7 @@ use dpu_intent::Store;
 use dpu_intent::reconcile::{ObjectKey, ObjectState, ObjectStatus, Pass, ReconcileError, Reconciler, Trigger};
 
 use crate::FabricError;
-use crate::model::{AttachmentSpec, FABRIC_ID, FabricSpec, ServiceSpec};
+use crate::model::{AttachmentSpec, FABRIC_ID, FabricSpec, Segment, ServiceSpec};
 use crate::rules::{Rule, RuleId, compile, service_owner};
 use crate::switch::{Change, Encoded, Links, Switch, encode};
 
@@ -59,9 +59,29 @@ impl FabricReconciler {
         services: &[(String, ServiceSpec)],
     ) -> Result<Outcome, FabricError> {
         let ports = self.switch.ports()?;
-        let links = self.switch.links()?;
-        let compiled = compile(fabric, attachments, services, &ports);
+        let mut links = self.switch.links()?;
         let mut out = Outcome::default();
+        // The VXLAN device is the fabric's own: created when missing (an existing one is used as it is).
+        if let Some(vxlan) = &fabric.vxlan
+            && links.ifindex(&vxlan.device).is_err()
+        {
+            match self.switch.add_vxlan(&vxlan.device, vxlan.port) {
+                Ok(()) => {
+                    tracing::info!(dev = %vxlan.device, port = vxlan.port, "created the VXLAN device");
+                    out.changes += 1;
+                    links = self.switch.links()?;
+                }
+                Err(e) => {
+                    tracing::warn!(dev = %vxlan.device, error = %e, "creating the VXLAN device failed");
+                    for (id, a) in attachments {
+                        if matches!(a.segment, Segment::Vxlan(_)) {
+                            fail(&mut out.failed, id, &e);
+                        }
+                    }
+                }
+            }
+        }
+        let compiled = compile(fabric, attachments, services, &ports);
         for u in &compiled.unserved {
             out.failed.entry(u.attachment.clone()).or_insert_with(|| u.reason.clone());
         }
@@ -486,6 +506,31 @@ mod tests {
         store.delete::<AttachmentSpec>("m", false).unwrap();
         reconciler.reconcile(&store).await.unwrap();
         assert_eq!(sim.filter_count("proxy0"), 0);
+    }
+
+    #[tokio::test]
+    async fn missing_vxlan_device_is_created_once() {
+        let (_dir, store, sim, reconciler) = setup();
+        let mut fabric = store.get::<FabricSpec>(FABRIC_ID).unwrap().spec;
+        fabric.vxlan = Some(crate::model::VxlanSpec {
+            device: "vxlan0".into(),
+            local: "192.168.50.1".parse().unwrap(),
+            port: 4789,
+            peers: ["192.168.50.2".parse().unwrap()].into(),
+        });
+        store.update(FABRIC_ID, fabric, None).unwrap();
+        let mut tenant = attachment(1, 10);
+        tenant.segment = Segment::Vxlan(5000);
+        store.create("v", tenant).unwrap();
+
+        let pass = reconciler.reconcile(&store).await.unwrap();
+        let by_id: BTreeMap<String, ObjectStatus> = pass.statuses.into_iter().map(|(k, s)| (k.id, s)).collect();
+        assert_eq!(by_id["v"].state, ObjectState::Ready, "{}", by_id["v"].reason);
+        assert!(sim.filter_count("vxlan0") > 0, "the VXLAN network's rules are on the created device");
+        let writes = reconciler.switch().writes();
+        let again = reconciler.reconcile(&store).await.unwrap();
+        assert_eq!(again.changes, 0);
+        assert_eq!(reconciler.switch().writes(), writes, "an existing device is not created again");
     }
 
     #[test]

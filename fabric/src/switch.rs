@@ -9,6 +9,7 @@ use std::sync::{Mutex, PoisonError};
 
 use crate::FabricError;
 use crate::netlink::devlink::Devlink;
+use crate::netlink::link;
 use crate::netlink::socket::{Ethtool, NlSocket, Request};
 use crate::netlink::tc::{self, Filter};
 use crate::ports::{InventoryConfig, InventorySource, Port, PortSource, from_devlink, scan};
@@ -29,6 +30,8 @@ pub trait Switch: Send + Sync + fmt::Debug + 'static {
     fn has_clsact(&self, dev: &str) -> Result<bool, FabricError>;
     /// Adds the clsact qdisc to `dev`.
     fn add_clsact(&self, dev: &str) -> Result<(), FabricError>;
+    /// Creates `dev`, up: a collect-metadata (`external`) VXLAN device on UDP `port` that does not learn.
+    fn add_vxlan(&self, dev: &str, port: u16) -> Result<(), FabricError>;
     /// Flower filters on the ingress hook of `dev`, chain 0.
     fn rules(&self, dev: &str) -> Result<Vec<Filter>, FabricError>;
     /// Applies `changes` to the ingress hook of `dev` in order, returning one result per change: a refused
@@ -241,6 +244,16 @@ impl Switch for NetlinkSwitch {
         )
     }
 
+    fn add_vxlan(&self, dev: &str, port: u16) -> Result<(), FabricError> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        lock(&self.route).request(
+            link::RTM_NEWLINK,
+            NLM_F_CREATE | NLM_F_EXCL,
+            &link::vxlan_external(dev, port),
+            &format!("creating the VXLAN device {dev} (external, UDP port {port})"),
+        )
+    }
+
     fn rules(&self, dev: &str) -> Result<Vec<Filter>, FabricError> {
         let payload = tc::filter_dump(self.ifindex(dev)?);
         let dump = lock(&self.route).dump(tc::RTM_GETTFILTER, &payload, &format!("listing the filters of {dev}"))?;
@@ -441,6 +454,15 @@ impl Switch for SimSwitch {
             ));
         }
         d.clsact = true;
+        Ok(())
+    }
+
+    fn add_vxlan(&self, dev: &str, _port: u16) -> Result<(), FabricError> {
+        if lock(&self.state).devices.contains_key(dev) {
+            return Err(Self::refused(format!("creating the VXLAN device {dev}"), 17, "File exists"));
+        }
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.add_device(dev, None, false);
         Ok(())
     }
 

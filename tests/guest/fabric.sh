@@ -160,8 +160,7 @@ ipr -n hostb addr add 10.100.0.101/24 dev p0b.100
 # VXLAN underlay on the same link, untagged.
 ipr addr add 192.168.50.1/24 dev p0
 ipr -n hostb addr add 192.168.50.2/24 dev p0b
-ipr link add vxlan0 type vxlan external dstport 4789
-ipr link set vxlan0 up
+# vxlan0, the collect-metadata VXLAN device, is created by the agent (fabric set --vxlan-device).
 ipr -n hostb link add vx5000 type vxlan id 5000 local 192.168.50.2 remote 192.168.50.1 dstport 4789 dev p0b
 ipr -n hostb link set vx5000 address 02:00:00:00:01:05
 ipr -n hostb link set vx5000 up
@@ -211,6 +210,12 @@ echo "fabric: ok: devlink has no ports here; sysfs inventory with port-named net
 step attach
 ctl fabric set --uplink p0 --capture-device proxy0 --vxlan-device vxlan0 --vtep 192.168.50.1 \
 	--vxlan-peer 192.168.50.2
+wait_for 30 "the agent to create vxlan0" sh -c "LD_LIBRARY_PATH=/opt/iproute2/lib /opt/iproute2/ip -d link show vxlan0 >/tmp/vxlan0 2>&1"
+cat /tmp/vxlan0
+grep -q 'vxlan external' /tmp/vxlan0 && grep -q 'dstport 4789' /tmp/vxlan0 && grep -q 'nolearning' /tmp/vxlan0 \
+	|| fail "vxlan0 is not an external, non-learning VXLAN device on UDP 4789: $(cat /tmp/vxlan0)"
+grep -q '[<,]UP[,>]' /tmp/vxlan0 || fail "vxlan0 is not up: $(cat /tmp/vxlan0)"
+echo "fabric: ok: the agent created vxlan0 (external, nolearning, dstport 4789, up)"
 ctl fabric attach pod1 --port pf0vf1 --mac 02:00:00:00:00:01 --ip 10.100.0.1/24 --vlan 100 \
 	--spiffe-id spiffe://cluster.local/ns/default/sa/pod1
 ctl fabric attach pod2 --port pf0vf2 --mac 02:00:00:00:00:02 --ip 10.100.0.2/24 --vlan 100 \
