@@ -677,11 +677,9 @@ async fn malformed_oversized_and_slow_requests_are_cut() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_is_tunnelled_both_ways() {
-    let a = http_backend("a").await;
-    let addr = listen_addr();
-    let specs = http_specs(
+/// Specs for one listener at `addr` routing every request to backend `a`.
+fn everything_to_a(addr: SocketAddr, a: SocketAddr) -> MeshSpecs {
+    http_specs(
         addr,
         &[("a", a)],
         vec![vhost(
@@ -689,11 +687,12 @@ async fn upgrade_is_tunnelled_both_ways() {
             &["*"],
             vec![route("all", PathMatch::Prefix("/".into()), RouteAction::Forward(forward_to(&[("a", 1)])))],
         )],
-    );
-    let proxy = Proxy::new(&mut Registry::default());
-    apply_ok(&proxy, "intent", specs).await;
+    )
+}
 
-    let mut client = H1::connect(addr).await;
+/// Upgrades `client`'s connection to the echo protocol (backend `a` answers 101) and checks that each message
+/// comes back through the tunnel.
+async fn upgrade_and_echo(client: &mut H1, messages: &[&[u8]]) {
     let req = Request::builder()
         .uri("/ws")
         .header("host", "web")
@@ -701,20 +700,30 @@ async fn upgrade_is_tunnelled_both_ways() {
         .header("upgrade", "echo")
         .body(Full::new(Bytes::new()))
         .expect("request");
+    client.sender.ready().await.expect("connection open");
     let resp = client.sender.send_request(req).await.expect("upgrade response");
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     assert_eq!(resp.headers()["x-backend"], "a");
-    let upgraded = hyper::upgrade::on(resp).await.expect("upgraded");
-    let mut io = TokioIo::new(upgraded);
-    for msg in [&b"hello"[..], b"second frame"] {
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    for msg in messages {
         io.write_all(msg).await.expect("write");
         let mut buf = vec![0u8; msg.len()];
         tokio::time::timeout(Duration::from_secs(3), io.read_exact(&mut buf))
             .await
             .expect("echo in time")
             .expect("read");
-        assert_eq!(buf, msg);
+        assert_eq!(&buf, msg);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_is_tunnelled_both_ways() {
+    let a = http_backend("a").await;
+    let addr = listen_addr();
+    let proxy = Proxy::new(&mut Registry::default());
+    apply_ok(&proxy, "intent", everything_to_a(addr, a)).await;
+    let mut client = H1::connect(addr).await;
+    upgrade_and_echo(&mut client, &[b"hello", b"second frame"]).await;
 }
 
 /// The value of an unlabelled gauge or counter in the text exposition.
@@ -751,18 +760,9 @@ async fn read_response(stream: &mut TcpStream) -> (String, String) {
 async fn quiet_keep_alive_connections_release_their_codec_and_serve_again() {
     let a = http_backend("a").await;
     let addr = listen_addr();
-    let specs = http_specs(
-        addr,
-        &[("a", a)],
-        vec![vhost(
-            "web",
-            &["*"],
-            vec![route("all", PathMatch::Prefix("/".into()), RouteAction::Forward(forward_to(&[("a", 1)])))],
-        )],
-    );
     let mut registry = Registry::default();
     let proxy = Proxy::new(&mut registry);
-    apply_ok(&proxy, "intent", specs).await;
+    apply_ok(&proxy, "intent", everything_to_a(addr, a)).await;
     let codecs = || metric_value(&registry, "dpu_proxy_http1_codecs").expect("dpu_proxy_http1_codecs");
     let released = || async {
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -801,21 +801,7 @@ async fn quiet_keep_alive_connections_release_their_codec_and_serve_again() {
     released().await;
 
     // An upgrade on a connection that has released its codec: the tunnel gets the transport.
-    let req = Request::builder()
-        .uri("/ws")
-        .header("host", "web")
-        .header("connection", "Upgrade")
-        .header("upgrade", "echo")
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    client.sender.ready().await.expect("connection still open");
-    let resp = client.sender.send_request(req).await.expect("upgrade response");
-    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
-    io.write_all(b"after a release").await.expect("write");
-    let mut buf = vec![0u8; 15];
-    tokio::time::timeout(Duration::from_secs(3), io.read_exact(&mut buf)).await.expect("echo in time").expect("read");
-    assert_eq!(buf, b"after a release");
+    upgrade_and_echo(&mut client, &[b"after a release"]).await;
     released().await;
 }
 
