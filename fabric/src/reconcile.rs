@@ -116,7 +116,7 @@ impl FabricReconciler {
             let undo: Vec<(RuleId, String)> =
                 rules.into_iter().filter(|(_, owner)| owners_of(owner).all(|o| out.failed.contains_key(o))).collect();
             let changes: Vec<Change<'_>> = undo.iter().map(|(id, _)| Change::Remove(*id)).collect();
-            for ((id, owner), result) in undo.iter().zip(self.switch.apply(&dev, &changes)) {
+            for ((id, owner), result) in undo.iter().zip(self.switch.apply(&links, &dev, &changes)) {
                 match result {
                     Ok(()) => tracing::info!(dev, rule = %id, owner, "rolled back a rule of a failed attachment"),
                     Err(e) => tracing::warn!(dev, rule = %id, error = %e, "rolling back a rule failed"),
@@ -139,7 +139,7 @@ impl FabricReconciler {
         out: &mut Outcome,
         added: &mut Vec<(RuleId, String)>,
     ) -> Result<(), FabricError> {
-        let has_clsact = match self.switch.has_clsact(dev) {
+        let has_clsact = match self.switch.has_clsact(links, dev) {
             Err(FabricError::NoDevice(_)) if wanted.is_empty() => return Ok(()),
             other => other?,
         };
@@ -147,7 +147,7 @@ impl FabricReconciler {
             return Ok(());
         }
         if !has_clsact {
-            self.switch.add_clsact(dev)?;
+            self.switch.add_clsact(links, dev)?;
             out.changes += 1;
         }
         let plan = plan(self.switch.as_ref(), links, dev, wanted, hw)?;
@@ -172,7 +172,7 @@ impl FabricReconciler {
         }
         let installs = changes.len();
         changes.extend(plan.remove.iter().map(|id| Change::Remove(*id)));
-        let results = self.switch.apply(dev, &changes);
+        let results = self.switch.apply(links, dev, &changes);
         let mut removal_error = None;
         for (i, (change, result)) in changes.iter().zip(results).enumerate() {
             match (result, sent.get(i)) {
@@ -235,7 +235,8 @@ pub fn plan<'a>(
     wanted: &'a [Rule],
     offload: bool,
 ) -> Result<Plan<'a>, FabricError> {
-    let present: BTreeMap<RuleId, Option<Vec<u8>>> = switch.rules(dev)?.into_iter().map(|f| (f.id, f.cookie)).collect();
+    let present: BTreeMap<RuleId, Option<Vec<u8>>> =
+        switch.rules(links, dev)?.into_iter().map(|f| (f.id, f.cookie)).collect();
     links.ifindex(dev)?;
     let mut plan = Plan::default();
     for rule in wanted {
@@ -257,12 +258,12 @@ pub fn plan<'a>(
 /// first refusal (the other changes of the batch are applied). Returns the number of writes: 0 when nothing
 /// differed.
 pub fn sync(switch: &dyn Switch, dev: &str, wanted: &[Rule], offload: bool) -> Result<usize, FabricError> {
+    let links = switch.links()?;
     let mut writes = 0;
-    if !switch.has_clsact(dev)? {
-        switch.add_clsact(dev)?;
+    if !switch.has_clsact(&links, dev)? {
+        switch.add_clsact(&links, dev)?;
         writes += 1;
     }
-    let links = switch.links()?;
     let mut plan = plan(switch, &links, dev, wanted, offload)?;
     if let Some(at) = plan.steps.iter().position(|s| matches!(s, Step::Broken { .. }))
         && let Step::Broken { error, .. } = plan.steps.swap_remove(at)
@@ -279,7 +280,7 @@ pub fn sync(switch: &dyn Switch, dev: &str, wanted: &[Rule], offload: bool) -> R
     }
     changes.extend(plan.remove.iter().map(|id| Change::Remove(*id)));
     let mut first = None;
-    for result in switch.apply(dev, &changes) {
+    for result in switch.apply(&links, dev, &changes) {
         match result {
             Ok(()) => writes += 1,
             Err(e) => {
@@ -439,12 +440,12 @@ mod tests {
         let police = RuleId {
             prio: priority(Class::Police, PROTO_ALL),
             protocol: PROTO_ALL,
-            handle: sim.rules("pf0vf2").unwrap()[0].id.handle,
+            handle: sim.rules(&sim.links().unwrap(), "pf0vf2").unwrap()[0].id.handle,
         };
         assert!(sim.tamper_remove("pf0vf2", police));
         let repaired = reconciler.reconcile(&store).await.unwrap();
         assert_eq!(repaired.changes, 1, "exactly the deleted rule comes back");
-        assert!(sim.rules("pf0vf2").unwrap().iter().any(|f| f.id == police));
+        assert!(sim.rules(&sim.links().unwrap(), "pf0vf2").unwrap().iter().any(|f| f.id == police));
 
         // A changed spec replaces rules in place; detaching removes them.
         let mut faster = attachment(1, 10);
@@ -476,7 +477,7 @@ mod tests {
         assert!(by_id["b"].reason.contains("Unsupported action on this port"), "{}", by_id["b"].reason);
         assert_eq!(by_id["a"].state, ObjectState::Ready, "{}", by_id["a"].reason);
         assert_eq!(sim.filter_count("pf0vf2"), 0);
-        let uplink = sim.rules("p0").unwrap();
+        let uplink = sim.rules(&sim.links().unwrap(), "p0").unwrap();
         assert_eq!(uplink.len(), 2, "a's unicast rule and the network's flood rule; b's unicast rule rolled back");
         assert!(sim.filter_count("pf0vf1") > 0);
         sim.refuse_installs(None);
@@ -598,7 +599,7 @@ mod tests {
         assert_eq!(by_id["web"].state, ObjectState::Error);
         assert_eq!(by_id["web"].reason, "backends 10.0.0.9:8080 are no pod of vlan 10 on this DPU");
         let ct_rules = |dev: &str| {
-            sim.rules(dev)
+            sim.rules(&sim.links().unwrap(), dev)
                 .unwrap()
                 .into_iter()
                 .filter(|f| f.actions.iter().any(|a| matches!(a, crate::rules::Action::Ct { .. })))

@@ -26,17 +26,17 @@ pub trait Switch: Send + Sync + fmt::Debug + 'static {
     fn ports(&self) -> Result<Vec<Port>, FabricError>;
     /// Interface indexes of every netdev now: read once per pass, so encoding a rule reads nothing.
     fn links(&self) -> Result<Links, FabricError>;
-    /// Whether `dev` has a clsact qdisc.
-    fn has_clsact(&self, dev: &str) -> Result<bool, FabricError>;
+    /// Whether `dev` has a clsact qdisc. Methods taking `links` name devices by the indexes read in it.
+    fn has_clsact(&self, links: &Links, dev: &str) -> Result<bool, FabricError>;
     /// Adds the clsact qdisc to `dev`.
-    fn add_clsact(&self, dev: &str) -> Result<(), FabricError>;
+    fn add_clsact(&self, links: &Links, dev: &str) -> Result<(), FabricError>;
     /// Creates `dev`, up: a collect-metadata (`external`) VXLAN device on UDP `port` that does not learn.
     fn add_vxlan(&self, dev: &str, port: u16) -> Result<(), FabricError>;
     /// Flower filters on the ingress hook of `dev`, chain 0.
-    fn rules(&self, dev: &str) -> Result<Vec<Filter>, FabricError>;
+    fn rules(&self, links: &Links, dev: &str) -> Result<Vec<Filter>, FabricError>;
     /// Applies `changes` to the ingress hook of `dev` in order, returning one result per change: a refused
     /// change does not stop the ones after it. The netlink switch pipelines them (many requests per datagram).
-    fn apply(&self, dev: &str, changes: &[Change<'_>]) -> Vec<Result<(), FabricError>>;
+    fn apply(&self, links: &Links, dev: &str, changes: &[Change<'_>]) -> Vec<Result<(), FabricError>>;
     /// Number of writes (qdisc and filter changes) made so far.
     fn writes(&self) -> u64;
 }
@@ -55,6 +55,11 @@ impl Links {
     /// Interface index of `dev`.
     pub fn ifindex(&self, dev: &str) -> Result<u32, FabricError> {
         self.by_name.get(dev).copied().ok_or_else(|| FabricError::NoDevice(dev.to_owned()))
+    }
+
+    /// Name of interface `ifindex`, or `if<N>` for one not present when the links were read.
+    pub fn name_of(&self, ifindex: u32) -> String {
+        self.by_name.iter().find(|(_, i)| **i == ifindex).map_or_else(|| format!("if{ifindex}"), |(n, _)| n.clone())
     }
 }
 
@@ -175,30 +180,6 @@ impl NetlinkSwitch {
             *last = Some(source);
         }
     }
-
-    /// Interface index of `dev` (one sysfs read).
-    fn ifindex(&self, dev: &str) -> Result<u32, FabricError> {
-        let path = self.inventory.net_dir.join(dev).join("ifindex");
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| FabricError::NoDevice(dev.to_owned()))
-    }
-
-    fn names(&self) -> BTreeMap<u32, String> {
-        let mut out = BTreeMap::new();
-        if let Ok(entries) = std::fs::read_dir(&self.inventory.net_dir) {
-            for e in entries.flatten() {
-                let Some(name) = e.file_name().to_str().map(str::to_owned) else { continue };
-                if let Some(i) =
-                    std::fs::read_to_string(e.path().join("ifindex")).ok().and_then(|s| s.trim().parse().ok())
-                {
-                    out.insert(i, name);
-                }
-            }
-        }
-        out
-    }
 }
 
 impl Switch for NetlinkSwitch {
@@ -217,12 +198,24 @@ impl Switch for NetlinkSwitch {
         Ok(ports)
     }
 
+    /// One sysfs scan: every netdev's `ifindex`.
     fn links(&self) -> Result<Links, FabricError> {
-        Ok(Links::new(self.names().into_iter().map(|(i, n)| (n, i)).collect()))
+        let mut by_name = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(&self.inventory.net_dir) {
+            for e in entries.flatten() {
+                let Some(name) = e.file_name().to_str().map(str::to_owned) else { continue };
+                if let Some(i) =
+                    std::fs::read_to_string(e.path().join("ifindex")).ok().and_then(|s| s.trim().parse().ok())
+                {
+                    by_name.insert(name, i);
+                }
+            }
+        }
+        Ok(Links::new(by_name))
     }
 
-    fn has_clsact(&self, dev: &str) -> Result<bool, FabricError> {
-        let ifindex = self.ifindex(dev)?;
+    fn has_clsact(&self, links: &Links, dev: &str) -> Result<bool, FabricError> {
+        let ifindex = links.ifindex(dev)?;
         let dump = lock(&self.route).dump(tc::RTM_GETQDISC, &tc::qdisc_dump(), "listing qdiscs")?;
         for payload in dump {
             let (i, parent, kind) = tc::decode_qdisc(&payload)?;
@@ -233,8 +226,8 @@ impl Switch for NetlinkSwitch {
         Ok(false)
     }
 
-    fn add_clsact(&self, dev: &str) -> Result<(), FabricError> {
-        let payload = tc::clsact(self.ifindex(dev)?);
+    fn add_clsact(&self, links: &Links, dev: &str) -> Result<(), FabricError> {
+        let payload = tc::clsact(links.ifindex(dev)?);
         self.writes.fetch_add(1, Ordering::Relaxed);
         lock(&self.route).request(
             tc::RTM_NEWQDISC,
@@ -254,23 +247,21 @@ impl Switch for NetlinkSwitch {
         )
     }
 
-    fn rules(&self, dev: &str) -> Result<Vec<Filter>, FabricError> {
-        let payload = tc::filter_dump(self.ifindex(dev)?);
+    fn rules(&self, links: &Links, dev: &str) -> Result<Vec<Filter>, FabricError> {
+        let payload = tc::filter_dump(links.ifindex(dev)?);
         let dump = lock(&self.route).dump(tc::RTM_GETTFILTER, &payload, &format!("listing the filters of {dev}"))?;
-        let names = self.names();
-        let name_of = |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"));
         let mut out = Vec::new();
         for payload in dump {
-            out.extend(tc::decode_filter(&payload, &name_of)?);
+            out.extend(tc::decode_filter(&payload, &|i| links.name_of(i))?);
         }
         Ok(out)
     }
 
-    fn apply(&self, dev: &str, changes: &[Change<'_>]) -> Vec<Result<(), FabricError>> {
+    fn apply(&self, links: &Links, dev: &str, changes: &[Change<'_>]) -> Vec<Result<(), FabricError>> {
         if changes.is_empty() {
             return Vec::new();
         }
-        let ifindex = match self.ifindex(dev) {
+        let ifindex = match links.ifindex(dev) {
             Ok(i) => i,
             Err(_) => return changes.iter().map(|_| Err(FabricError::NoDevice(dev.to_owned()))).collect(),
         };
@@ -438,11 +429,11 @@ impl Switch for SimSwitch {
         Ok(Links::new(lock(&self.state).devices.iter().map(|(n, d)| (n.clone(), d.ifindex)).collect()))
     }
 
-    fn has_clsact(&self, dev: &str) -> Result<bool, FabricError> {
+    fn has_clsact(&self, _links: &Links, dev: &str) -> Result<bool, FabricError> {
         lock(&self.state).devices.get(dev).map(|d| d.clsact).ok_or_else(|| FabricError::NoDevice(dev.to_owned()))
     }
 
-    fn add_clsact(&self, dev: &str) -> Result<(), FabricError> {
+    fn add_clsact(&self, _links: &Links, dev: &str) -> Result<(), FabricError> {
         self.writes.fetch_add(1, Ordering::Relaxed);
         let mut s = lock(&self.state);
         let d = s.devices.get_mut(dev).ok_or_else(|| FabricError::NoDevice(dev.to_owned()))?;
@@ -466,7 +457,7 @@ impl Switch for SimSwitch {
         Ok(())
     }
 
-    fn rules(&self, dev: &str) -> Result<Vec<Filter>, FabricError> {
+    fn rules(&self, _links: &Links, dev: &str) -> Result<Vec<Filter>, FabricError> {
         let s = lock(&self.state);
         let d = s.devices.get(dev).ok_or_else(|| FabricError::NoDevice(dev.to_owned()))?;
         let names: BTreeMap<u32, &str> = s.devices.iter().map(|(n, d)| (d.ifindex, n.as_str())).collect();
@@ -483,7 +474,7 @@ impl Switch for SimSwitch {
         Ok(out)
     }
 
-    fn apply(&self, dev: &str, changes: &[Change<'_>]) -> Vec<Result<(), FabricError>> {
+    fn apply(&self, _links: &Links, dev: &str, changes: &[Change<'_>]) -> Vec<Result<(), FabricError>> {
         changes.iter().map(|c| self.apply_one(dev, c)).collect()
     }
 
@@ -508,8 +499,8 @@ mod tests {
         }
     }
 
-    fn one(sim: &dyn Switch, dev: &str, change: Change<'_>) -> Result<(), FabricError> {
-        sim.apply(dev, &[change]).pop().unwrap()
+    fn one(switch: &dyn Switch, links: &Links, dev: &str, change: Change<'_>) -> Result<(), FabricError> {
+        switch.apply(links, dev, &[change]).pop().unwrap()
     }
 
     #[test]
@@ -519,25 +510,25 @@ mod tests {
         sim.add_device("b", None, false);
         let links = sim.links().unwrap();
         let r1 = encode(&links, "a", &rule(1), false).unwrap();
-        let e = one(&sim, "a", Change::Add(&r1)).unwrap_err();
+        let e = one(&sim, &links, "a", Change::Add(&r1)).unwrap_err();
         assert!(e.to_string().contains("Parent Qdisc doesn't exists"), "{e}");
-        sim.add_clsact("a").unwrap();
-        assert!(sim.add_clsact("a").is_err());
-        one(&sim, "a", Change::Add(&r1)).unwrap();
-        assert_eq!(one(&sim, "a", Change::Add(&r1)).unwrap_err().errno(), Some(17));
+        sim.add_clsact(&links, "a").unwrap();
+        assert!(sim.add_clsact(&links, "a").is_err());
+        one(&sim, &links, "a", Change::Add(&r1)).unwrap();
+        assert_eq!(one(&sim, &links, "a", Change::Add(&r1)).unwrap_err().errno(), Some(17));
         let hw = encode(&links, "a", &rule(2), true).unwrap();
-        assert_eq!(one(&sim, "a", Change::Add(&hw)).unwrap_err().errno(), Some(95));
-        let listed = sim.rules("a").unwrap();
+        assert_eq!(one(&sim, &links, "a", Change::Add(&hw)).unwrap_err().errno(), Some(95));
+        let listed = sim.rules(&links, "a").unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].actions, vec![Action::Redirect { dev: "b".into() }]);
         assert_eq!(listed[0].cookie.as_deref(), Some(&r1.cookie[..]));
         assert_eq!(listed[0].flags & tc::NOT_IN_HW, tc::NOT_IN_HW);
         // One batch: a refusal in the middle leaves the changes around it applied.
         let r3 = encode(&links, "a", &rule(3), false).unwrap();
-        let results = sim.apply("a", &[Change::Remove(rule(1).id()), Change::Add(&hw), Change::Add(&r3)]);
+        let results = sim.apply(&links, "a", &[Change::Remove(rule(1).id()), Change::Add(&hw), Change::Add(&r3)]);
         assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
         assert_eq!(results[1].as_ref().unwrap_err().errno(), Some(95));
-        assert_eq!(one(&sim, "a", Change::Remove(rule(1).id())).unwrap_err().errno(), Some(2));
+        assert_eq!(one(&sim, &links, "a", Change::Remove(rule(1).id())).unwrap_err().errno(), Some(2));
         assert_eq!(sim.ports().unwrap().len(), 1);
         assert_eq!(sim.writes(), 10, "every change counts, refused or not");
     }
@@ -579,13 +570,13 @@ mod tests {
         }
         let result = std::panic::catch_unwind(|| {
             let switch = NetlinkSwitch::open(InventoryConfig::default()).unwrap();
-            assert!(!switch.has_clsact(&name).unwrap());
-            switch.add_clsact(&name).unwrap();
-            assert!(switch.has_clsact(&name).unwrap());
-            assert!(switch.rules(&name).unwrap().is_empty());
-            let dup = switch.add_clsact(&name).unwrap_err();
-            assert_eq!(dup.errno(), Some(17), "{dup}");
             let links = switch.links().unwrap();
+            assert!(!switch.has_clsact(&links, &name).unwrap());
+            switch.add_clsact(&links, &name).unwrap();
+            assert!(switch.has_clsact(&links, &name).unwrap());
+            assert!(switch.rules(&links, &name).unwrap().is_empty());
+            let dup = switch.add_clsact(&links, &name).unwrap_err();
+            assert_eq!(dup.errno(), Some(17), "{dup}");
             // Flower may be missing from this kernel; if it is, the refusal carries the kernel's own words.
             let mut r = rule(1);
             r.actions = vec![Action::Redirect { dev: peer.clone() }];
@@ -601,16 +592,16 @@ mod tests {
                     encode(&links, &name, &r, false).unwrap()
                 })
                 .collect();
-            match one(&switch, &name, Change::Add(&e)) {
+            match one(&switch, &links, &name, Change::Add(&e)) {
                 Ok(()) => {
-                    let listed = switch.rules(&name).unwrap();
+                    let listed = switch.rules(&links, &name).unwrap();
                     assert_eq!(listed.len(), 1);
                     assert_eq!(listed[0].actions, r.actions);
                     assert_eq!(listed[0].cookie.as_deref(), Some(&e.cookie[..]));
                     // Pipelined: more requests than one window, with a refusal (a duplicate) in the middle.
                     let mut changes: Vec<Change<'_>> = batch.iter().map(Change::Add).collect();
                     changes.insert(150, Change::Add(&e));
-                    let results = switch.apply(&name, &changes);
+                    let results = switch.apply(&links, &name, &changes);
                     assert_eq!(results.len(), changes.len());
                     for (i, res) in results.iter().enumerate() {
                         if i == 150 {
@@ -619,10 +610,10 @@ mod tests {
                             assert!(res.is_ok(), "request {i}: {res:?}");
                         }
                     }
-                    assert_eq!(switch.rules(&name).unwrap().len(), 300);
+                    assert_eq!(switch.rules(&links, &name).unwrap().len(), 300);
                     let removes: Vec<Change<'_>> = batch.iter().map(|e| Change::Remove(e.id)).collect();
-                    assert!(switch.apply(&name, &removes).iter().all(Result::is_ok));
-                    one(&switch, &name, Change::Remove(r.id())).unwrap();
+                    assert!(switch.apply(&links, &name, &removes).iter().all(Result::is_ok));
+                    one(&switch, &links, &name, Change::Remove(r.id())).unwrap();
                 }
                 Err(e) => {
                     assert!(e.errno().is_some(), "{e}");

@@ -105,8 +105,9 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let again = sync(&switch, &a.dev, &rules, false)?;
     let noop = started.elapsed().as_secs_f64();
-    let unchanged = plan(&switch, &switch.links()?, &a.dev, &rules, false)?.unchanged;
-    let installed = switch.rules(&a.dev)?.len();
+    let links = switch.links()?;
+    let unchanged = plan(&switch, &links, &a.dev, &rules, false)?.unchanged;
+    let installed = switch.rules(&links, &a.dev)?.len();
     if again != 0 || switch.writes() != writes_before || unchanged != rules.len() || installed != rules.len() {
         bail!(
             "the unchanged pass wrote {again} times; {unchanged} of {} unchanged, {installed} installed",

@@ -689,9 +689,11 @@ impl pb::fabric_service_server::FabricService for FabricApi {
         let switch = self.switch.clone();
         let collected = tokio::task::spawn_blocking(move || -> Result<Vec<(Port, Vec<tc::Filter>)>, String> {
             let mut out = Vec::new();
-            for port in switch.ports().map_err(|e| e.to_string())? {
-                let rules = match switch.has_clsact(&port.netdev) {
-                    Ok(true) => switch.rules(&port.netdev).map_err(|e| e.to_string())?,
+            let ports = switch.ports().map_err(|e| e.to_string())?;
+            let links = switch.links().map_err(|e| e.to_string())?;
+            for port in ports {
+                let rules = match switch.has_clsact(&links, &port.netdev) {
+                    Ok(true) => switch.rules(&links, &port.netdev).map_err(|e| e.to_string())?,
                     Ok(false) => Vec::new(),
                     Err(e) => return Err(e.to_string()),
                 };
