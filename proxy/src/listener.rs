@@ -467,8 +467,9 @@ impl Activity {
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
 
-    /// Resolves once the connection has been idle (no bytes, nothing in flight) for `idle`.
-    pub async fn idle_expired(&self, idle: Duration) {
+    /// Resolves once the connection has been idle (no bytes, nothing in flight) for `idle`; never without one.
+    pub async fn idle_expired(&self, idle: Option<Duration>) {
+        let Some(idle) = idle else { return std::future::pending().await };
         loop {
             let quiet = self.idle_for();
             if quiet >= idle && self.in_flight.load(Ordering::Acquire) == 0 {

@@ -91,12 +91,7 @@ pub async fn proxy(ctx: &ConnContext, downstream: Box<dyn Io>, target: Target) {
                 0 => None,
                 ms => Some(Duration::from_millis(u64::from(ms))),
             };
-            let idle_expired = async {
-                match idle {
-                    Some(d) => activity.idle_expired(d).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let idle_expired = activity.idle_expired(idle);
             tokio::select! {
                 r = tokio::io::copy_bidirectional(&mut down, &mut up) => {
                     if let Err(e) = r {

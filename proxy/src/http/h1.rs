@@ -170,12 +170,7 @@ where
                 (false, true, None) => Some(RELEASE_IDLE_CODEC_AFTER),
                 (false, false, idle) => idle,
             };
-            let quiet = async {
-                match quiet_after {
-                    Some(d) => activity.idle_expired(d).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let quiet = activity.idle_expired(quiet_after);
             tokio::select! {
                 r = poll_fn(|cx| hyper_conn.poll_without_shutdown(cx)) => break r,
                 () = ctx.graceful.cancelled(), if ending.is_none() => {
@@ -238,12 +233,7 @@ impl Drop for Held<'_> {
 /// connection should close instead: the client closed, the idle timeout passed, or the listener drains.
 async fn next_request(conn: &HttpConn, io: &mut Transport, idle: Option<Duration>) -> Result<bool, BoxError> {
     let ctx = &conn.ctx;
-    let idle_expired = async {
-        match idle {
-            Some(d) => conn.activity.idle_expired(d).await,
-            None => std::future::pending().await,
-        }
-    };
+    let idle_expired = conn.activity.idle_expired(idle);
     let mut first = [0u8; 1];
     tokio::select! {
         read = io.read(&mut first) => match read? {

@@ -113,12 +113,6 @@ pub async fn serve(
         Box::pin(async move { Ok::<_, Infallible>(request::handle(conn, req).await) })
     });
 
-    let idle_expired = async {
-        match idle {
-            Some(d) => activity.idle_expired(d).await,
-            None => std::future::pending().await,
-        }
-    };
     let result = match version {
         Version::Http1 => {
             let mut b = hyper::server::conn::http1::Builder::new();
@@ -133,6 +127,7 @@ pub async fn serve(
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new()).max_header_list_size(max_head as u32);
             let mut conn = Box::pin(b.serve_connection(TokioIo::new(io), service));
+            let idle_expired = activity.idle_expired(idle);
             tokio::pin!(idle_expired);
             let mut shutting_down = false;
             // GOAWAY when the listener drains or the connection goes idle; dropped at the drain deadline.
