@@ -5,9 +5,14 @@
 #
 # Pinning (2 CPUs): the proxy under test on CPU 1 — dpu-agent under `taskset -c 1`, so its tokio runtime has one
 # worker thread; Envoy under `taskset -c 1 --concurrency 1` — and everything else on CPU 0: nginx
-# (worker_processes 1, 1 KiB body, keep-alive), wrk, oha and the idle-connection client. Both proxies run for the
-# whole run (the one not under load is idle); both forward HTTP/1.1 with keep-alive to nginx, with default
+# (worker_processes 1, 1 KiB body, keep-alive), wrk, oha and the idle-connection client. All proxies run for the
+# whole run (those not under load are idle); all forward HTTP/1.1 with keep-alive to nginx, with default
 # settings otherwise (bench/proxy/spec.json, bench/proxy/envoy.yaml).
+#
+# dpu-agent runs twice: with its defaults ("dpu"), and with idle polling as on cores dedicated to it
+# ("dpu-poll": --idle-poll-us, DPU_BENCH_IDLE_POLL_US, default 2000), whose worker keeps polling for I/O that
+# long after traffic instead of sleeping. It stops polling once its own load run ends, so it does not take CPU 1
+# from the others' runs.
 #
 # Measures, for nginx directly (the baseline), then through each proxy:
 #   max RPS             wrk -t1 -c64 -d SECONDS (after a 2 s warm-up); also the proxy's CPU time over that run,
@@ -77,10 +82,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r NGINX_A NGINX_B DPU_PORT ENVOY_PORT ENVOY_ADMIN API_PORT ADMIN_PORT <<<"$(
+idle_poll_us=${DPU_BENCH_IDLE_POLL_US:-2000}
+read -r NGINX_A NGINX_B DPU_PORT ENVOY_PORT ENVOY_ADMIN API_PORT ADMIN_PORT POLL_PORT POLL_API_PORT POLL_ADMIN_PORT <<<"$(
 	python3 -c '
 import socket
-socks = [socket.socket() for _ in range(7)]
+socks = [socket.socket() for _ in range(10)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))'
@@ -113,15 +119,26 @@ taskset -c 0 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/
 pids+=($!)
 wait_port "$NGINX_A" "${pids[-1]}" "$work/nginx/error.log" nginx
 
+# start_agent NAME PROXY_PORT API_PORT ADMIN_PORT [AGENT ARGS...]: starts an agent on CPU 1, applies the spec,
+# waits for its proxy listener; its pid ends up in pids and in $agent_pid.
+start_agent() {
+	local name=$1 proxy=$2 api=$3 admin=$4
+	shift 4
+	RUST_LOG=${RUST_LOG:-warn} NO_COLOR=1 taskset -c 1 "$bin/dpu-agent" --listen "127.0.0.1:$api" \
+		--admin-listen "127.0.0.1:$admin" --data-dir "$work/$name" "$@" </dev/null >"$work/$name.log" 2>&1 &
+	agent_pid=$!
+	pids+=("$agent_pid")
+	wait_port "$api" "$agent_pid" "$work/$name.log" "$name"
+	DPU_PORT=$proxy tests/mesh/render.py bench/proxy/spec.json >"$work/$name-spec.json"
+	"$bin/dpuctl" --addr "http://127.0.0.1:$api" mesh apply -f "$work/$name-spec.json" >&2
+	wait_port "$proxy" "$agent_pid" "$work/$name.log" "the $name proxy listener"
+}
 say "dpu-agent on CPU 1 (proxy :$DPU_PORT)"
-RUST_LOG=${RUST_LOG:-warn} NO_COLOR=1 taskset -c 1 "$bin/dpu-agent" --listen "127.0.0.1:$API_PORT" \
-	--admin-listen "127.0.0.1:$ADMIN_PORT" --data-dir "$work/agent" </dev/null >"$work/agent.log" 2>&1 &
-pids+=($!)
-dpu_pid=${pids[-1]}
-wait_port "$API_PORT" "$dpu_pid" "$work/agent.log" dpu-agent
-tests/mesh/render.py bench/proxy/spec.json >"$work/spec.json"
-"$bin/dpuctl" --addr "http://127.0.0.1:$API_PORT" mesh apply -f "$work/spec.json" >&2
-wait_port "$DPU_PORT" "$dpu_pid" "$work/agent.log" "the dpu-agent proxy listener"
+start_agent dpu "$DPU_PORT" "$API_PORT" "$ADMIN_PORT"
+dpu_pid=$agent_pid
+say "dpu-agent with idle polling ($idle_poll_us µs) on CPU 1 (proxy :$POLL_PORT)"
+start_agent dpu-poll "$POLL_PORT" "$POLL_API_PORT" "$POLL_ADMIN_PORT" --idle-poll-us "$idle_poll_us"
+poll_pid=$agent_pid
 
 say "envoy on CPU 1 (--concurrency 1, :$ENVOY_PORT)"
 tests/mesh/render.py bench/proxy/envoy.yaml >"$work/envoy.yaml"
@@ -143,9 +160,9 @@ until [[ $(curl -fsS "http://127.0.0.1:$ENVOY_ADMIN/ready" 2>/dev/null) == LIVE 
 	sleep 0.1
 done
 
-declare -A port=([direct]=$NGINX_A [dpu]=$DPU_PORT [envoy]=$ENVOY_PORT)
-declare -A pid=([dpu]=$dpu_pid [envoy]=$envoy_pid)
-for t in direct dpu envoy; do
+declare -A port=([direct]=$NGINX_A [dpu]=$DPU_PORT [dpu-poll]=$POLL_PORT [envoy]=$ENVOY_PORT)
+declare -A pid=([dpu]=$dpu_pid [dpu-poll]=$poll_pid [envoy]=$envoy_pid)
+for t in direct dpu dpu-poll envoy; do
 	code=$(curl -sS -o /dev/null -w '%{http_code}' "http://127.0.0.1:${port[$t]}/")
 	[[ $code == 200 ]] || {
 		say "$t answered $code, not 200"
@@ -164,7 +181,7 @@ ticks() {
 }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
-for t in direct dpu envoy; do
+for t in direct dpu dpu-poll envoy; do
 	url=http://127.0.0.1:${port[$t]}/
 	say "$t: warm-up, then wrk -t1 -c64 -d${seconds}s"
 	taskset -c 0 wrk -t1 -c64 -d2s "$url" >/dev/null
@@ -175,7 +192,7 @@ for t in direct dpu envoy; do
 		echo "$before $(ticks "${pid[$t]}") $(getconf CLK_TCK)" >"$work/cpu-wrk-$t.txt"
 	fi
 done
-for t in direct dpu envoy; do
+for t in direct dpu dpu-poll envoy; do
 	url=http://127.0.0.1:${port[$t]}/
 	say "$t: oha -q 1000 --latency-correction -z ${seconds}s"
 	before=0
@@ -186,7 +203,7 @@ for t in direct dpu envoy; do
 		echo "$before $(ticks "${pid[$t]}") $(getconf CLK_TCK)" >"$work/cpu-$t.txt"
 	fi
 done
-for t in dpu envoy; do
+for t in dpu dpu-poll envoy; do
 	say "$t: $idle_connections idle keep-alive connections"
 	idle=$(rss_kib "${pid[$t]}")
 	rm -f "$work/hold"
@@ -210,4 +227,4 @@ for t in dpu envoy; do
 	echo "$idle $loaded" >"$work/rss-$t.txt"
 done
 
-"$py" bench/proxy/table.py "$work" "$seconds" "$idle_connections"
+"$py" bench/proxy/table.py "$work" "$seconds" "$idle_connections" "$idle_poll_us"

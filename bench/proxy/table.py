@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prints the Markdown table of bench/proxy.sh from its work directory.
 
-    table.py WORKDIR SECONDS IDLE_CONNECTIONS
+    table.py WORKDIR SECONDS IDLE_CONNECTIONS IDLE_POLL_US
 """
 import json
 import re
@@ -37,11 +37,12 @@ def oha(path: Path) -> dict:
 
 
 def main() -> None:
-    work, seconds, idle_n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    work, seconds, idle_n, poll_us = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    proxies = ("dpu", "dpu-poll", "envoy")
     r = {}
-    for t in ("direct", "dpu", "envoy"):
+    for t in ("direct",) + proxies:
         r[t] = {"max_rps": wrk_rps(work / f"wrk-{t}.txt"), **oha(work / f"oha-{t}.json")}
-    for t in ("dpu", "envoy"):
+    for t in proxies:
         before, after, hz = (int(x) for x in (work / f"cpu-wrk-{t}.txt").read_text().split())
         wrk_cpu_s = (after - before) / hz
         r[t]["wrk_cpu_share"] = 100 * wrk_cpu_s / seconds
@@ -55,7 +56,7 @@ def main() -> None:
         r[t]["add_p50"] = r[t]["p50_us"] - r["direct"]["p50_us"]
         r[t]["add_p99"] = r[t]["p99_us"] - r["direct"]["p99_us"]
 
-    d, e = r["dpu"], r["envoy"]
+    e = r["envoy"]
 
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}×" if b > 0 else "n/a"
@@ -63,37 +64,40 @@ def main() -> None:
     def verdict(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
+    # (label, key, format, target: None or (bound, "≥"/"≤"))
     rows = [
-        ("max RPS (wrk -t1 -c64)", f"{d['max_rps']:,.0f}", f"{e['max_rps']:,.0f}",
-         f"{ratio(d['max_rps'], e['max_rps'])} (target ≥ 1.3×: {verdict(d['max_rps'] >= 1.3 * e['max_rps'])})"),
-        ("proxy CPU during the wrk run (% of one CPU)", f"{d['wrk_cpu_share']:.0f}", f"{e['wrk_cpu_share']:.0f}", ""),
-        ("requests per proxy CPU-second (wrk run)", f"{d['rps_per_cpu_s']:,.0f}", f"{e['rps_per_cpu_s']:,.0f}",
-         ratio(d["rps_per_cpu_s"], e["rps_per_cpu_s"])),
-        ("added p50 latency at 1000 rps (µs)", f"{d['add_p50']:.0f}", f"{e['add_p50']:.0f}",
-         ratio(d["add_p50"], e["add_p50"])),
-        ("added p99 latency at 1000 rps (µs)", f"{d['add_p99']:.0f}", f"{e['add_p99']:.0f}",
-         f"{ratio(d['add_p99'], e['add_p99'])} (target ≤ 0.5×: "
-         f"{verdict(e['add_p99'] > 0 and d['add_p99'] <= 0.5 * e['add_p99'])})"),
-        (f"RSS with {idle_n:,} idle connections (MiB)", f"{d['rss_loaded_mib']:.1f}", f"{e['rss_loaded_mib']:.1f}",
-         f"{ratio(d['rss_loaded_mib'], e['rss_loaded_mib'])} (target ≤ 0.5×: "
-         f"{verdict(d['rss_loaded_mib'] <= 0.5 * e['rss_loaded_mib'])})"),
-        ("RSS before them, idle (MiB)", f"{d['rss_idle_mib']:.1f}", f"{e['rss_idle_mib']:.1f}",
-         ratio(d["rss_idle_mib"], e["rss_idle_mib"])),
-        ("CPU per 1000 rps (CPU-ms/s)", f"{d['cpu_per_krps']:.0f}", f"{e['cpu_per_krps']:.0f}",
-         ratio(d["cpu_per_krps"], e["cpu_per_krps"])),
-        ("p50 / p99 latency at 1000 rps (µs)", f"{d['p50_us']:.0f} / {d['p99_us']:.0f}",
-         f"{e['p50_us']:.0f} / {e['p99_us']:.0f}", ""),
+        ("max RPS (wrk -t1 -c64)", "max_rps", "{:,.0f}", (1.3, "≥")),
+        ("proxy CPU during the wrk run (% of one CPU)", "wrk_cpu_share", "{:.0f}", None),
+        ("requests per proxy CPU-second (wrk run)", "rps_per_cpu_s", "{:,.0f}", None),
+        ("added p50 latency at 1000 rps (µs)", "add_p50", "{:.0f}", None),
+        ("added p99 latency at 1000 rps (µs)", "add_p99", "{:.0f}", (0.5, "≤")),
+        (f"RSS with {idle_n:,} idle connections (MiB)", "rss_loaded_mib", "{:.1f}", (0.5, "≤")),
+        ("RSS before them, idle (MiB)", "rss_idle_mib", "{:.1f}", None),
+        ("CPU per 1000 rps (CPU-ms/s)", "cpu_per_krps", "{:.0f}", None),
     ]
+
+    def cell(t: str, key: str, target) -> str:
+        text = ratio(r[t][key], e[key])
+        if target is None:
+            return text
+        bound, sense = target
+        ok = r[t][key] >= bound * e[key] if sense == "≥" else e[key] > 0 and r[t][key] <= bound * e[key]
+        return f"{text} (target {sense} {bound}×: {verdict(ok)})"
+
     print(f"Targets: RPS ≥ 1.3× Envoy, added p99 ≤ 0.5× Envoy's, RSS at {idle_n // 1000}k ≤ 0.5× Envoy's. "
-          f"{seconds} s per load run.\n")
-    print("| | dpu-agent | Envoy | ratio |")
-    print("|---|---:|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+          f"{seconds} s per load run. dpu-agent twice: defaults, and idle polling for {poll_us} µs after traffic "
+          f"(--idle-poll-us {poll_us}).\n")
+    print(f"| | dpu-agent | dpu-agent, idle poll {poll_us} µs | Envoy | ratio | ratio, idle poll |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, key, fmt, target in rows:
+        values = [fmt.format(r[t][key]) for t in proxies]
+        print("| " + " | ".join([label, *values, cell("dpu", key, target), cell("dpu-poll", key, target)]) + " |")
+    lat = [f"{r[t]['p50_us']:.0f} / {r[t]['p99_us']:.0f}" for t in proxies]
+    print("| " + " | ".join(["p50 / p99 latency at 1000 rps (µs)", *lat, "", ""]) + " |")
     dr = r["direct"]
     print(f"\nnginx directly: {dr['max_rps']:,.0f} RPS max; at 1000 rps p50 {dr['p50_us']:.0f} µs, "
           f"p99 {dr['p99_us']:.0f} µs. Fixed-rate runs achieved "
-          + ", ".join(f"{t} {r[t]['rps']:.0f} rps" for t in ("direct", "dpu", "envoy")) + ".")
+          + ", ".join(f"{t} {r[t]['rps']:.0f} rps" for t in ("direct",) + proxies) + ".")
 
 
 if __name__ == "__main__":

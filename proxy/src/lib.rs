@@ -15,6 +15,7 @@ pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod model;
+pub mod poll;
 pub mod proxy;
 pub mod reconcile;
 pub mod route;

@@ -458,6 +458,7 @@ impl Default for Activity {
 
 impl Activity {
     fn touch(&self) {
+        crate::poll::moved();
         self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 

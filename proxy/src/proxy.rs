@@ -225,6 +225,12 @@ impl Proxy {
         json!({ "sources": sources, "listeners": listeners })
     }
 
+    /// Keeps every worker of the current runtime polling for I/O until `window` has passed since the proxy last
+    /// moved bytes, instead of parking ([`crate::poll`]); returns the number of workers. Once per process.
+    pub fn start_idle_poll(&self, window: Duration) -> Result<usize, crate::poll::StartError> {
+        crate::poll::start(window, self.inner.runtime.metrics.idle_poll_awake.clone())
+    }
+
     /// Stops accepting everywhere and drains for at most `grace`.
     pub async fn shutdown(&self, grace: Duration) {
         let mut state = self.inner.state.lock().await;

@@ -31,6 +31,9 @@ struct Cli {
     /// Allow a plaintext API on a non-loopback address (logged as a warning).
     #[arg(long)]
     insecure_plaintext: bool,
+    /// Override `mesh.idle_poll_us`: microseconds the workers keep polling after proxy traffic (0: off).
+    #[arg(long)]
+    idle_poll_us: Option<u64>,
     /// Override `log.format`.
     #[arg(long, value_parser = parse_format)]
     log_format: Option<LogFormat>,
@@ -75,6 +78,9 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     }
     if let Some(listen) = cli.listen {
         config.api.listen = listen;
+    }
+    if let Some(us) = cli.idle_poll_us {
+        config.mesh.idle_poll_us = us;
     }
     if let Some(listen) = cli.admin_listen {
         config.admin.listen = listen;
