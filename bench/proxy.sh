@@ -9,10 +9,10 @@
 # whole run (those not under load are idle); all forward HTTP/1.1 with keep-alive to nginx, with default
 # settings otherwise (bench/proxy/spec.json, bench/proxy/envoy.yaml).
 #
-# dpu-agent runs twice: with its defaults ("dpu"), and with idle polling as on cores dedicated to it
-# ("dpu-poll": --idle-poll-us, DPU_BENCH_IDLE_POLL_US, default 2000), whose worker keeps polling for I/O that
-# long after traffic instead of sleeping. It stops polling once its own load run ends, so it does not take CPU 1
-# from the others' runs.
+# dpu-agent runs three times: with its defaults ("dpu"), and in each poll mode as on cores dedicated to it, with
+# the default window (1 ms): "dpu-in-flight" (--poll in_flight: the worker polls for I/O instead of sleeping
+# while a request is in flight) and "dpu-always" (--poll always: after any traffic). A polling agent stops
+# polling within the window once its own load run ends, so it does not take CPU 1 from the other runs.
 #
 # Measures, for nginx directly (the baseline), then through each proxy:
 #   max RPS             wrk -t1 -c64 -d SECONDS (after a 2 s warm-up); also the proxy's CPU time over that run,
@@ -82,11 +82,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-idle_poll_us=${DPU_BENCH_IDLE_POLL_US:-2000}
-read -r NGINX_A NGINX_B DPU_PORT ENVOY_PORT ENVOY_ADMIN API_PORT ADMIN_PORT POLL_PORT POLL_API_PORT POLL_ADMIN_PORT <<<"$(
+read -r NGINX_A NGINX_B DPU_PORT ENVOY_PORT ENVOY_ADMIN API_PORT ADMIN_PORT \
+	FLIGHT_PORT FLIGHT_API_PORT FLIGHT_ADMIN_PORT ALWAYS_PORT ALWAYS_API_PORT ALWAYS_ADMIN_PORT <<<"$(
 	python3 -c '
 import socket
-socks = [socket.socket() for _ in range(10)]
+socks = [socket.socket() for _ in range(13)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))'
@@ -136,9 +136,12 @@ start_agent() {
 say "dpu-agent on CPU 1 (proxy :$DPU_PORT)"
 start_agent dpu "$DPU_PORT" "$API_PORT" "$ADMIN_PORT"
 dpu_pid=$agent_pid
-say "dpu-agent with idle polling ($idle_poll_us µs) on CPU 1 (proxy :$POLL_PORT)"
-start_agent dpu-poll "$POLL_PORT" "$POLL_API_PORT" "$POLL_ADMIN_PORT" --idle-poll-us "$idle_poll_us"
-poll_pid=$agent_pid
+say "dpu-agent --poll in_flight on CPU 1 (proxy :$FLIGHT_PORT)"
+start_agent dpu-in-flight "$FLIGHT_PORT" "$FLIGHT_API_PORT" "$FLIGHT_ADMIN_PORT" --poll in_flight
+flight_pid=$agent_pid
+say "dpu-agent --poll always on CPU 1 (proxy :$ALWAYS_PORT)"
+start_agent dpu-always "$ALWAYS_PORT" "$ALWAYS_API_PORT" "$ALWAYS_ADMIN_PORT" --poll always
+always_pid=$agent_pid
 
 say "envoy on CPU 1 (--concurrency 1, :$ENVOY_PORT)"
 tests/mesh/render.py bench/proxy/envoy.yaml >"$work/envoy.yaml"
@@ -160,9 +163,11 @@ until [[ $(curl -fsS "http://127.0.0.1:$ENVOY_ADMIN/ready" 2>/dev/null) == LIVE 
 	sleep 0.1
 done
 
-declare -A port=([direct]=$NGINX_A [dpu]=$DPU_PORT [dpu-poll]=$POLL_PORT [envoy]=$ENVOY_PORT)
-declare -A pid=([dpu]=$dpu_pid [dpu-poll]=$poll_pid [envoy]=$envoy_pid)
-for t in direct dpu dpu-poll envoy; do
+proxies=(dpu dpu-in-flight dpu-always envoy)
+declare -A port=([direct]=$NGINX_A [dpu]=$DPU_PORT [dpu-in-flight]=$FLIGHT_PORT [dpu-always]=$ALWAYS_PORT
+	[envoy]=$ENVOY_PORT)
+declare -A pid=([dpu]=$dpu_pid [dpu-in-flight]=$flight_pid [dpu-always]=$always_pid [envoy]=$envoy_pid)
+for t in direct "${proxies[@]}"; do
 	code=$(curl -sS -o /dev/null -w '%{http_code}' "http://127.0.0.1:${port[$t]}/")
 	[[ $code == 200 ]] || {
 		say "$t answered $code, not 200"
@@ -181,7 +186,7 @@ ticks() {
 }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
-for t in direct dpu dpu-poll envoy; do
+for t in direct "${proxies[@]}"; do
 	url=http://127.0.0.1:${port[$t]}/
 	say "$t: warm-up, then wrk -t1 -c64 -d${seconds}s"
 	taskset -c 0 wrk -t1 -c64 -d2s "$url" >/dev/null
@@ -192,7 +197,7 @@ for t in direct dpu dpu-poll envoy; do
 		echo "$before $(ticks "${pid[$t]}") $(getconf CLK_TCK)" >"$work/cpu-wrk-$t.txt"
 	fi
 done
-for t in direct dpu dpu-poll envoy; do
+for t in direct "${proxies[@]}"; do
 	url=http://127.0.0.1:${port[$t]}/
 	say "$t: oha -q 1000 --latency-correction -z ${seconds}s"
 	before=0
@@ -203,7 +208,7 @@ for t in direct dpu dpu-poll envoy; do
 		echo "$before $(ticks "${pid[$t]}") $(getconf CLK_TCK)" >"$work/cpu-$t.txt"
 	fi
 done
-for t in dpu dpu-poll envoy; do
+for t in "${proxies[@]}"; do
 	say "$t: $idle_connections idle keep-alive connections"
 	idle=$(rss_kib "${pid[$t]}")
 	rm -f "$work/hold"
@@ -227,4 +232,4 @@ for t in dpu dpu-poll envoy; do
 	echo "$idle $loaded" >"$work/rss-$t.txt"
 done
 
-"$py" bench/proxy/table.py "$work" "$seconds" "$idle_connections" "$idle_poll_us"
+"$py" bench/proxy/table.py "$work" "$seconds" "$idle_connections"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prints the Markdown table of bench/proxy.sh from its work directory.
 
-    table.py WORKDIR SECONDS IDLE_CONNECTIONS IDLE_POLL_US
+    table.py WORKDIR SECONDS IDLE_CONNECTIONS
 """
 import json
 import re
@@ -37,8 +37,9 @@ def oha(path: Path) -> dict:
 
 
 def main() -> None:
-    work, seconds, idle_n, poll_us = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    proxies = ("dpu", "dpu-poll", "envoy")
+    work, seconds, idle_n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    ours = ("dpu", "dpu-in-flight", "dpu-always")
+    proxies = ours + ("envoy",)
     r = {}
     for t in ("direct",) + proxies:
         r[t] = {"max_rps": wrk_rps(work / f"wrk-{t}.txt"), **oha(work / f"oha-{t}.json")}
@@ -85,15 +86,15 @@ def main() -> None:
         return f"{text} (target {sense} {bound}×: {verdict(ok)})"
 
     print(f"Targets: RPS ≥ 1.3× Envoy, added p99 ≤ 0.5× Envoy's, RSS at {idle_n // 1000}k ≤ 0.5× Envoy's. "
-          f"{seconds} s per load run. dpu-agent twice: defaults, and idle polling for {poll_us} µs after traffic "
-          f"(--idle-poll-us {poll_us}).\n")
-    print(f"| | dpu-agent | dpu-agent, idle poll {poll_us} µs | Envoy | ratio | ratio, idle poll |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"{seconds} s per load run. dpu-agent three times: defaults (poll mode off), --poll in_flight and "
+          f"--poll always (window 1 ms).\n")
+    print("| | dpu-agent | poll in_flight | poll always | Envoy | ratio | ratio, in_flight | ratio, always |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, key, fmt, target in rows:
         values = [fmt.format(r[t][key]) for t in proxies]
-        print("| " + " | ".join([label, *values, cell("dpu", key, target), cell("dpu-poll", key, target)]) + " |")
+        print("| " + " | ".join([label, *values, *(cell(t, key, target) for t in ours)]) + " |")
     lat = [f"{r[t]['p50_us']:.0f} / {r[t]['p99_us']:.0f}" for t in proxies]
-    print("| " + " | ".join(["p50 / p99 latency at 1000 rps (µs)", *lat, "", ""]) + " |")
+    print("| " + " | ".join(["p50 / p99 latency at 1000 rps (µs)", *lat, "", "", ""]) + " |")
     dr = r["direct"]
     print(f"\nnginx directly: {dr['max_rps']:,.0f} RPS max; at 1000 rps p50 {dr['p50_us']:.0f} µs, "
           f"p99 {dr['p99_us']:.0f} µs. Fixed-rate runs achieved "

@@ -99,8 +99,8 @@ pub struct Metrics {
     pub config_errors: Family<ConfigErrorLabels, Counter>,
     /// Downstream HTTP/1.1 connections holding codec buffers now (idle keep-alive connections release theirs).
     pub http1_codecs: Gauge,
-    /// Seconds the runtime's workers stayed awake in idle polling, summed over workers ([`crate::poll`]).
-    pub idle_poll_awake: Counter<f64>,
+    /// Seconds the runtime's workers stayed awake in poll mode, summed over workers ([`crate::poll`]).
+    pub poll_awake: Counter<f64>,
 }
 
 impl Metrics {
@@ -118,7 +118,7 @@ impl Metrics {
             config_applies: Family::default(),
             config_errors: Family::default(),
             http1_codecs: Gauge::default(),
-            idle_poll_awake: Counter::default(),
+            poll_awake: Counter::default(),
         };
         registry.register("istio_requests", "Requests handled by the proxy", m.requests.clone());
         registry.register(
@@ -160,9 +160,9 @@ impl Metrics {
             m.http1_codecs.clone(),
         );
         registry.register(
-            "dpu_proxy_idle_poll_awake_seconds",
-            "Seconds the runtime's workers stayed awake polling after traffic instead of sleeping, summed over workers",
-            m.idle_poll_awake.clone(),
+            "dpu_proxy_poll_awake_seconds",
+            "Seconds the runtime's workers stayed awake in poll mode instead of sleeping, summed over workers",
+            m.poll_awake.clone(),
         );
         registry.register_collector(Box::new(ClusterCollector { snapshot }));
         m

@@ -1,36 +1,62 @@
-//! Idle polling: after the proxy last moved bytes, the runtime's workers keep polling for I/O for a bounded
-//! time instead of going to sleep.
+//! Poll mode: after the proxy last moved bytes, the runtime's workers keep polling for I/O for a bounded time
+//! instead of going to sleep.
 //!
 //! A worker that finds nothing to do parks in `epoll_wait`, and the next readiness event has to wake it: a
 //! context switch in, and on a virtual or power-managed core an exit from the idle state first. At moderate
 //! rates that wake-up is most of the latency a proxy adds, twice per request (the request arrives; the
-//! upstream answers). Poll-mode data paths on DPUs (DPDK, SPDK) avoid it by never sleeping; this is the bounded
-//! form of that, as in Seastar's idle poll time: one poller task per worker yields in a loop while the data path
-//! has moved bytes within the window. Each yield makes tokio poll its I/O driver with a zero timeout, so ready
-//! sockets are served by a worker that is already running. Once the window passes without traffic the pollers
-//! sleep and the workers park as usual, so an idle agent costs nothing.
+//! upstream answers). Poll-mode data paths on DPUs (DPDK, SPDK) avoid it by never sleeping. Here one poller
+//! task per worker yields in a loop while polling is wanted; each yield makes tokio poll its I/O driver with a
+//! zero timeout, so a ready socket is served by a worker that is already running. Polling is wanted
 //!
-//! The price is CPU: while traffic keeps arriving within the window, every worker runs all the time. It suits
-//! cores dedicated to the agent; it is off unless configured (`mesh.idle_poll_us`).
+//! - [`Policy::InFlight`]: while an HTTP request is waiting for or streaming its answer — the wait for the
+//!   upstream is polled, the gap until a client's next request is slept through, like hybrid polling of block
+//!   completions: it takes one of the two wake-ups per request away for little more CPU than the requests
+//!   themselves take when the upstream answers fast;
+//! - [`Policy::Always`]: whenever the proxy has moved bytes, as in Seastar's idle poll time: both wake-ups go,
+//!   and every worker stays busy while traffic keeps arriving within the window;
+//!
+//! and in both only until the window has passed since the proxy last moved bytes, so a slow upstream or a quiet
+//! spell is slept through and an idle agent costs nothing. It suits cores dedicated to the agent, and is off
+//! unless configured (`mesh.poll`).
 //!
 //! All workers poll together, or none: tokio lets one parked worker own the I/O driver, and while it sleeps in
 //! `epoll_wait` the others cannot poll it.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
+/// When the workers poll instead of parking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Never: workers park whenever they run out of work.
+    #[default]
+    Off,
+    /// While HTTP requests are in flight, within the window after the last bytes moved.
+    InFlight,
+    /// Within the window after the last bytes moved.
+    Always,
+}
+
+const OFF: u8 = 0;
+const IN_FLIGHT: u8 = 1;
+const ALWAYS: u8 = 2;
+
+/// The running policy; [`OFF`] until [`start`].
+static POLICY: AtomicU8 = AtomicU8::new(OFF);
 /// Set by the data path when it moves bytes; taken by a poller, which stamps [`LAST_MOVED_NS`].
 static MOVED: AtomicBool = AtomicBool::new(false);
 /// When a poller last saw [`MOVED`], in nanoseconds since [`epoch`]; 0 before any traffic.
 static LAST_MOVED_NS: AtomicU64 = AtomicU64::new(0);
+/// HTTP requests whose response has not ended (counted only while a policy runs).
+static REQUESTS: AtomicUsize = AtomicUsize::new(0);
 /// Pollers asleep, waiting for traffic.
 static SLEEPERS: AtomicUsize = AtomicUsize::new(0);
 static WAKE: Notify = Notify::const_new();
-static STARTED: AtomicBool = AtomicBool::new(false);
 
 /// How often a poller that never sleeps adds its awake time to the counter.
 const ACCOUNT_EVERY: Duration = Duration::from_secs(1);
@@ -44,8 +70,8 @@ fn nanos_since_epoch(at: Instant) -> u64 {
     u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The data path moved bytes on some worker. One relaxed load while pollers are already awake (or idle polling
-/// is off); wakes sleeping pollers on the first traffic after a quiet spell.
+/// The data path moved bytes. One relaxed load while the pollers are awake or polling is off; wakes sleeping
+/// pollers on the first traffic after a quiet spell.
 #[inline]
 pub fn moved() {
     if !MOVED.load(Ordering::Relaxed) {
@@ -55,32 +81,77 @@ pub fn moved() {
 
 #[cold]
 fn mark_moved() {
-    // Pairs with the poller's increment of SLEEPERS and load of MOVED: either it sees this store and stays
-    // awake, or this sees it asleep and wakes it.
+    // Pairs with `traffic`: the poller counts itself asleep, then loads MOVED and REQUESTS; this stores, then
+    // loads SLEEPERS. Either the poller sees the traffic and stays awake, or this sees the poller and wakes it.
     MOVED.store(true, Ordering::SeqCst);
-    if SLEEPERS.load(Ordering::SeqCst) > 0 {
+    if SLEEPERS.load(Ordering::SeqCst) > 0 && wanted() {
         WAKE.notify_waiters();
     }
 }
 
-/// Why idle polling did not start.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum StartError {
-    #[error("idle polling is already running in this process")]
-    AlreadyStarted,
-    #[error("idle polling needs a multi-thread tokio runtime (it polls on every worker)")]
-    NotMultiThread,
+/// Whether traffic within the window should keep the workers polling.
+fn wanted() -> bool {
+    match POLICY.load(Ordering::Relaxed) {
+        ALWAYS => true,
+        IN_FLIGHT => REQUESTS.load(Ordering::SeqCst) > 0,
+        _ => false,
+    }
 }
 
-/// Starts one poller per worker of the current multi-thread runtime, each keeping its worker polling until
-/// `window` has passed since the data path last moved bytes. `awake` counts the seconds workers spent in that
-/// mode (polling, and serving what polling found), summed over workers. Once per process.
-pub fn start(window: Duration, awake: Counter<f64>) -> Result<usize, StartError> {
+/// An HTTP request in flight, from its head until its response ends; keeps the workers polling under
+/// [`Policy::InFlight`].
+#[derive(Debug)]
+pub struct Request {
+    counted: bool,
+}
+
+impl Request {
+    pub fn start() -> Request {
+        if POLICY.load(Ordering::Relaxed) == OFF {
+            return Request { counted: false };
+        }
+        REQUESTS.fetch_add(1, Ordering::SeqCst);
+        // The head's bytes were marked when they were read, so mark again: sleeping pollers that saw no request
+        // then must see this one.
+        mark_moved();
+        Request { counted: true }
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        if self.counted {
+            REQUESTS.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Why polling did not start.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StartError {
+    #[error("poll mode is already running in this process")]
+    AlreadyStarted,
+    #[error("poll mode needs a multi-thread tokio runtime (it polls on every worker)")]
+    NotMultiThread,
+    #[error("poll mode off needs no pollers")]
+    Off,
+}
+
+/// Starts one poller per worker of the current multi-thread runtime, each keeping its worker polling while
+/// `policy` wants it and `window` has not passed since the data path last moved bytes. `awake` counts the
+/// seconds workers spent in that mode (polling, and serving what polling found), summed over workers. Once per
+/// process; returns the number of workers.
+pub fn start(policy: Policy, window: Duration, awake: Counter<f64>) -> Result<usize, StartError> {
     let handle = tokio::runtime::Handle::current();
     if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
         return Err(StartError::NotMultiThread);
     }
-    if STARTED.swap(true, Ordering::SeqCst) {
+    let code = match policy {
+        Policy::Off => return Err(StartError::Off),
+        Policy::InFlight => IN_FLIGHT,
+        Policy::Always => ALWAYS,
+    };
+    if POLICY.compare_exchange(OFF, code, Ordering::SeqCst, Ordering::SeqCst).is_err() {
         return Err(StartError::AlreadyStarted);
     }
     let workers = handle.metrics().num_workers();
@@ -104,12 +175,12 @@ async fn poller(window: Duration, awake: Counter<f64>) {
                 LAST_MOVED_NS.fetch_max(now_ns.max(1), Ordering::AcqRel);
             }
             let last = LAST_MOVED_NS.load(Ordering::Acquire);
-            let quiet = last == 0 || now_ns.saturating_sub(last) >= window_ns;
-            if quiet || now.duration_since(accounted) >= ACCOUNT_EVERY {
+            let done = !wanted() || last == 0 || now_ns.saturating_sub(last) >= window_ns;
+            if done || now.duration_since(accounted) >= ACCOUNT_EVERY {
                 awake.inc_by(now.duration_since(accounted).as_secs_f64());
                 accounted = now;
             }
-            if quiet {
+            if done {
                 break;
             }
             // Deferred to the end of the worker's turn: the worker polls its I/O driver without blocking, runs
@@ -119,96 +190,14 @@ async fn poller(window: Duration, awake: Counter<f64>) {
     }
 }
 
-/// Returns once the data path has moved bytes that no poller has seen yet.
+/// Returns once the data path has moved bytes that no poller has seen yet, and the policy wants polling.
 async fn traffic() {
     let notified = WAKE.notified();
     tokio::pin!(notified);
     notified.as_mut().enable();
     SLEEPERS.fetch_add(1, Ordering::SeqCst);
-    if !MOVED.load(Ordering::SeqCst) {
+    if !(MOVED.load(Ordering::SeqCst) && wanted()) {
         notified.await;
     }
     SLEEPERS.fetch_sub(1, Ordering::SeqCst);
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io::{Read, Write};
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    use super::*;
-
-    fn parks(handle: &tokio::runtime::Handle) -> u64 {
-        let metrics = handle.metrics();
-        (0..metrics.num_workers()).map(|w| metrics.worker_park_count(w)).sum()
-    }
-
-    /// An echo server on the runtime that reports its traffic the way the proxy's connections do.
-    async fn echo() -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 64];
-                    while let Ok(n @ 1..) = socket.read(&mut buf).await {
-                        moved();
-                        if socket.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        address
-    }
-
-    /// Within the window, ready sockets are served by workers that never park; after it the workers park; the
-    /// next traffic starts another spell. The only test in this binary that starts polling (the state is per
-    /// process).
-    #[test]
-    fn traffic_is_served_without_parking_until_the_window_passes() {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let handle = runtime.handle().clone();
-        let awake = Counter::<f64>::default();
-        let window = Duration::from_secs(1);
-        let workers = runtime.block_on(async { start(window, awake.clone()) }).unwrap();
-        assert_eq!(workers, 2);
-        assert_eq!(runtime.block_on(async { start(window, awake.clone()) }), Err(StartError::AlreadyStarted));
-        let address = runtime.block_on(echo());
-
-        // Nothing has moved yet: the pollers sleep from the start.
-        std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(awake.get(), 0.0, "no awake time accrues before any traffic");
-
-        for spell in 1..=2 {
-            let mut client = std::net::TcpStream::connect(address).unwrap();
-            let mut ping = |round: u32| {
-                let mut answer = [0u8; 4];
-                std::thread::sleep(Duration::from_millis(5));
-                client.write_all(&round.to_be_bytes()).unwrap();
-                client.read_exact(&mut answer).unwrap();
-                assert_eq!(answer, round.to_be_bytes());
-            };
-            // The first traffic wakes a parked worker, which wakes the pollers; they spread over the workers
-            // (a worker holding two lets the other steal one) within a few pings.
-            (0..5).for_each(&mut ping);
-            // From then on, without polling, every ping would wake a parked worker (one park per wake-up).
-            let before = parks(&handle);
-            (5..25).for_each(&mut ping);
-            assert_eq!(parks(&handle), before, "spell {spell}: a worker parked between pings");
-
-            // After the window the pollers sleep, the workers park, and the spell is accounted: two workers for
-            // about the window each, plus the pings.
-            std::thread::sleep(window + Duration::from_millis(500));
-            assert!(parks(&handle) > before, "spell {spell}: the workers parked after the window");
-            let spent = awake.get();
-            assert!(
-                spent >= 2.0 * spell as f64 && spent < 2.0 * spell as f64 * 2.0,
-                "spell {spell}: {spent} s awake in total, for {spell} one-second windows on 2 workers"
-            );
-        }
-        drop(runtime);
-    }
 }

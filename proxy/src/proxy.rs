@@ -19,6 +19,7 @@ use crate::fairness::Fairness;
 use crate::listener::{self, ListenerHandle, Runtime};
 use crate::metrics::{ConfigErrorLabels, Metrics, SourceLabels};
 use crate::model::{ListenerSpec, MeshSpecs};
+use crate::poll::Policy;
 use crate::snapshot::{Errors, Snapshot, SourceSnapshot, Taken, build_source};
 use crate::tls::TlsStore;
 
@@ -225,10 +226,11 @@ impl Proxy {
         json!({ "sources": sources, "listeners": listeners })
     }
 
-    /// Keeps every worker of the current runtime polling for I/O until `window` has passed since the proxy last
-    /// moved bytes, instead of parking ([`crate::poll`]); returns the number of workers. Once per process.
-    pub fn start_idle_poll(&self, window: Duration) -> Result<usize, crate::poll::StartError> {
-        crate::poll::start(window, self.inner.runtime.metrics.idle_poll_awake.clone())
+    /// Keeps every worker of the current runtime polling for I/O, as `policy` wants, until `window` has passed
+    /// since the proxy last moved bytes, instead of parking ([`crate::poll`]); returns the number of workers.
+    /// Once per process.
+    pub fn start_polling(&self, policy: Policy, window: Duration) -> Result<usize, crate::poll::StartError> {
+        crate::poll::start(policy, window, self.inner.runtime.metrics.poll_awake.clone())
     }
 
     /// Stops accepting everywhere and drains for at most `grace`.

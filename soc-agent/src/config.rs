@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::auth::Role;
 
-/// Upper bound of `mesh.idle_poll_us`: past a second, polling is not bridging wake-ups any more.
-const MAX_IDLE_POLL_US: u64 = 1_000_000;
+/// Upper bound of `mesh.poll_window_us`: past a second, polling is not bridging wake-ups any more.
+const MAX_POLL_WINDOW_US: u64 = 1_000_000;
 
 /// Default location of the configuration file on a DPU image.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/dpu-agent/config.toml";
@@ -71,18 +71,20 @@ pub struct FabricConfig {
 
 /// The shared service-mesh proxy. Its listeners, clusters and routes are intent (MeshService); this section
 /// only says where else configuration may come from.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeshConfig {
     /// An xDS control plane (Envoy ADS) that drives the proxy alongside the API; none when unset.
     #[serde(default)]
     pub xds: Option<XdsConfig>,
-    /// Microseconds the agent's workers keep polling for I/O after the proxy last moved bytes, instead of
-    /// sleeping until the next readiness event; 0 (the default) is off. Polling takes away the wake-up the proxy
-    /// otherwise adds to each request, at the price of keeping every worker busy while traffic arrives within
-    /// the window: for cores dedicated to the agent. At most 1 s.
+    /// Poll mode, for cores dedicated to the agent: when the workers keep polling for I/O instead of sleeping
+    /// until the next readiness event, taking that wake-up out of a request's latency at the price of CPU.
+    /// `off` (the default); `in_flight`: while HTTP requests are in flight; `always`: after any proxy traffic.
     #[serde(default)]
-    pub idle_poll_us: u64,
+    pub poll: dpu_proxy::poll::Policy,
+    /// Polling stops this many microseconds after the proxy last moved bytes (1 to 1,000,000).
+    #[serde(default = "default_poll_window_us")]
+    pub poll_window_us: u64,
 }
 
 /// Where the xDS control plane is and who the proxy says it is.
@@ -194,6 +196,9 @@ fn default_plaintext_role() -> Role {
 fn default_drain_seconds() -> u64 {
     10
 }
+fn default_poll_window_us() -> u64 {
+    1000
+}
 fn default_drift_seconds() -> u64 {
     30
 }
@@ -223,6 +228,11 @@ impl Default for AdminConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self { format: LogFormat::default(), level: default_log_level() }
+    }
+}
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self { xds: None, poll: dpu_proxy::poll::Policy::default(), poll_window_us: default_poll_window_us() }
     }
 }
 impl Default for ReconcileConfig {
@@ -314,10 +324,10 @@ impl Config {
         if self.reconcile.drift_seconds == 0 {
             return Err(invalid("reconcile.drift_seconds", "must be at least 1"));
         }
-        if self.mesh.idle_poll_us > MAX_IDLE_POLL_US {
+        if !(1..=MAX_POLL_WINDOW_US).contains(&self.mesh.poll_window_us) {
             return Err(invalid(
-                "mesh.idle_poll_us",
-                format!("{} is over {MAX_IDLE_POLL_US} (1 s)", self.mesh.idle_poll_us),
+                "mesh.poll_window_us",
+                format!("{} is not between 1 and {MAX_POLL_WINDOW_US} (1 s)", self.mesh.poll_window_us),
             ));
         }
         if let Some(xds) = &self.mesh.xds {
@@ -423,13 +433,20 @@ mod tests {
     }
 
     #[test]
-    fn idle_poll_is_off_by_default_and_bounded() {
-        assert_eq!(Config::parse("").unwrap().mesh.idle_poll_us, 0);
-        let config = Config::parse("[mesh]\nidle_poll_us = 1000\n").unwrap();
-        assert_eq!(config.mesh.idle_poll_us, 1000);
+    fn poll_mode_is_off_by_default_and_its_window_bounded() {
+        use dpu_proxy::poll::Policy;
+        let config = Config::parse("").unwrap();
+        assert_eq!((config.mesh.poll, config.mesh.poll_window_us), (Policy::Off, 1000));
+        let config = Config::parse("[mesh]\npoll = \"in_flight\"\npoll_window_us = 300\n").unwrap();
+        assert_eq!((config.mesh.poll, config.mesh.poll_window_us), (Policy::InFlight, 300));
         config.validate().unwrap();
-        let err = Config::parse("[mesh]\nidle_poll_us = 2000000\n").unwrap().validate().unwrap_err().to_string();
-        assert!(err.starts_with("config field `mesh.idle_poll_us`"), "{err}");
+        for window in ["0", "2000000"] {
+            let text = format!("[mesh]\npoll = \"always\"\npoll_window_us = {window}\n");
+            let err = Config::parse(&text).unwrap().validate().unwrap_err().to_string();
+            assert!(err.starts_with("config field `mesh.poll_window_us`"), "{err}");
+        }
+        let err = Config::parse("[mesh]\npoll = \"busy\"\n").unwrap_err();
+        assert!(err.contains("busy") && err.contains("in_flight"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use dpu_agent::config::{Config, DEFAULT_CONFIG_PATH, LogFormat};
 use dpu_agent::logging::LogControl;
+use dpu_proxy::poll::Policy;
 
 #[derive(Debug, Parser)]
 #[command(name = "dpu-agent", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("DPU_AGENT_GIT_REVISION"), ")"))]
@@ -31,9 +32,12 @@ struct Cli {
     /// Allow a plaintext API on a non-loopback address (logged as a warning).
     #[arg(long)]
     insecure_plaintext: bool,
-    /// Override `mesh.idle_poll_us`: microseconds the workers keep polling after proxy traffic (0: off).
+    /// Override `mesh.poll`: off, in_flight or always.
+    #[arg(long, value_parser = parse_poll)]
+    poll: Option<Policy>,
+    /// Override `mesh.poll_window_us`.
     #[arg(long)]
-    idle_poll_us: Option<u64>,
+    poll_window_us: Option<u64>,
     /// Override `log.format`.
     #[arg(long, value_parser = parse_format)]
     log_format: Option<LogFormat>,
@@ -66,6 +70,15 @@ fn parse_format(s: &str) -> Result<LogFormat, String> {
     }
 }
 
+fn parse_poll(s: &str) -> Result<Policy, String> {
+    match s {
+        "off" => Ok(Policy::Off),
+        "in_flight" => Ok(Policy::InFlight),
+        "always" => Ok(Policy::Always),
+        _ => Err(format!("{s:?} is not a poll mode (off, in_flight, always)")),
+    }
+}
+
 fn load_config(cli: &Cli) -> Result<Config, String> {
     let default_path = Path::new(DEFAULT_CONFIG_PATH);
     let mut config = match &cli.config {
@@ -79,8 +92,11 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     if let Some(listen) = cli.listen {
         config.api.listen = listen;
     }
-    if let Some(us) = cli.idle_poll_us {
-        config.mesh.idle_poll_us = us;
+    if let Some(policy) = cli.poll {
+        config.mesh.poll = policy;
+    }
+    if let Some(us) = cli.poll_window_us {
+        config.mesh.poll_window_us = us;
     }
     if let Some(listen) = cli.admin_listen {
         config.admin.listen = listen;

@@ -25,6 +25,8 @@ pub struct Record {
     pub labels: RequestLabels,
     /// Request body bytes read from the client.
     pub received: Arc<AtomicU64>,
+    /// Keeps the workers polling while the request is in flight, under that poll policy.
+    pub _polling: crate::poll::Request,
 }
 
 impl Record {

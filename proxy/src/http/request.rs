@@ -246,6 +246,7 @@ fn new_record(conn: &HttpConn, parts: &Parts, grpc: bool, request_id: &str) -> R
     Record {
         metrics: ctx.runtime.metrics.clone(),
         activity: conn.activity.clone(),
+        _polling: crate::poll::Request::start(),
         started: Instant::now(),
         entry,
         labels: RequestLabels {
