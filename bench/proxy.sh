@@ -9,10 +9,10 @@
 # whole run (those not under load are idle); all forward HTTP/1.1 with keep-alive to nginx, with default
 # settings otherwise (bench/proxy/spec.json, bench/proxy/envoy.yaml).
 #
-# dpu-agent runs three times: with its defaults ("dpu"), and in each poll mode as on cores dedicated to it, with
-# the default window (1 ms): "dpu-in-flight" (--poll in_flight: the worker polls for I/O instead of sleeping
-# while a request is in flight) and "dpu-always" (--poll always: after any traffic). A polling agent stops
-# polling within the window once its own load run ends, so it does not take CPU 1 from the other runs.
+# dpu-agent runs three times, one per poll mode: with its defaults ("dpu": --poll in_flight, the worker polls for
+# I/O instead of sleeping while a request is in flight), "dpu-off" (--poll off: it always sleeps) and
+# "dpu-always" (--poll always: it polls after any traffic), each with the default window (1 ms). A polling agent
+# stops polling within the window once its own load run ends, so it does not take CPU 1 from the other runs.
 #
 # Measures, for nginx directly (the baseline), then through each proxy:
 #   max RPS             wrk -t1 -c64 -d SECONDS (after a 2 s warm-up); also the proxy's CPU time over that run,
@@ -83,7 +83,7 @@ cleanup() {
 trap cleanup EXIT
 
 read -r NGINX_A NGINX_B DPU_PORT ENVOY_PORT ENVOY_ADMIN API_PORT ADMIN_PORT \
-	FLIGHT_PORT FLIGHT_API_PORT FLIGHT_ADMIN_PORT ALWAYS_PORT ALWAYS_API_PORT ALWAYS_ADMIN_PORT <<<"$(
+	OFF_PORT OFF_API_PORT OFF_ADMIN_PORT ALWAYS_PORT ALWAYS_API_PORT ALWAYS_ADMIN_PORT <<<"$(
 	python3 -c '
 import socket
 socks = [socket.socket() for _ in range(13)]
@@ -136,9 +136,9 @@ start_agent() {
 say "dpu-agent on CPU 1 (proxy :$DPU_PORT)"
 start_agent dpu "$DPU_PORT" "$API_PORT" "$ADMIN_PORT"
 dpu_pid=$agent_pid
-say "dpu-agent --poll in_flight on CPU 1 (proxy :$FLIGHT_PORT)"
-start_agent dpu-in-flight "$FLIGHT_PORT" "$FLIGHT_API_PORT" "$FLIGHT_ADMIN_PORT" --poll in_flight
-flight_pid=$agent_pid
+say "dpu-agent --poll off on CPU 1 (proxy :$OFF_PORT)"
+start_agent dpu-off "$OFF_PORT" "$OFF_API_PORT" "$OFF_ADMIN_PORT" --poll off
+off_pid=$agent_pid
 say "dpu-agent --poll always on CPU 1 (proxy :$ALWAYS_PORT)"
 start_agent dpu-always "$ALWAYS_PORT" "$ALWAYS_API_PORT" "$ALWAYS_ADMIN_PORT" --poll always
 always_pid=$agent_pid
@@ -163,10 +163,9 @@ until [[ $(curl -fsS "http://127.0.0.1:$ENVOY_ADMIN/ready" 2>/dev/null) == LIVE 
 	sleep 0.1
 done
 
-proxies=(dpu dpu-in-flight dpu-always envoy)
-declare -A port=([direct]=$NGINX_A [dpu]=$DPU_PORT [dpu-in-flight]=$FLIGHT_PORT [dpu-always]=$ALWAYS_PORT
-	[envoy]=$ENVOY_PORT)
-declare -A pid=([dpu]=$dpu_pid [dpu-in-flight]=$flight_pid [dpu-always]=$always_pid [envoy]=$envoy_pid)
+proxies=(dpu dpu-off dpu-always envoy)
+declare -A port=([direct]=$NGINX_A [dpu]=$DPU_PORT [dpu-off]=$OFF_PORT [dpu-always]=$ALWAYS_PORT [envoy]=$ENVOY_PORT)
+declare -A pid=([dpu]=$dpu_pid [dpu-off]=$off_pid [dpu-always]=$always_pid [envoy]=$envoy_pid)
 for t in direct "${proxies[@]}"; do
 	code=$(curl -sS -o /dev/null -w '%{http_code}' "http://127.0.0.1:${port[$t]}/")
 	[[ $code == 200 ]] || {

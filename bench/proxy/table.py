@@ -38,7 +38,7 @@ def oha(path: Path) -> dict:
 
 def main() -> None:
     work, seconds, idle_n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    ours = ("dpu", "dpu-in-flight", "dpu-always")
+    ours = ("dpu", "dpu-off", "dpu-always")
     proxies = ours + ("envoy",)
     r = {}
     for t in ("direct",) + proxies:
@@ -86,9 +86,9 @@ def main() -> None:
         return f"{text} (target {sense} {bound}×: {verdict(ok)})"
 
     print(f"Targets: RPS ≥ 1.3× Envoy, added p99 ≤ 0.5× Envoy's, RSS at {idle_n // 1000}k ≤ 0.5× Envoy's. "
-          f"{seconds} s per load run. dpu-agent three times: defaults (poll mode off), --poll in_flight and "
+          f"{seconds} s per load run. dpu-agent three times: defaults (--poll in_flight), --poll off and "
           f"--poll always (window 1 ms).\n")
-    print("| | dpu-agent | poll in_flight | poll always | Envoy | ratio | ratio, in_flight | ratio, always |")
+    print("| | dpu-agent | poll off | poll always | Envoy | ratio | ratio, off | ratio, always |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, key, fmt, target in rows:
         values = [fmt.format(r[t][key]) for t in proxies]

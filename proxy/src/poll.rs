@@ -16,8 +16,10 @@
 //!   and every worker stays busy while traffic keeps arriving within the window;
 //!
 //! and in both only until the window has passed since the proxy last moved bytes, so a slow upstream or a quiet
-//! spell is slept through and an idle agent costs nothing. It suits cores dedicated to the agent, and is off
-//! unless configured (`mesh.poll`).
+//! spell is slept through and an idle agent costs nothing. It suits cores dedicated to the agent. The agent's
+//! default is `in_flight` (`mesh.poll`): on one pinned core it measured no more CPU per request than parking
+//! (docs/benchmarks.md), since a poll is cheaper than a park and a wake-up; on a machine shared with other work
+//! and many cores, every worker polling through every request is CPU taken from that work, and `off` is better.
 //!
 //! All workers poll together, or none: tokio lets one parked worker own the I/O driver, and while it sleeps in
 //! `epoll_wait` the others cannot poll it.
@@ -34,9 +36,9 @@ use tokio::sync::Notify;
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
     /// Never: workers park whenever they run out of work.
-    #[default]
     Off,
     /// While HTTP requests are in flight, within the window after the last bytes moved.
+    #[default]
     InFlight,
     /// Within the window after the last bytes moved.
     Always,

@@ -79,7 +79,8 @@ pub struct MeshConfig {
     pub xds: Option<XdsConfig>,
     /// Poll mode, for cores dedicated to the agent: when the workers keep polling for I/O instead of sleeping
     /// until the next readiness event, taking that wake-up out of a request's latency at the price of CPU.
-    /// `off` (the default); `in_flight`: while HTTP requests are in flight; `always`: after any proxy traffic.
+    /// `in_flight` (the default): while HTTP requests are in flight; `always`: after any proxy traffic; `off`:
+    /// never, for a machine shared with other work.
     #[serde(default)]
     pub poll: dpu_proxy::poll::Policy,
     /// Polling stops this many microseconds after the proxy last moved bytes (1 to 1,000,000).
@@ -433,12 +434,12 @@ mod tests {
     }
 
     #[test]
-    fn poll_mode_is_off_by_default_and_its_window_bounded() {
+    fn poll_mode_defaults_to_in_flight_and_its_window_is_bounded() {
         use dpu_proxy::poll::Policy;
         let config = Config::parse("").unwrap();
-        assert_eq!((config.mesh.poll, config.mesh.poll_window_us), (Policy::Off, 1000));
-        let config = Config::parse("[mesh]\npoll = \"in_flight\"\npoll_window_us = 300\n").unwrap();
-        assert_eq!((config.mesh.poll, config.mesh.poll_window_us), (Policy::InFlight, 300));
+        assert_eq!((config.mesh.poll, config.mesh.poll_window_us), (Policy::InFlight, 1000));
+        let config = Config::parse("[mesh]\npoll = \"off\"\npoll_window_us = 300\n").unwrap();
+        assert_eq!((config.mesh.poll, config.mesh.poll_window_us), (Policy::Off, 300));
         config.validate().unwrap();
         for window in ["0", "2000000"] {
             let text = format!("[mesh]\npoll = \"always\"\npoll_window_us = {window}\n");
