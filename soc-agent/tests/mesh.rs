@@ -176,6 +176,12 @@ async fn mesh_objects_carry_traffic_and_survive_sigkill() {
     }
     let metrics = common::metrics(agent.admin).await;
     assert!(metrics.contains("istio_requests_total{reporter=\"destination\""), "{metrics}");
+    // Poll mode `in_flight` is the default: the workers polled while those requests were in flight.
+    let awake = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("dpu_proxy_poll_awake_seconds_total "))
+        .and_then(|value| value.parse::<f64>().ok());
+    assert!(awake.is_some_and(|seconds| seconds > 0.0), "{awake:?} in {metrics}");
     assert!(agent.stop().await.success());
 }
 
