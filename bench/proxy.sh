@@ -19,7 +19,10 @@
 #                       which shows how much of CPU 1 it got (other work on the machine competes for it) and
 #                       gives requests per CPU-second, a figure that other load disturbs less
 #   added latency       oha -q 1000 --latency-correction -z SECONDS: p50 and p99 minus those of the direct run
-#   CPU per 1000 rps    utime + stime of the proxy process over that fixed-rate run (/proc/<pid>/stat), as
+#                       of the same round; ROUNDS rounds (DPU_BENCH_ROUNDS, default 3) each run direct and then
+#                       every proxy, and the table gives the median over rounds (and each round's p99 ratio):
+#                       one tail is a few hundred samples, and one hiccup of this machine moves it
+#   CPU per 1000 rps    utime + stime of the proxy process over those fixed-rate runs (/proc/<pid>/stat), as
 #                       CPU-ms per second per 1000 rps
 #   RSS at 10k idle     VmRSS of the proxy process while bench/proxy/idle_conns.py holds 10,000 keep-alive
 #                       connections through it, each having made one request; nothing subtracted
@@ -37,6 +40,7 @@ target=${CARGO_TARGET_DIR:-$repo/target}
 [[ $target == /* ]] || target=$repo/$target
 bin=$target/release
 seconds=${1:-10}
+rounds=${DPU_BENCH_ROUNDS:-3}
 idle_connections=10000
 
 say() { printf 'bench/proxy: %s\n' "$*" >&2; }
@@ -196,16 +200,18 @@ for t in direct "${proxies[@]}"; do
 		echo "$before $(ticks "${pid[$t]}") $(getconf CLK_TCK)" >"$work/cpu-wrk-$t.txt"
 	fi
 done
-for t in direct "${proxies[@]}"; do
-	url=http://127.0.0.1:${port[$t]}/
-	say "$t: oha -q 1000 --latency-correction -z ${seconds}s"
-	before=0
-	[[ $t == direct ]] || before=$(ticks "${pid[$t]}")
-	taskset -c 0 "$oha" -q 1000 --latency-correction -z "${seconds}s" --no-tui --output-format json "$url" \
-		>"$work/oha-$t.json"
-	if [[ $t != direct ]]; then
-		echo "$before $(ticks "${pid[$t]}") $(getconf CLK_TCK)" >"$work/cpu-$t.txt"
-	fi
+for round in $(seq "$rounds"); do
+	for t in direct "${proxies[@]}"; do
+		url=http://127.0.0.1:${port[$t]}/
+		say "round $round/$rounds, $t: oha -q 1000 --latency-correction -z ${seconds}s"
+		before=0
+		[[ $t == direct ]] || before=$(ticks "${pid[$t]}")
+		taskset -c 0 "$oha" -q 1000 --latency-correction -z "${seconds}s" --no-tui --output-format json "$url" \
+			>"$work/oha-$t-$round.json"
+		if [[ $t != direct ]]; then
+			echo "$before $(ticks "${pid[$t]}") $(getconf CLK_TCK)" >"$work/cpu-$t-$round.txt"
+		fi
+	done
 done
 for t in "${proxies[@]}"; do
 	say "$t: $idle_connections idle keep-alive connections"
@@ -231,4 +237,4 @@ for t in "${proxies[@]}"; do
 	echo "$idle $loaded" >"$work/rss-$t.txt"
 done
 
-"$py" bench/proxy/table.py "$work" "$seconds" "$idle_connections"
+"$py" bench/proxy/table.py "$work" "$seconds" "$idle_connections" "$rounds"

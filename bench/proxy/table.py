@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Prints the Markdown table of bench/proxy.sh from its work directory.
 
-    table.py WORKDIR SECONDS IDLE_CONNECTIONS
+    table.py WORKDIR SECONDS IDLE_CONNECTIONS ROUNDS
 """
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -37,25 +38,38 @@ def oha(path: Path) -> dict:
 
 
 def main() -> None:
-    work, seconds, idle_n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    work, seconds, idle_n, rounds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     ours = ("dpu", "dpu-off", "dpu-always")
     proxies = ours + ("envoy",)
+    # Fixed-rate runs per target, one per round.
+    lat = {t: [oha(work / f"oha-{t}-{k}.json") for k in range(1, rounds + 1)] for t in ("direct",) + proxies}
     r = {}
     for t in ("direct",) + proxies:
-        r[t] = {"max_rps": wrk_rps(work / f"wrk-{t}.txt"), **oha(work / f"oha-{t}.json")}
+        r[t] = {
+            "max_rps": wrk_rps(work / f"wrk-{t}.txt"),
+            "p50_us": statistics.median(run["p50_us"] for run in lat[t]),
+            "p99_us": statistics.median(run["p99_us"] for run in lat[t]),
+            "rps": statistics.mean(run["rps"] for run in lat[t]),
+        }
     for t in proxies:
         before, after, hz = (int(x) for x in (work / f"cpu-wrk-{t}.txt").read_text().split())
         wrk_cpu_s = (after - before) / hz
         r[t]["wrk_cpu_share"] = 100 * wrk_cpu_s / seconds
         r[t]["rps_per_cpu_s"] = r[t]["max_rps"] * seconds / wrk_cpu_s if wrk_cpu_s > 0 else 0.0
-        before, after, hz = (int(x) for x in (work / f"cpu-{t}.txt").read_text().split())
-        cpu_ms_per_s = (after - before) * 1000 / hz / r[t]["seconds"]
+        cpu_ms = 0.0
+        for k in range(1, rounds + 1):
+            before, after, hz = (int(x) for x in (work / f"cpu-{t}-{k}.txt").read_text().split())
+            cpu_ms += (after - before) * 1000 / hz
+        cpu_ms_per_s = cpu_ms / sum(run["seconds"] for run in lat[t])
         r[t]["cpu_per_krps"] = cpu_ms_per_s / (r[t]["rps"] / 1000)
         idle, loaded = (int(x) for x in (work / f"rss-{t}.txt").read_text().split())
         r[t]["rss_idle_mib"] = idle / 1024
         r[t]["rss_loaded_mib"] = loaded / 1024
-        r[t]["add_p50"] = r[t]["p50_us"] - r["direct"]["p50_us"]
-        r[t]["add_p99"] = r[t]["p99_us"] - r["direct"]["p99_us"]
+        # Added latency: against the direct run of the same round, then the median over rounds.
+        for q in ("p50", "p99"):
+            added = [run[f"{q}_us"] - direct[f"{q}_us"] for run, direct in zip(lat[t], lat["direct"])]
+            r[t][f"add_{q}_rounds"] = added
+            r[t][f"add_{q}"] = statistics.median(added)
 
     e = r["envoy"]
 
@@ -86,18 +100,23 @@ def main() -> None:
         return f"{text} (target {sense} {bound}×: {verdict(ok)})"
 
     print(f"Targets: RPS ≥ 1.3× Envoy, added p99 ≤ 0.5× Envoy's, RSS at {idle_n // 1000}k ≤ 0.5× Envoy's. "
-          f"{seconds} s per load run. dpu-agent three times: defaults (--poll in_flight), --poll off and "
+          f"{seconds} s per load run; latency rows: median of {rounds} rounds. dpu-agent three times: defaults (--poll in_flight), --poll off and "
           f"--poll always (window 1 ms).\n")
     print("| | dpu-agent | poll off | poll always | Envoy | ratio | ratio, off | ratio, always |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, key, fmt, target in rows:
         values = [fmt.format(r[t][key]) for t in proxies]
         print("| " + " | ".join([label, *values, *(cell(t, key, target) for t in ours)]) + " |")
-    lat = [f"{r[t]['p50_us']:.0f} / {r[t]['p99_us']:.0f}" for t in proxies]
-    print("| " + " | ".join(["p50 / p99 latency at 1000 rps (µs)", *lat, "", "", ""]) + " |")
+    medians = [f"{r[t]['p50_us']:.0f} / {r[t]['p99_us']:.0f}" for t in proxies]
+    print("| " + " | ".join(["p50 / p99 latency at 1000 rps (µs)", *medians, "", "", ""]) + " |")
+    per_round = "; ".join(
+        f"{t} " + " ".join(ratio(a, b) for a, b in zip(r[t]["add_p99_rounds"], e["add_p99_rounds"])) for t in ours
+    )
+    print(f"\nAdded p99 against Envoy's, round by round: {per_round}.")
     dr = r["direct"]
-    print(f"\nnginx directly: {dr['max_rps']:,.0f} RPS max; at 1000 rps p50 {dr['p50_us']:.0f} µs, "
-          f"p99 {dr['p99_us']:.0f} µs. Fixed-rate runs achieved "
+    direct_p99 = " ".join(f"{run['p99_us']:.0f}" for run in lat["direct"])
+    print(f"nginx directly: {dr['max_rps']:,.0f} RPS max; at 1000 rps p50 {dr['p50_us']:.0f} µs, "
+          f"p99 {dr['p99_us']:.0f} µs (rounds: {direct_p99}). Fixed-rate runs achieved "
           + ", ".join(f"{t} {r[t]['rps']:.0f} rps" for t in ("direct",) + proxies) + ".")
 
 
