@@ -185,6 +185,9 @@ async fn poller(window: Duration, awake: Counter<f64>) {
             if done {
                 break;
             }
+            // Give the core to any other thread that is ready to run on it (on a shared machine that may be the
+            // very upstream the request waits for); back at once when there is none.
+            std::thread::yield_now();
             // Deferred to the end of the worker's turn: the worker polls its I/O driver without blocking, runs
             // whatever became ready, then this task again.
             tokio::task::yield_now().await;
