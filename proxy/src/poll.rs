@@ -16,10 +16,11 @@
 //!   and every worker stays busy while traffic keeps arriving within the window;
 //!
 //! and in both only until the window has passed since the proxy last moved bytes, so a slow upstream or a quiet
-//! spell is slept through and an idle agent costs nothing. It suits cores dedicated to the agent. The agent's
-//! default is `in_flight` (`mesh.poll`): on one pinned core it measured no more CPU per request than parking
-//! (docs/benchmarks.md), since a poll is cheaper than a park and a wake-up; on a machine shared with other work
-//! and many cores, every worker polling through every request is CPU taken from that work, and `off` is better.
+//! spell is slept through and an idle agent costs nothing. Each round of polling also yields the core to any
+//! other thread ready to run on it, so on a machine shared with other work (the upstream itself, perhaps) a
+//! polling worker delays nobody; it still counts as busy. The agent's default is `in_flight` (`mesh.poll`): on
+//! one pinned core it cost 10–30% more CPU per request than parking, against Envoy's 0.8–0.9×
+//! (docs/benchmarks.md). `always` is for cores dedicated to the agent: it keeps them busy while traffic flows.
 //!
 //! All workers poll together, or none: tokio lets one parked worker own the I/O driver, and while it sleeps in
 //! `epoll_wait` the others cannot poll it.
