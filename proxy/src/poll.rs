@@ -19,7 +19,7 @@
 //! spell is slept through and an idle agent costs nothing. Each round of polling also yields the core to any
 //! other thread ready to run on it, so on a machine shared with other work (the upstream itself, perhaps) a
 //! polling worker delays nobody; it still counts as busy. The agent's default is `in_flight` (`mesh.poll`): on
-//! one pinned core it cost 10–30% more CPU per request than parking, against Envoy's 0.8–0.9×
+//! one pinned core it cost 10–30% more CPU per request than parking, still 0.77–0.87× of Envoy's
 //! (docs/benchmarks.md). `always` is for cores dedicated to the agent: it keeps them busy while traffic flows.
 //!
 //! All workers poll together, or none: tokio lets one parked worker own the I/O driver, and while it sleeps in
