@@ -482,6 +482,27 @@ impl Activity {
     }
 }
 
+/// An HTTP request in flight on a connection, from its head until its response ends: the connection does not
+/// count as idle meanwhile, and under poll mode `in_flight` the workers poll ([`crate::poll`]).
+#[derive(Debug)]
+pub struct InFlight {
+    activity: Arc<Activity>,
+    _polling: crate::poll::Request,
+}
+
+impl InFlight {
+    pub fn start(activity: &Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight { activity: activity.clone(), _polling: crate::poll::Request::start() }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pin_project_lite::pin_project! {
     /// Counts bytes and records activity on a stream.
     #[derive(Debug)]

@@ -136,24 +136,22 @@ pub enum StartError {
     AlreadyStarted,
     #[error("poll mode needs a multi-thread tokio runtime (it polls on every worker)")]
     NotMultiThread,
-    #[error("poll mode off needs no pollers")]
-    Off,
 }
 
 /// Starts one poller per worker of the current multi-thread runtime, each keeping its worker polling while
 /// `policy` wants it and `window` has not passed since the data path last moved bytes. `awake` counts the
 /// seconds workers spent in that mode (polling, and serving what polling found), summed over workers. Once per
-/// process; returns the number of workers.
+/// process; returns the number of pollers started (none for [`Policy::Off`]).
 pub fn start(policy: Policy, window: Duration, awake: Counter<f64>) -> Result<usize, StartError> {
+    let code = match policy {
+        Policy::Off => return Ok(0),
+        Policy::InFlight => IN_FLIGHT,
+        Policy::Always => ALWAYS,
+    };
     let handle = tokio::runtime::Handle::current();
     if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
         return Err(StartError::NotMultiThread);
     }
-    let code = match policy {
-        Policy::Off => return Err(StartError::Off),
-        Policy::InFlight => IN_FLIGHT,
-        Policy::Always => ALWAYS,
-    };
     if POLICY.compare_exchange(OFF, code, Ordering::SeqCst, Ordering::SeqCst).is_err() {
         return Err(StartError::AlreadyStarted);
     }

@@ -227,8 +227,8 @@ impl Proxy {
     }
 
     /// Keeps every worker of the current runtime polling for I/O, as `policy` wants, until `window` has passed
-    /// since the proxy last moved bytes, instead of parking ([`crate::poll`]); returns the number of workers.
-    /// Once per process.
+    /// since the proxy last moved bytes, instead of parking ([`crate::poll`]); returns the number of pollers
+    /// (one per worker; none when `policy` is off). Once per process.
     pub fn start_polling(&self, policy: Policy, window: Duration) -> Result<usize, crate::poll::StartError> {
         crate::poll::start(policy, window, self.inner.runtime.metrics.poll_awake.clone())
     }

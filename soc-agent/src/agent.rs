@@ -51,11 +51,9 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         |registry| proxy = Some(dpu_proxy::Proxy::new(registry)),
     );
     let proxy = proxy.expect("registered above");
-    if config.mesh.poll != dpu_proxy::poll::Policy::Off {
-        let window = Duration::from_micros(config.mesh.poll_window_us);
-        let workers = proxy.start_polling(config.mesh.poll, window).context("starting poll mode")?;
-        tracing::info!(workers, policy = ?config.mesh.poll, window_us = config.mesh.poll_window_us, "poll mode");
-    }
+    let window = Duration::from_micros(config.mesh.poll_window_us);
+    let pollers = proxy.start_polling(config.mesh.poll, window).context("starting poll mode")?;
+    tracing::info!(pollers, policy = ?config.mesh.poll, window_us = config.mesh.poll_window_us, "poll mode");
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let drift = Duration::from_secs(config.reconcile.drift_seconds);
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use crate::access_log::Entry;
-use crate::listener::Activity;
+use crate::listener::InFlight;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::{Body, BoxError};
 
@@ -19,14 +19,13 @@ use crate::{Body, BoxError};
 #[derive(Debug)]
 pub struct Record {
     pub metrics: Arc<Metrics>,
-    pub activity: Arc<Activity>,
+    /// Held until the response ends.
+    pub _in_flight: InFlight,
     pub started: Instant,
     pub entry: Entry,
     pub labels: RequestLabels,
     /// Request body bytes read from the client.
     pub received: Arc<AtomicU64>,
-    /// Keeps the workers polling while the request is in flight, under that poll policy.
-    pub _polling: crate::poll::Request,
 }
 
 impl Record {
@@ -47,7 +46,6 @@ impl Record {
 
 impl Drop for Record {
     fn drop(&mut self) {
-        self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
         let elapsed = self.started.elapsed();
         self.entry.duration_ms = elapsed.as_millis() as u64;
         self.entry.bytes_received = self.received.load(Ordering::Relaxed);

@@ -1,7 +1,7 @@
 //! One downstream request: route against the current snapshot, admit, authorize, then answer locally or forward
 //! to a cluster with timeouts and retries.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,6 +18,7 @@ use super::local;
 use super::{HttpConn, upgrade};
 use crate::access_log::Entry;
 use crate::cluster::{Cluster, LbContext, UpstreamError};
+use crate::listener::InFlight;
 use crate::metrics::RequestLabels;
 use crate::model::{Forward, Redirect, RetryOn, RetryPolicy, is_hop_by_hop};
 use crate::route::{CompiledRoute, RouteTable, pick_cluster, request_host};
@@ -30,7 +31,6 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
 pub(super) async fn handle(conn: Arc<HttpConn>, req: Request<Incoming>) -> Response<Body> {
-    conn.activity.in_flight.fetch_add(1, Ordering::AcqRel);
     let upgrade = is_upgrade(&req);
     let (parts, body) = req.into_parts();
     let grpc = local::is_grpc(&parts.headers);
@@ -245,8 +245,7 @@ fn new_record(conn: &HttpConn, parts: &Parts, grpc: bool, request_id: &str) -> R
     };
     Record {
         metrics: ctx.runtime.metrics.clone(),
-        activity: conn.activity.clone(),
-        _polling: crate::poll::Request::start(),
+        _in_flight: InFlight::start(&conn.activity),
         started: Instant::now(),
         entry,
         labels: RequestLabels {
