@@ -45,11 +45,14 @@ pub trait Switch: Send + Sync + fmt::Debug + 'static {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Links {
     by_name: BTreeMap<String, u32>,
+    /// The same, the other way round: decoding a dump names every redirect target.
+    by_index: BTreeMap<u32, String>,
 }
 
 impl Links {
     pub fn new(by_name: BTreeMap<String, u32>) -> Self {
-        Self { by_name }
+        let by_index = by_name.iter().map(|(n, i)| (*i, n.clone())).collect();
+        Self { by_name, by_index }
     }
 
     /// Interface index of `dev`.
@@ -59,7 +62,7 @@ impl Links {
 
     /// Name of interface `ifindex`, or `if<N>` for one not present when the links were read.
     pub fn name_of(&self, ifindex: u32) -> String {
-        self.by_name.iter().find(|(_, i)| **i == ifindex).map_or_else(|| format!("if{ifindex}"), |(n, _)| n.clone())
+        self.by_index.get(&ifindex).cloned().unwrap_or_else(|| format!("if{ifindex}"))
     }
 }
 
