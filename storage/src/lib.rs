@@ -2,6 +2,7 @@
 //! reconciler that builds both from intent.
 
 pub mod bdev;
+pub mod image;
 pub mod initiator;
 pub mod model;
 pub mod reconcile;

@@ -38,6 +38,13 @@ pub enum VolumeError {
     /// The backing store failed.
     #[error("I/O on the backing store failed")]
     Io(#[from] std::io::Error),
+    /// The volume is read-only.
+    #[error("the volume is read-only")]
+    ReadOnly,
+    /// The data could not be obtained (a remote source down past its deadline, or corrupt); retrying the same
+    /// I/O at once will not help.
+    #[error("data unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Static facts about a volume.
@@ -89,6 +96,10 @@ pub trait Volume: Send + Sync + std::fmt::Debug + 'static {
     }
     /// True when writes may sit in a volatile cache until flushed.
     fn volatile_write_cache(&self) -> bool {
+        false
+    }
+    /// True when every write fails with [`VolumeError::ReadOnly`]; the namespace is reported write protected.
+    fn read_only(&self) -> bool {
         false
     }
 }

@@ -622,6 +622,9 @@ fn volume_status(e: &crate::bdev::VolumeError) -> Status {
         crate::bdev::VolumeError::OutOfRange { .. } => Status::LBA_OUT_OF_RANGE.with_dnr(),
         crate::bdev::VolumeError::Misaligned { .. } => Status::INVALID_FIELD.with_dnr(),
         crate::bdev::VolumeError::Io(_) => Status::INTERNAL_ERROR,
+        crate::bdev::VolumeError::ReadOnly => Status::NAMESPACE_WRITE_PROTECTED.with_dnr(),
+        // Retrying cannot help sooner than the volume's own deadline did: fail at once, the host sees EIO.
+        crate::bdev::VolumeError::Unavailable(_) => Status::UNRECOVERED_READ_ERROR.with_dnr(),
     }
 }
 

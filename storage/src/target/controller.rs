@@ -271,7 +271,9 @@ impl Controller {
             cns::CONTROLLER => AdminOutcome::data(self.identify_controller().as_bytes().to_vec()),
             _ if self.is_discovery() => AdminOutcome::status(Status::INVALID_FIELD),
             cns::NAMESPACE => match self.subsystem.as_ref().and_then(|s| s.namespace(args.nsid)) {
-                Some(ns) => AdminOutcome::data(identify_namespace(ns.volume.geometry(), &ns.uuid).as_bytes().to_vec()),
+                Some(ns) => AdminOutcome::data(
+                    identify_namespace(ns.volume.geometry(), ns.volume.read_only(), &ns.uuid).as_bytes().to_vec(),
+                ),
                 // An allocated-but-inactive or out-of-range NSID reads as zeroes / Invalid Namespace.
                 None if (1..=MAX_NSID).contains(&args.nsid) => {
                     AdminOutcome::data(vec![0; identify::IDENTIFY_DATA_SIZE])
@@ -482,8 +484,10 @@ impl EventSink for Controller {
 }
 
 /// Identify Namespace for a volume of `geometry`.
-fn identify_namespace(geometry: crate::bdev::Geometry, uuid: &[u8; 16]) -> IdentifyNamespace {
+fn identify_namespace(geometry: crate::bdev::Geometry, read_only: bool, uuid: &[u8; 16]) -> IdentifyNamespace {
     let mut ns = IdentifyNamespace::new_zeroed();
+    // Write protected: the host's block layer marks the disk read-only.
+    ns.nsattr = u8::from(read_only);
     ns.nsze.set(geometry.blocks);
     ns.ncap.set(geometry.blocks);
     ns.nuse.set(geometry.blocks);
