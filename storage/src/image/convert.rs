@@ -1,1 +1,348 @@
+//! The converter: an OCI layer (a tar, maybe gzip-compressed) becomes a read-only EROFS filesystem image, cut
+//! into chunks (see [`super::chunk`]).
+//!
+//! A layer is unpacked into a scratch directory with its owners, modes, times and extended attributes, OCI
+//! whiteouts become overlayfs whiteouts (`.wh.NAME` → a 0/0 character device `NAME`; `.wh..wh..opq` → the
+//! directory's `trusted.overlay.opaque=y`), so the host stacks the layers with overlayfs as containerd does.
+//! Then `mkfs.erofs` (erofs-utils) builds an uncompressed image with 4 KiB blocks — the host reads plain blocks;
+//! decompression and verification happen on the DPU, per chunk.
+//!
+//! Reproducible: directory times are restored after unpacking, the filesystem UUID is derived from the layer's
+//! digest, and the superblock's build time (the one field `mkfs.erofs` takes from the clock) is set to zero with
+//! its checksum recomputed, so converting a layer twice gives the same bytes and so the same digests.
 
+use std::io::{self, BufReader, Read};
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use super::Digest;
+use super::chunk::{Chunked, chunk_image};
+
+/// Media types of source layers the converter reads.
+pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const LAYER_TAR_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// Default chunk size (see docs/benchmarks.md for how it was chosen).
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
+
+/// Why a layer could not be converted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("layer media type {0:?} is not supported (tar, tar+gzip or Docker's tar.gzip)")]
+    MediaType(String),
+    #[error("{0} is not installed or not on PATH (erofs-utils provides it)")]
+    MissingTool(String),
+    #[error("mkfs.erofs failed ({status}): {stderr}")]
+    Mkfs { status: String, stderr: String },
+    #[error("layer entry {path:?}: {reason}")]
+    Entry { path: String, reason: String },
+    #[error("unpacking the layer needs root (creating whiteout devices and setting owners): {0}")]
+    Privilege(io::Error),
+    #[error("the filesystem image is not an EROFS image: {0}")]
+    NotErofs(String),
+    #[error(transparent)]
+    Chunk(#[from] super::chunk::IndexError),
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ConvertError {
+    let context = context.into();
+    move |source| ConvertError::Io { context, source }
+}
+
+/// How layers are converted.
+#[derive(Debug, Clone)]
+pub struct LayerOptions {
+    pub chunk_size: u32,
+    /// Scratch space for unpacked layers and images (removed after each layer).
+    pub work_dir: PathBuf,
+    /// The `mkfs.erofs` program.
+    pub mkfs: PathBuf,
+}
+
+impl LayerOptions {
+    pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        Self { chunk_size: DEFAULT_CHUNK_SIZE, work_dir: work_dir.into(), mkfs: "mkfs.erofs".into() }
+    }
+}
+
+/// One converted layer.
+#[derive(Debug)]
+pub struct ConvertedLayer {
+    pub chunked: Chunked,
+    /// The encoded chunk index.
+    pub index_blob: Vec<u8>,
+    /// Regular files, directories, links and whiteouts unpacked.
+    pub entries: u64,
+}
+
+/// The filesystem UUID of a layer's image: its digest's first 16 bytes, marked as an RFC 4122 name-based UUID.
+pub fn layer_uuid(layer: &Digest) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&layer.0[..16]);
+    id[6] = (id[6] & 0x0f) | 0x50;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    id
+}
+
+/// Converts the layer blob at `blob` (already verified against `digest`) of `media_type`. Blocking.
+pub fn convert_layer(
+    blob: &Path,
+    media_type: &str,
+    digest: &Digest,
+    options: &LayerOptions,
+) -> Result<ConvertedLayer, ConvertError> {
+    let file = std::fs::File::open(blob).map_err(io_err(format!("opening {}", blob.display())))?;
+    let reader: Box<dyn Read> = match media_type {
+        LAYER_TAR => Box::new(BufReader::new(file)),
+        LAYER_TAR_GZIP | DOCKER_LAYER_GZIP => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file))),
+        other => return Err(ConvertError::MediaType(other.to_string())),
+    };
+    std::fs::create_dir_all(&options.work_dir).map_err(io_err("creating the converter's work directory"))?;
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("layer-{}-", &digest.hex()[..12]))
+        .tempdir_in(&options.work_dir)
+        .map_err(io_err("creating a scratch directory"))?;
+    let root = scratch.path().join("root");
+    std::fs::create_dir(&root).map_err(io_err("creating the unpack directory"))?;
+    let entries = unpack(reader, &root)?;
+    let image_path = scratch.path().join("layer.erofs");
+    mkfs(&options.mkfs, &image_path, &root, &layer_uuid(digest))?;
+    let mut image = std::fs::read(&image_path).map_err(io_err("reading the built image"))?;
+    normalize_superblock(&mut image)?;
+    let chunked = chunk_image(&image, options.chunk_size)?;
+    let index_blob = chunked.index.encode();
+    Ok(ConvertedLayer { chunked, index_blob, entries })
+}
+
+/// A directory whose time must be set once everything inside it exists.
+struct DirTime {
+    path: PathBuf,
+    mtime: u64,
+}
+
+/// Unpacks a layer tar into `root`, turning OCI whiteouts into overlayfs ones. Returns the entry count.
+fn unpack(reader: impl Read, root: &Path) -> Result<u64, ConvertError> {
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_unpack_xattrs(true);
+    archive.set_overwrite(true);
+    let mut dirs = vec![DirTime { path: root.to_path_buf(), mtime: 0 }];
+    let mut opaque = Vec::new();
+    let mut count = 0;
+    for entry in archive.entries().map_err(io_err("reading the layer tar"))? {
+        let mut entry = entry.map_err(io_err("reading the layer tar"))?;
+        let raw = entry.path().map_err(io_err("reading an entry name"))?.into_owned();
+        let shown = raw.display().to_string();
+        let rel = clean_path(&raw).ok_or_else(|| ConvertError::Entry {
+            path: shown.clone(),
+            reason: "escapes the layer root (absolute or `..`)".into(),
+        })?;
+        count += 1;
+        let header = entry.header();
+        let mtime = header.mtime().unwrap_or(0);
+        let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        if name == ".wh..wh..opq" {
+            let dir = root.join(rel.parent().unwrap_or(Path::new("")));
+            std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+            opaque.push(dir);
+            continue;
+        }
+        if let Some(hidden) = name.strip_prefix(".wh.") {
+            if hidden.is_empty() || hidden.starts_with(".wh.") {
+                return Err(ConvertError::Entry { path: shown, reason: "malformed whiteout".into() });
+            }
+            let parent = root.join(rel.parent().unwrap_or(Path::new("")));
+            std::fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
+            let uid = header.uid().unwrap_or(0) as u32;
+            let gid = header.gid().unwrap_or(0) as u32;
+            whiteout(&parent.join(hidden), uid, gid, mtime)?;
+            continue;
+        }
+        let is_dir = header.entry_type().is_dir();
+        let unpacked =
+            entry.unpack_in(root).map_err(|e| ConvertError::Entry { path: shown.clone(), reason: e.to_string() })?;
+        if !unpacked {
+            return Err(ConvertError::Entry {
+                path: shown,
+                reason: "refused by the unpacker (outside the root)".into(),
+            });
+        }
+        if is_dir {
+            dirs.push(DirTime { path: root.join(&rel), mtime });
+        }
+    }
+    for dir in opaque {
+        xattr::set(&dir, "trusted.overlay.opaque", b"y")
+            .map_err(io_err(format!("marking {} opaque", dir.display())))?;
+    }
+    // Deepest first, so setting a child's time does not disturb its parent's again.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
+    for d in dirs {
+        let time = SystemTime::UNIX_EPOCH + Duration::from_secs(d.mtime);
+        let f = std::fs::File::open(&d.path).map_err(io_err(format!("opening {}", d.path.display())))?;
+        f.set_modified(time).map_err(io_err(format!("setting the time of {}", d.path.display())))?;
+    }
+    // Directories created implicitly (no entry of their own) keep the time of the unpack; give them zero.
+    fix_implicit_dirs(root)?;
+    Ok(count)
+}
+
+/// Sets time zero on every directory whose time is later than an hour ago (created by the unpacker, not taken
+/// from an entry).
+fn fix_implicit_dirs(root: &Path) -> Result<(), ConvertError> {
+    let recent = SystemTime::now() - Duration::from_secs(3600);
+    let mut stack = vec![root.to_path_buf()];
+    let mut found = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).map_err(io_err(format!("listing {}", dir.display())))? {
+            let e = e.map_err(io_err("listing the unpacked layer"))?;
+            if e.file_type().map_err(io_err("reading a file type"))?.is_dir() {
+                stack.push(e.path());
+            }
+        }
+        let modified = std::fs::metadata(&dir).and_then(|m| m.modified()).map_err(io_err("reading a time"))?;
+        if modified > recent {
+            found.push(dir);
+        }
+    }
+    found.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for dir in found {
+        let f = std::fs::File::open(&dir).map_err(io_err(format!("opening {}", dir.display())))?;
+        f.set_modified(SystemTime::UNIX_EPOCH).map_err(io_err("setting a directory time"))?;
+    }
+    Ok(())
+}
+
+/// The entry's path relative to the layer root, or `None` when it would leave it.
+fn clean_path(raw: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(part) => out.push(part),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) | Component::ParentDir => return None,
+        }
+    }
+    Some(out)
+}
+
+/// An overlayfs whiteout: a character device 0/0.
+fn whiteout(path: &Path, uid: u32, gid: u32, mtime: u64) -> Result<(), ConvertError> {
+    use nix::sys::stat::{Mode, SFlag, UtimensatFlags, mknod, utimensat};
+    use nix::sys::time::TimeSpec;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(_) => Ok(()),
+    }
+    .map_err(io_err(format!("replacing {} by a whiteout", path.display())))?;
+    mknod(path, SFlag::S_IFCHR, Mode::empty(), 0).map_err(|e| ConvertError::Privilege(e.into()))?;
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(ConvertError::Privilege)?;
+    let time = TimeSpec::new(mtime as i64, 0);
+    utimensat(nix::fcntl::AT_FDCWD, path, &time, &time, UtimensatFlags::NoFollowSymlink)
+        .map_err(|e| ConvertError::Io { context: format!("setting the time of {}", path.display()), source: e.into() })
+}
+
+/// Builds an uncompressed EROFS image of `dir`.
+fn mkfs(program: &Path, image: &Path, dir: &Path, uuid: &[u8; 16]) -> Result<(), ConvertError> {
+    let output = Command::new(program)
+        .arg("--quiet")
+        .arg(format!("-U{}", crate::model::format_uuid(uuid)))
+        .arg(image)
+        .arg(dir)
+        .output()
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ConvertError::MissingTool(program.display().to_string()),
+            _ => ConvertError::Io { context: format!("running {}", program.display()), source: e },
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr).chars().take(2000).collect();
+        return Err(ConvertError::Mkfs { status: output.status.to_string(), stderr });
+    }
+    Ok(())
+}
+
+/// EROFS superblock layout (fs/erofs/erofs_fs.h): at byte 1024 of the image.
+const SB_OFFSET: usize = 1024;
+const SB_MAGIC: u32 = 0xe0f5_e1e2;
+const SB_CHECKSUM: usize = SB_OFFSET + 4;
+const SB_FEATURE_COMPAT: usize = SB_OFFSET + 8;
+const SB_BLKSZBITS: usize = SB_OFFSET + 12;
+const SB_BUILD_TIME: usize = SB_OFFSET + 24;
+const SB_BUILD_TIME_NSEC: usize = SB_OFFSET + 32;
+const FEATURE_COMPAT_SB_CHKSUM: u32 = 1;
+
+/// The superblock checksum as the kernel computes it: CRC32C seeded with !0, without the final inversion, over
+/// the rest of the superblock's block with the checksum field zeroed.
+fn sb_checksum(image: &[u8], block_size: usize) -> u32 {
+    let mut block = image[SB_OFFSET..block_size].to_vec();
+    block[4..8].fill(0);
+    !crc32c::crc32c(&block)
+}
+
+/// Sets the build time to zero (and recomputes the checksum) and checks what the host will need: an EROFS
+/// image with 4 KiB blocks whose size is a whole number of blocks.
+fn normalize_superblock(image: &mut [u8]) -> Result<(), ConvertError> {
+    if image.len() < 4096 {
+        return Err(ConvertError::NotErofs(format!("{} bytes is too small", image.len())));
+    }
+    let u32_at = |image: &[u8], at: usize| u32::from_le_bytes([image[at], image[at + 1], image[at + 2], image[at + 3]]);
+    if u32_at(image, SB_OFFSET) != SB_MAGIC {
+        return Err(ConvertError::NotErofs("bad superblock magic".into()));
+    }
+    let block_size = 1usize << image[SB_BLKSZBITS].min(31);
+    if block_size != 4096 || !image.len().is_multiple_of(block_size) {
+        return Err(ConvertError::NotErofs(format!(
+            "{block_size}-byte blocks over {} bytes (need 4096-byte blocks, whole blocks)",
+            image.len()
+        )));
+    }
+    let checksummed = u32_at(image, SB_FEATURE_COMPAT) & FEATURE_COMPAT_SB_CHKSUM != 0;
+    if checksummed && sb_checksum(image, block_size) != u32_at(image, SB_CHECKSUM) {
+        return Err(ConvertError::NotErofs("superblock checksum mismatch as built".into()));
+    }
+    image[SB_BUILD_TIME..SB_BUILD_TIME + 8].fill(0);
+    image[SB_BUILD_TIME_NSEC..SB_BUILD_TIME_NSEC + 4].fill(0);
+    if checksummed {
+        let sum = sb_checksum(image, block_size);
+        image[SB_CHECKSUM..SB_CHECKSUM + 4].copy_from_slice(&sum.to_le_bytes());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_paths_stay_inside_the_root() {
+        assert_eq!(clean_path(Path::new("./usr/bin/x")), Some(PathBuf::from("usr/bin/x")));
+        assert_eq!(clean_path(Path::new("../etc/passwd")), None);
+        assert_eq!(clean_path(Path::new("/etc/passwd")), None);
+        assert_eq!(clean_path(Path::new("a/../../b")), None);
+    }
+
+    #[test]
+    fn layer_uuids_are_stable_rfc4122() {
+        let d = Digest::of(b"layer");
+        let u = layer_uuid(&d);
+        assert_eq!(u, layer_uuid(&d));
+        assert_eq!(u[6] >> 4, 5);
+        assert_ne!(u, layer_uuid(&Digest::of(b"other")));
+    }
+
+    #[test]
+    fn superblocks_that_are_not_erofs_are_refused() {
+        assert!(matches!(normalize_superblock(&mut [0u8; 100]), Err(ConvertError::NotErofs(_))));
+        assert!(
+            matches!(normalize_superblock(&mut [0u8; 8192]), Err(ConvertError::NotErofs(m)) if m.contains("magic"))
+        );
+    }
+}
