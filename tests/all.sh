@@ -19,7 +19,8 @@ step() { printf '\n=== %s (%ss)\n' "$*" "$SECONDS"; }
 
 step "dependencies"
 need=()
-for pkg in build-essential pkg-config curl openssl python3-venv file; do
+# erofs-utils, docker-registry, skopeo and umoci: the lazy image tests (a real registry and real OCI tools).
+for pkg in build-essential pkg-config curl openssl python3-venv file erofs-utils docker-registry skopeo umoci; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -167,7 +167,7 @@ fn unpack(reader: impl Read, root: &Path) -> Result<u64, ConvertError> {
         }
         let is_dir = header.entry_type().is_dir();
         let unpacked =
-            entry.unpack_in(root).map_err(|e| ConvertError::Entry { path: shown.clone(), reason: e.to_string() })?;
+            entry.unpack_in(root).map_err(|e| ConvertError::Entry { path: shown.clone(), reason: error_chain(&e) })?;
         if !unpacked {
             return Err(ConvertError::Entry {
                 path: shown,
@@ -218,6 +218,17 @@ fn fix_implicit_dirs(root: &Path) -> Result<(), ConvertError> {
         f.set_modified(SystemTime::UNIX_EPOCH).map_err(io_err("setting a directory time"))?;
     }
     Ok(())
+}
+
+/// An error with its causes, `outer: inner: …`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
 }
 
 /// The entry's path relative to the layer root, or `None` when it would leave it.
@@ -345,4 +356,384 @@ mod tests {
             matches!(normalize_superblock(&mut [0u8; 8192]), Err(ConvertError::NotErofs(m)) if m.contains("magic"))
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Whole images: resolve the source, convert each layer (or reuse an earlier conversion), push the blobs and the
+// converted manifest.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+
+use super::format::{LazyLayer, MEDIA_TYPE_CHUNK_DATA, MEDIA_TYPE_CHUNK_INDEX, build_manifest};
+use super::oci::{self, Descriptor, Manifest, Parsed, Platform};
+use super::registry::{Credentials, Reference, RegistryClient, RegistryError};
+
+/// Where a source image is read from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Registry {
+        reference: Reference,
+        credentials: Credentials,
+    },
+    /// An OCI image layout directory (`skopeo copy … oci:DIR:TAG`, `umoci`), the image named by its
+    /// `org.opencontainers.image.ref.name` annotation, or the only image when no tag is given.
+    Layout {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
+}
+
+impl Source {
+    /// `oci:DIR[:TAG]` is a layout directory; anything else a registry reference.
+    pub fn parse(text: &str, credentials: Credentials) -> Result<Self, ImageError> {
+        match text.strip_prefix("oci:") {
+            Some(rest) => {
+                let (dir, tag) = match rest.rsplit_once(':') {
+                    Some((dir, tag)) if !tag.contains('/') => (dir, Some(tag.to_string())),
+                    _ => (rest, None),
+                };
+                Ok(Self::Layout { dir: dir.into(), tag })
+            }
+            None => Ok(Self::Registry { reference: text.parse()?, credentials }),
+        }
+    }
+}
+
+/// Where the converted image goes.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub reference: Reference,
+    pub credentials: Credentials,
+}
+
+/// What a conversion reports as it goes.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// The source manifest was read: its layer count and compressed size.
+    Resolved {
+        layers: usize,
+        bytes: u64,
+    },
+    LayerStarted {
+        layer: usize,
+        digest: Digest,
+        bytes: u64,
+    },
+    /// Bytes of source layers read so far (all layers).
+    BytesIn(u64),
+    LayerDone {
+        layer: usize,
+        reused: bool,
+        chunks: usize,
+        stored_bytes: u64,
+    },
+    Pushed {
+        digest: Digest,
+    },
+}
+
+/// The outcome of a conversion.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    /// The converted manifest's digest and the reference it was pushed as.
+    pub manifest: Option<Digest>,
+    pub reference: String,
+    pub layers: usize,
+    /// Layers whose earlier conversion was found in the destination and reused as is.
+    pub layers_reused: usize,
+    /// Compressed source bytes read.
+    pub bytes_in: u64,
+    /// Bytes uploaded (blobs the destination already had are not counted).
+    pub bytes_out: u64,
+    pub chunks: usize,
+    /// Chunks not stored again: those of reused layers and repeats within a layer.
+    pub chunks_reused: usize,
+}
+
+/// Why an image could not be converted.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Layer(#[from] ConvertError),
+    #[error("manifest refused: {0}")]
+    Manifest(#[from] oci::OciError),
+    #[error("source image: {0}")]
+    Source(String),
+    #[error("OCI layout {dir}: {reason}")]
+    Layout { dir: String, reason: String },
+}
+
+/// Reads the source image: its manifest, digest, and blobs copied to local files on demand.
+enum Reader<'a> {
+    Registry { client: &'a RegistryClient, reference: &'a Reference, credentials: &'a Credentials },
+    Layout { dir: &'a Path },
+}
+
+impl Reader<'_> {
+    fn layout_blob(dir: &Path, digest: &Digest) -> PathBuf {
+        dir.join("blobs").join("sha256").join(digest.hex())
+    }
+
+    /// The blob as a verified local file (a layout's own file, or a download into `scratch`).
+    async fn blob_file(&self, digest: &Digest, scratch: &Path, counted: &dyn Fn(u64)) -> Result<PathBuf, ImageError> {
+        match self {
+            Self::Layout { dir } => {
+                let path = Self::layout_blob(dir, digest);
+                let check = path.clone();
+                let actual = tokio::task::spawn_blocking(move || hash_file(&check))
+                    .await
+                    .map_err(|e| ImageError::Source(e.to_string()))?
+                    .map_err(io_err(format!("reading {}", path.display())))?;
+                if actual.0 != *digest {
+                    return Err(ImageError::Layout {
+                        dir: dir.display().to_string(),
+                        reason: format!("blob {digest} hashes to {}", actual.0),
+                    });
+                }
+                counted(actual.1);
+                Ok(path)
+            }
+            Self::Registry { client, reference, credentials } => {
+                let path = scratch.join(digest.hex());
+                let mut reader = client.blob_reader(reference, credentials, digest).await?;
+                let mut file = tokio::fs::File::create(&path).await.map_err(io_err("creating a download file"))?;
+                let mut hasher = super::Hasher::default();
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    let n = tokio::io::AsyncReadExt::read(&mut reader, &mut buf)
+                        .await
+                        .map_err(|e| RegistryError::Unavailable(format!("reading blob {digest}: {e}")))?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    file.write_all(&buf[..n]).await.map_err(io_err("writing a download file"))?;
+                    counted(n as u64);
+                }
+                file.flush().await.map_err(io_err("writing a download file"))?;
+                let actual = hasher.finish();
+                if actual != *digest {
+                    return Err(RegistryError::DigestMismatch {
+                        what: format!("blob {digest}"),
+                        expected: *digest,
+                        actual,
+                    }
+                    .into());
+                }
+                Ok(path)
+            }
+        }
+    }
+
+    async fn blob_bytes(&self, digest: &Digest) -> Result<Bytes, ImageError> {
+        match self {
+            Self::Layout { dir } => {
+                let path = Self::layout_blob(dir, digest);
+                let data = tokio::fs::read(&path).await.map_err(io_err(format!("reading {}", path.display())))?;
+                if Digest::of(&data) != *digest {
+                    let reason = format!("blob {digest} does not match its digest");
+                    return Err(ImageError::Layout { dir: dir.display().to_string(), reason });
+                }
+                Ok(data.into())
+            }
+            Self::Registry { client, reference, credentials } => {
+                Ok(client.get_blob(reference, credentials, digest, None).await?)
+            }
+        }
+    }
+
+    /// The image manifest for `platform` and its digest.
+    async fn manifest(&self, tag: Option<&str>, platform: &Platform) -> Result<(Manifest, Digest), ImageError> {
+        match self {
+            Self::Registry { client, reference, credentials } => {
+                let resolved = client.get_manifest(reference, credentials, platform).await?;
+                Ok((resolved.manifest, resolved.digest))
+            }
+            Self::Layout { dir } => {
+                let bad = |reason: String| ImageError::Layout { dir: dir.display().to_string(), reason };
+                let index =
+                    tokio::fs::read(dir.join("index.json")).await.map_err(|e| bad(format!("index.json: {e}")))?;
+                let Parsed::Index(index) =
+                    oci::parse_manifest(Some(oci::MEDIA_TYPE_OCI_INDEX), &index).map_err(|e| bad(e.to_string()))?
+                else {
+                    return Err(bad("index.json is not an image index".into()));
+                };
+                let named: Vec<&Descriptor> = index
+                    .manifests
+                    .iter()
+                    .filter(|d| {
+                        let name = d.annotations.get("org.opencontainers.image.ref.name");
+                        tag.is_none_or(|t| name.is_some_and(|n| n == t))
+                    })
+                    .collect();
+                let entry = match named.as_slice() {
+                    [one] => *one,
+                    [] => return Err(bad(format!("no image named {:?}", tag.unwrap_or("(any)")))),
+                    _ => return Err(bad("several images: name one with oci:DIR:TAG".into())),
+                };
+                let mut digest = entry.digest;
+                let mut bytes = self.blob_bytes(&digest).await?;
+                if let Parsed::Index(nested) = oci::parse_manifest(Some(&entry.media_type), &bytes)? {
+                    digest = oci::select_platform(&nested, platform)?.digest;
+                    bytes = self.blob_bytes(&digest).await?;
+                }
+                match oci::parse_manifest(None, &bytes)? {
+                    Parsed::Manifest(m) => Ok((m, digest)),
+                    Parsed::Index(_) => Err(bad(format!("{digest} is an index inside an index"))),
+                }
+            }
+        }
+    }
+}
+
+/// SHA-256 and length of a file.
+fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = super::Hasher::default();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok((hasher.finish(), total));
+        }
+        total += n as u64;
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// A layer converted earlier, remembered under the converter's work directory by source digest and chunk size.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Remembered {
+    index: Descriptor,
+    data: Descriptor,
+    chunks: usize,
+}
+
+fn remembered_path(options: &LayerOptions, source: &Digest) -> PathBuf {
+    options.work_dir.join("converted").join(format!("{}-{}.json", source.hex(), options.chunk_size))
+}
+
+/// Converts `source` for `platform` and pushes the result to `destination`. Layers converted before (by this
+/// converter, with the same chunk size) whose blobs the destination already holds are reused without being
+/// read again; blobs the destination has are not uploaded again.
+pub async fn convert_image(
+    client: &RegistryClient,
+    source: &Source,
+    destination: &Destination,
+    platform: &Platform,
+    options: &LayerOptions,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+) -> Result<Summary, ImageError> {
+    let (reader, tag) = match source {
+        Source::Registry { reference, credentials } => (Reader::Registry { client, reference, credentials }, None),
+        Source::Layout { dir, tag } => (Reader::Layout { dir }, tag.as_deref()),
+    };
+    let (manifest, source_digest) = reader.manifest(tag, platform).await?;
+    if manifest.artifact_type.as_deref() == Some(super::format::ARTIFACT_TYPE) {
+        return Err(ImageError::Source("the source is already a converted image".into()));
+    }
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        if oci::layer_compression(&layer.media_type).is_none() {
+            return Err(ImageError::Source(format!(
+                "layer {i} has media type {:?}, not a tar layer",
+                layer.media_type
+            )));
+        }
+    }
+    progress(Progress::Resolved { layers: manifest.layers.len(), bytes: manifest.layers.iter().map(|l| l.size).sum() });
+    tokio::fs::create_dir_all(options.work_dir.join("converted"))
+        .await
+        .map_err(io_err("creating the work directory"))?;
+    let scratch = tempfile::Builder::new()
+        .prefix("download-")
+        .tempdir_in(&options.work_dir)
+        .map_err(io_err("creating a download directory"))?;
+    let dst = &destination.reference;
+    let creds = &destination.credentials;
+    let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = |n: u64| {
+        let total = bytes_in.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+        progress(Progress::BytesIn(total));
+    };
+    let mut summary = Summary { layers: manifest.layers.len(), reference: dst.to_string(), ..Summary::default() };
+    let mut layers = Vec::with_capacity(manifest.layers.len());
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        progress(Progress::LayerStarted { layer: i, digest: layer.digest, bytes: layer.size });
+        let memo = remembered_path(options, &layer.digest);
+        if let Some(known) = reusable(client, dst, creds, &memo).await? {
+            summary.layers_reused += 1;
+            summary.chunks += known.chunks;
+            summary.chunks_reused += known.chunks;
+            progress(Progress::LayerDone {
+                layer: i,
+                reused: true,
+                chunks: known.chunks,
+                stored_bytes: known.data.size,
+            });
+            layers.push(LazyLayer { source: layer.digest, index: known.index, data: known.data });
+            continue;
+        }
+        let blob = reader.blob_file(&layer.digest, scratch.path(), &counted).await?;
+        let (media_type, digest, opts) = (layer.media_type.clone(), layer.digest, options.clone());
+        let converted = tokio::task::spawn_blocking(move || convert_layer(&blob, &media_type, &digest, &opts))
+            .await
+            .map_err(|e| ImageError::Source(format!("layer conversion stopped: {e}")))??;
+        let chunks = converted.chunked.index.chunks.len();
+        let index = Descriptor::of(MEDIA_TYPE_CHUNK_INDEX, &converted.index_blob);
+        let data = Descriptor::of(MEDIA_TYPE_CHUNK_DATA, &converted.chunked.data);
+        for (d, bytes) in [(&index, Bytes::from(converted.index_blob)), (&data, Bytes::from(converted.chunked.data))] {
+            let size = bytes.len() as u64;
+            if client.push_blob(dst, creds, &d.digest, bytes).await? {
+                summary.bytes_out += size;
+            }
+            progress(Progress::Pushed { digest: d.digest });
+        }
+        let known = Remembered { index: index.clone(), data: data.clone(), chunks };
+        let record = serde_json::to_vec(&known).map_err(|e| ImageError::Source(e.to_string()))?;
+        tokio::fs::write(&memo, record).await.map_err(io_err("remembering a converted layer"))?;
+        summary.chunks += chunks;
+        summary.chunks_reused += converted.chunked.deduplicated;
+        progress(Progress::LayerDone { layer: i, reused: false, chunks, stored_bytes: data.size });
+        layers.push(LazyLayer { source: layer.digest, index, data });
+    }
+    let config = reader.blob_bytes(&manifest.config.digest).await?;
+    let config_size = config.len() as u64;
+    if client.push_blob(dst, creds, &manifest.config.digest, config).await? {
+        summary.bytes_out += config_size;
+    }
+    let converted = build_manifest(manifest.config.clone(), &source_digest, &layers);
+    let json = Bytes::from(converted.to_json());
+    let tag = dst.tag().unwrap_or("latest").to_string();
+    summary.bytes_out += json.len() as u64;
+    let digest = client.push_manifest(dst, creds, &tag, oci::MEDIA_TYPE_OCI_MANIFEST, json).await?;
+    progress(Progress::Pushed { digest });
+    summary.manifest = Some(digest);
+    summary.bytes_in = bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(summary)
+}
+
+/// An earlier conversion of the layer whose blobs `dst` already holds.
+async fn reusable(
+    client: &RegistryClient,
+    dst: &Reference,
+    creds: &Credentials,
+    memo: &Path,
+) -> Result<Option<Remembered>, ImageError> {
+    let Ok(record) = tokio::fs::read(memo).await else { return Ok(None) };
+    let Ok(known) = serde_json::from_slice::<Remembered>(&record) else {
+        tracing::warn!(path = %memo.display(), "ignoring an unreadable record of a converted layer");
+        return Ok(None);
+    };
+    for d in [&known.index, &known.data] {
+        if client.head_blob(dst, creds, &d.digest).await? != Some(d.size) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(known))
 }

@@ -609,3 +609,23 @@ mod tests {
         assert_eq!(lock(&twin.requests).len(), 2, "prefetched chunks come from the shared cache");
     }
 }
+
+/// A layer's data blob in a registry, read by ranged GETs.
+#[derive(Debug)]
+pub struct RegistryBlob {
+    pub client: Arc<super::registry::RegistryClient>,
+    pub repository: super::registry::Reference,
+    pub credentials: super::registry::Credentials,
+    pub digest: Digest,
+}
+
+impl BlobSource for RegistryBlob {
+    fn fetch(&self, range: Range<u64>) -> IoFuture<'_, Result<Bytes, FetchError>> {
+        Box::pin(async move {
+            self.client
+                .get_blob(&self.repository, &self.credentials, &self.digest, Some(range))
+                .await
+                .map_err(|e| FetchError { retryable: e.is_retryable(), message: e.to_string() })
+        })
+    }
+}

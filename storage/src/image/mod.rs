@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod chunk;
 pub mod convert;
+pub mod format;
 pub mod lazy;
 pub mod oci;
 pub mod registry;
