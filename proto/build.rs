@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dpu/v1/storage.proto",
         "dpu/v1/mesh.proto",
         "dpu/v1/fabric.proto",
+        "dpu/v1/image.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -10,6 +10,7 @@ use dpu_intent::Store;
 use dpu_intent::reconcile::{Controller, ControllerConfig, StatusBoard};
 use dpu_proto::v1::agent_service_server::AgentServiceServer;
 use dpu_proto::v1::fabric_service_server::FabricServiceServer;
+use dpu_proto::v1::image_service_server::ImageServiceServer;
 use dpu_proto::v1::mesh_service_server::MeshServiceServer;
 use dpu_proto::v1::storage_service_server::StorageServiceServer;
 use tokio::sync::watch;
@@ -19,6 +20,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use crate::api::agent::AgentApi;
 use crate::api::auth::AuthLayer;
 use crate::api::fabric::FabricApi;
+use crate::api::image::ImageApi;
 use crate::api::mesh::MeshApi;
 use crate::api::storage::StorageApi;
 use crate::config::Config;
@@ -70,15 +72,43 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         .spawn(shutdown_rx.clone()),
     ];
     let target = dpu_storage::target::Target::new();
-    reconcilers.push(
-        Controller::new(
-            dpu_storage::reconcile::StorageReconciler::new(target.clone(), config.storage.discovery_listen),
-            store.clone(),
-            status_board.clone(),
-            controller_config,
-        )
-        .spawn(shutdown_rx.clone()),
+    let images = dpu_storage::image::reconcile::Images::default();
+    let storage_controller = Controller::new(
+        dpu_storage::reconcile::StorageReconciler::with_images(
+            target.clone(),
+            config.storage.discovery_listen,
+            images.clone(),
+        ),
+        store.clone(),
+        status_board.clone(),
+        controller_config,
     );
+    let storage_trigger = storage_controller.trigger();
+    reconcilers.push(storage_controller.spawn(shutdown_rx.clone()));
+
+    // Images: converted images resolved in their registries; their layers are lazy volumes over one chunk cache.
+    let image_paths = &config.images;
+    let cache_config =
+        dpu_storage::image::cache::CacheConfig::new(image_paths.cache_dir(&config.data_dir), image_paths.cache_bytes);
+    let chunk_cache = dpu_storage::image::cache::ChunkCache::open(cache_config).with_context(|| {
+        format!("opening the image chunk cache {}", image_paths.cache_dir(&config.data_dir).display())
+    })?;
+    let registry_client = Arc::new(registry_client(&config.images)?);
+    let fetch_policy = dpu_storage::image::lazy::FetchPolicy {
+        deadline: Duration::from_millis(config.images.fetch_deadline_ms),
+        ..dpu_storage::image::lazy::FetchPolicy::default()
+    };
+    let image_reconciler = dpu_storage::image::reconcile::ImageReconciler::new(
+        registry_client.clone(),
+        chunk_cache.clone(),
+        fetch_policy,
+        images.clone(),
+        storage_trigger,
+    );
+    let image_retry = image_reconciler.retry_trigger();
+    let image_controller = Controller::new(image_reconciler, store.clone(), status_board.clone(), controller_config);
+    let _ = image_retry.set(image_controller.trigger());
+    reconcilers.push(image_controller.spawn(shutdown_rx.clone()));
 
     // Fabric: the representor ports over rtnetlink; link events (representors appearing or going) trigger a pass.
     let fabric_switch: Arc<dyn dpu_fabric::switch::Switch> = Arc::new(
@@ -127,6 +157,15 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         .context("building the reflection service")?;
     let agent_api = AgentApi::new(store.clone(), status_board.clone(), started, started_at);
     let storage_api = StorageApi::new(store.clone(), status_board.clone(), target.stats().clone());
+    let image_api = ImageApi::new(
+        store.clone(),
+        status_board.clone(),
+        images.clone(),
+        chunk_cache.clone(),
+        registry_client,
+        dpu_storage::image::convert::LayerOptions::new(config.images.work_dir(&config.data_dir)),
+        storage_api.subsystem_writes(),
+    );
     let mesh_api = MeshApi::new(store.clone(), status_board.clone(), proxy.clone());
     let fabric_api = FabricApi::new(store.clone(), status_board.clone(), fabric_switch);
 
@@ -141,6 +180,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         .add_service(reflection_v1alpha)
         .add_service(AgentServiceServer::new(agent_api))
         .add_service(StorageServiceServer::new(storage_api))
+        .add_service(ImageServiceServer::new(image_api))
         .add_service(MeshServiceServer::new(mesh_api))
         .add_service(FabricServiceServer::new(fabric_api));
 
@@ -215,6 +255,22 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
 }
 
 /// Runs the xDS client: every accepted update becomes the proxy's `xds` source.
+/// The registry client of the image data path, from `[images]`.
+fn registry_client(
+    images: &crate::config::ImagesConfig,
+) -> anyhow::Result<dpu_storage::image::registry::RegistryClient> {
+    let ca_pem = match &images.ca_file {
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("reading images.ca_file {}", path.display()))?),
+        None => None,
+    };
+    let config = dpu_storage::image::registry::RegistryConfig {
+        ca_pem,
+        plain_http_hosts: images.plain_http_hosts.clone(),
+        ..dpu_storage::image::registry::RegistryConfig::default()
+    };
+    dpu_storage::image::registry::RegistryClient::new(config).context("setting up the registry client")
+}
+
 fn spawn_xds(
     xds: &crate::config::XdsConfig,
     proxy: dpu_proxy::Proxy,

@@ -55,6 +55,68 @@ pub struct Config {
     pub mesh: MeshConfig,
     #[serde(default)]
     pub fabric: FabricConfig,
+    #[serde(default)]
+    pub images: ImagesConfig,
+}
+
+/// Lazily loaded container images: the DPU's chunk cache and how chunks are fetched from registries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesConfig {
+    /// The chunk cache (default `<data_dir>/image-cache`).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Most bytes of chunks the cache keeps; colder chunks are evicted past it.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+    /// A read whose chunk cannot be fetched within this fails with an error the host sees as EIO. Keep it under
+    /// the host's NVMe I/O timeout (Linux: 30 s).
+    #[serde(default = "default_fetch_deadline_ms")]
+    pub fetch_deadline_ms: u64,
+    /// Registries reached over plain HTTP (`host` or `host:port`); by default only the loopback names.
+    #[serde(default = "default_plain_http_hosts")]
+    pub plain_http_hosts: Vec<String>,
+    /// Extra CA certificates (PEM) trusted for registries, beside the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Scratch space of the converter, and its record of converted layers (default `<data_dir>/convert`).
+    #[serde(default)]
+    pub work_dir: Option<PathBuf>,
+}
+
+fn default_cache_bytes() -> u64 {
+    10 << 30
+}
+
+fn default_fetch_deadline_ms() -> u64 {
+    20_000
+}
+
+fn default_plain_http_hosts() -> Vec<String> {
+    ["localhost", "127.0.0.1", "[::1]"].map(String::from).to_vec()
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            cache_bytes: default_cache_bytes(),
+            fetch_deadline_ms: default_fetch_deadline_ms(),
+            plain_http_hosts: default_plain_http_hosts(),
+            ca_file: None,
+            work_dir: None,
+        }
+    }
+}
+
+impl ImagesConfig {
+    pub fn cache_dir(&self, data_dir: &Path) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(|| data_dir.join("image-cache"))
+    }
+
+    pub fn work_dir(&self, data_dir: &Path) -> PathBuf {
+        self.work_dir.clone().unwrap_or_else(|| data_dir.join("convert"))
+    }
 }
 
 /// The eSwitch port inventory of the fabric data path.
@@ -252,6 +314,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             mesh: MeshConfig::default(),
             fabric: FabricConfig::default(),
+            images: ImagesConfig::default(),
         }
     }
 }
@@ -290,6 +353,11 @@ impl Config {
         if let Some(mapping) = &mut self.fabric.mapping {
             resolve(mapping);
         }
+        for path in
+            [&mut self.images.cache_dir, &mut self.images.ca_file, &mut self.images.work_dir].into_iter().flatten()
+        {
+            resolve(path);
+        }
     }
 
     /// The one validation step: everything the agent needs to start safely, each failure naming its field.
@@ -321,6 +389,20 @@ impl Config {
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             return Err(invalid("log.level", format!("{:?} is not a valid filter: {e}", self.log.level)));
+        }
+        if self.images.cache_bytes < 64 << 20 {
+            return Err(invalid("images.cache_bytes", format!("{} is less than 64 MiB", self.images.cache_bytes)));
+        }
+        if !(100..=600_000).contains(&self.images.fetch_deadline_ms) {
+            return Err(invalid(
+                "images.fetch_deadline_ms",
+                format!("{} is not between 100 and 600000", self.images.fetch_deadline_ms),
+            ));
+        }
+        if let Some(ca) = &self.images.ca_file
+            && let Err(e) = std::fs::metadata(ca)
+        {
+            return Err(invalid("images.ca_file", format!("{}: {e}", ca.display())));
         }
         if self.reconcile.drift_seconds == 0 {
             return Err(invalid("reconcile.drift_seconds", "must be at least 1"));

@@ -7,6 +7,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use dpu_intent::Resource;
+
+use crate::image::Digest;
+use crate::image::oci::Platform;
+use crate::image::registry::{Credentials, Reference};
 use dpu_nvme::spec::fabrics;
 use serde::{Deserialize, Serialize};
 
@@ -62,13 +66,118 @@ impl VolumeSpec {
     }
 }
 
-/// A namespace of a subsystem, exporting one volume.
+/// A namespace of a subsystem, exporting one volume or one layer of converted images.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamespaceSpec {
     pub nsid: u32,
-    /// Volume id.
+    /// Volume id; empty when the namespace serves an image layer.
     pub volume: String,
     pub uuid: [u8; 16],
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<LayerRef>,
+}
+
+/// An image layer served by a namespace, shared by every exported image that has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRef {
+    /// Digest of the OCI layer the converted layer was made from.
+    pub source: Digest,
+    /// Ids of the images exported with this layer here.
+    pub images: BTreeSet<String>,
+}
+
+/// `images/{id}`: a converted image the DPU resolves in its registry and can export to subsystems.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    /// Reference of the converted image.
+    pub reference: String,
+    /// Id of the registry credential to use; anonymous when `None`.
+    #[serde(default)]
+    pub credentials: Option<String>,
+    /// Platform chosen when the reference names an index (`os/arch[/variant]`).
+    pub platform: String,
+}
+
+impl Resource for ImageSpec {
+    const KIND: &'static str = "images";
+}
+
+/// The platform images are resolved for when none is given: the host's, which on a DPU is usually x86_64.
+pub const DEFAULT_IMAGE_PLATFORM: &str = "linux/amd64";
+
+impl ImageSpec {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if let Err(e) = self.reference.parse::<Reference>() {
+            return invalid("image.reference", e.to_string());
+        }
+        if let Err(e) = self.platform.parse::<Platform>() {
+            return invalid("image.platform", e.to_string());
+        }
+        if let Some(id) = &self.credentials
+            && let Err(e) = dpu_intent::validate_id(id)
+        {
+            return invalid("image.credentials", e.to_string());
+        }
+        Ok(())
+    }
+
+    /// The parsed reference and platform (valid once [`ImageSpec::validate`] passed).
+    pub fn parsed(&self) -> Result<(Reference, Platform), Invalid> {
+        let reference = self
+            .reference
+            .parse::<Reference>()
+            .map_err(|e| Invalid { field: "image.reference".into(), message: e.to_string() })?;
+        let platform = self
+            .platform
+            .parse::<Platform>()
+            .map_err(|e| Invalid { field: "image.platform".into(), message: e.to_string() })?;
+        Ok((reference, platform))
+    }
+}
+
+/// `registryCredentials/{id}`: write-only secrets for registries. `Debug` never shows the secrets.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryCredentialSpec {
+    pub username: String,
+    pub password: String,
+    pub token: String,
+}
+
+impl Resource for RegistryCredentialSpec {
+    const KIND: &'static str = "registryCredentials";
+}
+
+impl std::fmt::Debug for RegistryCredentialSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentialSpec")
+            .field("username", &self.username)
+            .field("has_secret", &self.has_secret())
+            .finish()
+    }
+}
+
+impl RegistryCredentialSpec {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        match (self.password.is_empty(), self.token.is_empty()) {
+            (false, false) => invalid("credential", "give a password or a token, not both"),
+            (true, true) => invalid("credential", "a password (with username) or a token is required"),
+            (false, true) if self.username.is_empty() => invalid("credential.username", "is required with a password"),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn has_secret(&self) -> bool {
+        !self.password.is_empty() || !self.token.is_empty()
+    }
+
+    /// The credentials the registry client sends.
+    pub fn credentials(&self) -> Credentials {
+        if self.token.is_empty() {
+            Credentials::Basic { username: self.username.clone(), password: self.password.clone() }
+        } else {
+            Credentials::Token(self.token.clone())
+        }
+    }
 }
 
 /// An NVMe/TCP listener of a subsystem.
@@ -226,11 +335,35 @@ mod tests {
         s.allow_any_host = false;
         assert_eq!(s.validate().unwrap_err().field, "subsystem.allowed_hosts");
         s = subsystem();
-        s.namespaces.insert("a".into(), NamespaceSpec { nsid: 1, volume: "v".into(), uuid: [0; 16] });
-        s.namespaces.insert("b".into(), NamespaceSpec { nsid: 1, volume: "w".into(), uuid: [1; 16] });
+        s.namespaces.insert("a".into(), NamespaceSpec { nsid: 1, volume: "v".into(), uuid: [0; 16], layer: None });
+        s.namespaces.insert("b".into(), NamespaceSpec { nsid: 1, volume: "w".into(), uuid: [1; 16], layer: None });
         assert!(s.validate().unwrap_err().message.contains("used twice"));
         s.namespaces.remove("b");
         assert_eq!(s.free_nsid(), Some(2));
+    }
+
+    #[test]
+    fn image_rules() {
+        let image = ImageSpec {
+            reference: "127.0.0.1:5000/app:v1-lazy".into(),
+            credentials: None,
+            platform: DEFAULT_IMAGE_PLATFORM.into(),
+        };
+        image.validate().unwrap();
+        let bad = ImageSpec { reference: "UPPER/Case".into(), ..image.clone() };
+        assert_eq!(bad.validate().unwrap_err().field, "image.reference");
+        let bad = ImageSpec { platform: "amd64".into(), ..image.clone() };
+        assert_eq!(bad.validate().unwrap_err().field, "image.platform");
+        let bad = ImageSpec { credentials: Some("Not An Id".into()), ..image };
+        assert_eq!(bad.validate().unwrap_err().field, "image.credentials");
+
+        let c = RegistryCredentialSpec { username: "u".into(), password: "hunter2".into(), token: String::new() };
+        c.validate().unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"), "secrets never reach Debug output");
+        assert!(RegistryCredentialSpec { username: String::new(), ..c.clone() }.validate().is_err());
+        assert!(RegistryCredentialSpec { token: "t".into(), ..c.clone() }.validate().is_err());
+        let none = RegistryCredentialSpec { username: "u".into(), password: String::new(), token: String::new() };
+        assert!(none.validate().is_err());
     }
 
     #[test]

@@ -10,6 +10,8 @@ use dpu_intent::Store;
 use dpu_intent::reconcile::{ObjectKey, ObjectState, ObjectStatus, Pass, ReconcileError, Reconciler};
 
 use crate::bdev::{FileVolume, MallocVolume, NullVolume, SharedVolume, Uring, VolumeError};
+use crate::image::Digest;
+use crate::image::reconcile::Images;
 use crate::model::{Backend, SubsystemSpec, VolumeSpec};
 use crate::target::{Namespace, Subsystem, Target};
 
@@ -23,6 +25,8 @@ pub struct StorageReconciler {
     volumes: Mutex<HashMap<String, (VolumeSpec, SharedVolume)>>,
     /// The io_uring engine for file volumes, set up on first use; `None` inside when the kernel has none.
     uring: std::sync::OnceLock<Option<Uring>>,
+    /// Resolved images, whose layers namespaces may serve.
+    images: Images,
 }
 
 fn open_volume(spec: &VolumeSpec, uring: Option<Uring>) -> Result<SharedVolume, VolumeError> {
@@ -39,7 +43,12 @@ fn status(state: ObjectState, reason: impl Into<String>, generation: u64) -> Obj
 
 impl StorageReconciler {
     pub fn new(target: Target, discovery: Option<SocketAddr>) -> Self {
-        Self { target, discovery, volumes: Mutex::new(HashMap::new()), uring: std::sync::OnceLock::new() }
+        Self::with_images(target, discovery, Images::default())
+    }
+
+    /// A reconciler that also serves the layers of the images in `images`.
+    pub fn with_images(target: Target, discovery: Option<SocketAddr>, images: Images) -> Self {
+        Self { target, discovery, volumes: Mutex::new(HashMap::new()), uring: std::sync::OnceLock::new(), images }
     }
 
     /// The shared ring, probed once; without io_uring file volumes fall back to the thread pool, and say so.
@@ -90,9 +99,18 @@ impl StorageReconciler {
                 }
             }
         }
-        self.target.stats().retain(&ids);
+        let mut counted = ids;
+        for (_, image) in self.images.all() {
+            counted.extend(image.layers.iter().map(|l| layer_volume_id(&l.layer.source)));
+        }
+        self.target.stats().retain(&counted);
         Ok((changes, open.iter().map(|(id, (_, vol))| (id.clone(), vol.clone())).collect()))
     }
+}
+
+/// The name a layer's I/O counters are kept under (per-volume storage stats and metrics).
+pub fn layer_volume_id(source: &Digest) -> String {
+    format!("layer-{}", &source.hex()[..16])
 }
 
 impl Reconciler for StorageReconciler {
@@ -127,7 +145,11 @@ impl Reconciler for StorageReconciler {
             let mut namespaces = Vec::new();
             for (ns_id, ns) in &spec.namespaces {
                 let key = ObjectKey { kind: "namespaces".into(), id: format!("{}/{ns_id}", s.id) };
-                match volumes.get(&ns.volume) {
+                let (volume_id, volume) = match &ns.layer {
+                    None => (ns.volume.clone(), volumes.get(&ns.volume).cloned()),
+                    Some(layer) => (layer_volume_id(&layer.source), self.images.layer(&layer.source).map(|l| l.shared)),
+                };
+                match volume.as_ref() {
                     Some(volume) => {
                         let existing = served
                             .namespace(ns.nsid)
@@ -135,18 +157,21 @@ impl Reconciler for StorageReconciler {
                         namespaces.push(existing.unwrap_or_else(|| {
                             Arc::new(Namespace {
                                 nsid: ns.nsid,
-                                volume_id: ns.volume.clone(),
+                                volume_id: volume_id.clone(),
                                 volume: volume.clone(),
                                 uuid: ns.uuid,
-                                stats: self.target.stats().for_volume(&ns.volume),
+                                stats: self.target.stats().for_volume(&volume_id),
                             })
                         }));
                         statuses.push((key, status(ObjectState::Ready, "", s.meta.generation)));
                     }
-                    None => statuses.push((
-                        key,
-                        status(ObjectState::Pending, format!("volumes/{} is not open", ns.volume), s.meta.generation),
-                    )),
+                    None => {
+                        let reason = match &ns.layer {
+                            None => format!("volumes/{} is not open", ns.volume),
+                            Some(layer) => format!("no resolved image has layer {}", layer.source),
+                        };
+                        statuses.push((key, status(ObjectState::Pending, reason, s.meta.generation)));
+                    }
                 }
             }
             changes += served.set_namespaces(namespaces);
@@ -195,7 +220,8 @@ mod tests {
             model: "m".into(),
             allow_any_host: true,
             allowed_hosts: BTreeSet::new(),
-            namespaces: [("n1".into(), NamespaceSpec { nsid: 1, volume: volume.into(), uuid: [1; 16] })].into(),
+            namespaces: [("n1".into(), NamespaceSpec { nsid: 1, volume: volume.into(), uuid: [1; 16], layer: None })]
+                .into(),
             listeners: [("tcp".into(), ListenerSpec { address })].into(),
         }
     }

@@ -65,7 +65,10 @@ fn subsystem(addr: SocketAddr) -> SubsystemSpec {
         model: MODEL.into(),
         allow_any_host: false,
         allowed_hosts: BTreeSet::from([HOSTNQN.to_owned()]),
-        namespaces: BTreeMap::from([("ns1".into(), NamespaceSpec { nsid: 1, volume: "vol1".into(), uuid: [1; 16] })]),
+        namespaces: BTreeMap::from([(
+            "ns1".into(),
+            NamespaceSpec { nsid: 1, volume: "vol1".into(), uuid: [1; 16], layer: None },
+        )]),
         listeners: BTreeMap::from([("tcp".into(), ListenerSpec { address: addr })]),
     }
 }
@@ -735,7 +738,7 @@ async fn namespace_added_raises_an_async_event() {
     let pending = host.request_async_event().await.expect("asynchronous event request");
 
     let mut spec = subsystem(h.addr);
-    spec.namespaces.insert("ns2".into(), NamespaceSpec { nsid: 2, volume: "vol2".into(), uuid: [2; 16] });
+    spec.namespaces.insert("ns2".into(), NamespaceSpec { nsid: 2, volume: "vol2".into(), uuid: [2; 16], layer: None });
     h.store.update("sub1", spec, None).expect("update sub1");
     h.reconcile().await;
 

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod auth;
 pub mod fabric;
+pub mod image;
 pub mod mesh;
 pub mod storage;
 

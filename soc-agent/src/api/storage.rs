@@ -2,6 +2,7 @@
 //! Namespaces and listeners are stored inside their subsystem; every change here is one store write.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use dpu_intent::reconcile::{ObjectKey, StatusBoard};
 use dpu_intent::{Resource, Store, Stored};
@@ -23,13 +24,19 @@ pub struct StorageApi {
     store: Store,
     status: StatusBoard,
     stats: StatsSource,
-    /// Serializes read-modify-write of subsystems (children are stored inside their parent).
-    writes: Mutex<()>,
+    /// Serializes read-modify-write of subsystems (children are stored inside their parent); shared with the
+    /// image API, which exports layers as namespaces.
+    writes: Arc<Mutex<()>>,
 }
 
 impl StorageApi {
     pub fn new(store: Store, status: StatusBoard, stats: StatsSource) -> Self {
-        Self { store, status, stats, writes: Mutex::new(()) }
+        Self { store, status, stats, writes: Arc::default() }
+    }
+
+    /// The lock every read-modify-write of a subsystem takes.
+    pub fn subsystem_writes(&self) -> Arc<Mutex<()>> {
+        self.writes.clone()
     }
 
     fn status_of(&self, kind: &str, id: &str, generation: u64) -> pb::ResourceStatus {
@@ -72,7 +79,10 @@ impl StorageApi {
         pb::Namespace {
             name: format!("subsystems/{}/namespaces/{id}", parent.id),
             nsid: ns.nsid,
-            volume: format!("volumes/{}", ns.volume),
+            volume: match &ns.layer {
+                None => format!("volumes/{}", ns.volume),
+                Some(layer) => format!("layers/{}", layer.source),
+            },
             uuid: format_uuid(&ns.uuid),
             generation: generation(parent.meta.generation),
             status: Some(self.status_of("namespaces", &child, parent.meta.generation)),
@@ -343,8 +353,10 @@ impl pb::storage_service_server::StorageService for StorageApi {
             if let Some((other, _)) = spec.namespaces.iter().find(|(_, n)| n.nsid == nsid) {
                 return Err(Status::already_exists(format!("nsid {nsid} is used by namespace {other}")));
             }
-            spec.namespaces
-                .insert(namespace_id.clone(), NamespaceSpec { nsid, volume, uuid: uuid.unwrap_or_else(random_uuid) });
+            spec.namespaces.insert(
+                namespace_id.clone(),
+                NamespaceSpec { nsid, volume, uuid: uuid.unwrap_or_else(random_uuid), layer: None },
+            );
             Ok(())
         })?;
         let ns = &stored.spec.namespaces[&namespace_id];

@@ -480,7 +480,12 @@ impl Reader<'_> {
     }
 
     /// The blob as a verified local file (a layout's own file, or a download into `scratch`).
-    async fn blob_file(&self, digest: &Digest, scratch: &Path, counted: &dyn Fn(u64)) -> Result<PathBuf, ImageError> {
+    async fn blob_file(
+        &self,
+        digest: &Digest,
+        scratch: &Path,
+        counted: &(dyn Fn(u64) + Sync),
+    ) -> Result<PathBuf, ImageError> {
         match self {
             Self::Layout { dir } => {
                 let path = Self::layout_blob(dir, digest);

@@ -89,6 +89,8 @@ pub struct LazyStats {
     pub corrupt_chunks: AtomicU64,
     /// Reads failed back to the host.
     pub failed_reads: AtomicU64,
+    /// Chunks fetched by [`LazyVolume::prefetch`].
+    pub prefetched_chunks: AtomicU64,
 }
 
 type ChunkResult = Result<Arc<Vec<u8>>, Arc<str>>;
@@ -161,6 +163,11 @@ impl LazyVolume {
         lock(&self.inner.trace).order.clone()
     }
 
+    /// Whether chunk `i` is in the cache.
+    pub fn is_cached(&self, i: usize) -> bool {
+        self.inner.index.chunks.get(i).is_some_and(|c| self.inner.cache.contains(&c.digest))
+    }
+
     /// How many of the layer's chunks are in the cache.
     pub fn cached_chunks(&self) -> usize {
         self.inner.index.chunks.iter().filter(|c| self.inner.cache.contains(&c.digest)).count()
@@ -176,9 +183,13 @@ impl LazyVolume {
         wanted.retain(|&c| !self.inner.cache.contains(&self.inner.index.chunks[c].digest));
         let mut failed = 0;
         for waiter in Inner::start_fetches(&self.inner, &wanted) {
-            if waiter.1.await.is_err() {
-                failed += 1;
-            }
+            match waiter.1.await {
+                Ok(_) => self.inner.stats.prefetched_chunks.fetch_add(1, Ordering::Relaxed),
+                Err(_) => {
+                    failed += 1;
+                    0
+                }
+            };
         }
         failed
     }

@@ -9,6 +9,7 @@ pub mod convert;
 pub mod format;
 pub mod lazy;
 pub mod oci;
+pub mod reconcile;
 pub mod registry;
 
 use std::fmt;

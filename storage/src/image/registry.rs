@@ -631,7 +631,8 @@ impl RegistryClient {
         let access = Access { reference: r, creds, push: false };
         let reference = r.manifest_reference();
         let url = self.manifest_url(r, &reference)?;
-        let what = format!("manifest {}:{reference}", r.name());
+        let separator = if r.digest.is_some() { '@' } else { ':' };
+        let what = format!("manifest {}{separator}{reference}", r.name());
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, manifest_accept());
         let response = self.send_authed(&access, &Method::GET, &url, &headers, &Bytes::new()).await?;
@@ -1307,6 +1308,7 @@ fn parse_token_response(body: &[u8]) -> Result<(HeaderValue, Duration), String> 
 
 fn basic(username: &str, password: &str) -> HeaderValue {
     let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+    // Base64 is always a valid header value; the fallback is never taken.
     let mut value = HeaderValue::try_from(format!("Basic {encoded}")).unwrap_or_else(|_| HeaderValue::from_static(""));
     value.set_sensitive(true);
     value

@@ -1,0 +1,231 @@
+//! Converges the images the API accepted (`images/*`) into lazy volumes: resolves each converted image in its
+//! registry, reads its chunk indexes, and opens one [`LazyVolume`] per layer — shared by every image with the
+//! same layer — in the [`Images`] table that the storage reconciler serves layer namespaces from and the API
+//! reports status from. A change of the layers that are open asks the storage reconciler for a pass.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use dpu_intent::Store;
+use dpu_intent::reconcile::{ObjectKey, ObjectState, ObjectStatus, Pass, ReconcileError, Reconciler, Trigger};
+
+use super::Digest;
+use super::cache::ChunkCache;
+use super::chunk::ChunkIndex;
+use super::format::{LazyLayer, lazy_layers};
+use super::lazy::{FetchPolicy, LazyVolume, RegistryBlob};
+use super::registry::{Credentials, RegistryClient, RegistryError};
+use crate::bdev::SharedVolume;
+use crate::model::{ImageSpec, RegistryCredentialSpec};
+
+/// One layer of a resolved image.
+#[derive(Debug, Clone)]
+pub struct ResolvedLayer {
+    pub layer: LazyLayer,
+    pub volume: LazyVolume,
+    /// The same volume as the target serves it.
+    pub shared: SharedVolume,
+}
+
+/// A resolved image: what its reference pointed at when it was resolved, and its layers, bottom first.
+#[derive(Debug)]
+pub struct ResolvedImage {
+    pub spec: ImageSpec,
+    /// Digest of the credential spec it was resolved with, so a credential change resolves again.
+    credentials: Option<Digest>,
+    pub manifest_digest: Digest,
+    pub layers: Vec<ResolvedLayer>,
+}
+
+/// The resolved images, by id, shared by the image reconciler (writer), the storage reconciler and the API.
+#[derive(Debug, Clone, Default)]
+pub struct Images {
+    inner: Arc<RwLock<HashMap<String, Arc<ResolvedImage>>>>,
+}
+
+impl Images {
+    pub fn get(&self, id: &str) -> Option<Arc<ResolvedImage>> {
+        self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<(String, Arc<ResolvedImage>)> {
+        let map = self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.iter().map(|(id, image)| (id.clone(), image.clone())).collect()
+    }
+
+    /// The volume serving the layer converted from `source`, whichever image resolved it.
+    pub fn layer(&self, source: &Digest) -> Option<ResolvedLayer> {
+        let map = self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.values().flat_map(|image| image.layers.iter()).find(|l| l.layer.source == *source).cloned()
+    }
+
+    fn replace(&self, next: HashMap<String, Arc<ResolvedImage>>) {
+        *self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+    }
+}
+
+/// The image subsystem's reconciler.
+#[derive(Debug)]
+pub struct ImageReconciler {
+    client: Arc<RegistryClient>,
+    cache: Arc<ChunkCache>,
+    policy: FetchPolicy,
+    images: Images,
+    /// Asked for a pass when the open layers change.
+    storage: Trigger,
+    /// This reconciler's own trigger, for retrying images whose registry was unavailable.
+    retry: Arc<std::sync::OnceLock<Trigger>>,
+}
+
+/// Delay before an image that failed to resolve with a retryable error is tried again.
+const RETRY: Duration = Duration::from_secs(5);
+
+impl ImageReconciler {
+    pub fn new(
+        client: Arc<RegistryClient>,
+        cache: Arc<ChunkCache>,
+        policy: FetchPolicy,
+        images: Images,
+        storage: Trigger,
+    ) -> Self {
+        Self { client, cache, policy, images, storage, retry: Arc::default() }
+    }
+
+    /// Where to put the trigger of the controller that runs this reconciler, once it exists: images whose
+    /// registry was unavailable are retried through it.
+    pub fn retry_trigger(&self) -> Arc<std::sync::OnceLock<Trigger>> {
+        self.retry.clone()
+    }
+
+    async fn resolve(
+        &self,
+        spec: &ImageSpec,
+        credentials: &Credentials,
+        open: &HashMap<Digest, ResolvedLayer>,
+    ) -> Result<(Digest, Vec<ResolvedLayer>), ResolveError> {
+        let (reference, platform) = spec.parsed().map_err(|e| ResolveError::Final(e.to_string()))?;
+        let manifest = self.client.get_manifest(&reference, credentials, &platform).await?;
+        let layers = lazy_layers(&manifest.manifest).map_err(|e| ResolveError::Final(e.to_string()))?;
+        let mut resolved = Vec::with_capacity(layers.len());
+        for layer in layers {
+            if let Some(same) = open.get(&layer.source).filter(|l| l.layer.data == layer.data) {
+                resolved.push(same.clone());
+                continue;
+            }
+            let bytes = self.client.get_blob(&reference, credentials, &layer.index.digest, None).await?;
+            let index = ChunkIndex::decode(&bytes).map_err(|e| ResolveError::Final(e.to_string()))?;
+            if index.data_digest != layer.data.digest || index.data_size != layer.data.size {
+                return Err(ResolveError::Final(format!(
+                    "the chunk index of layer {} describes blob {} ({} bytes), the manifest names {} ({} bytes)",
+                    layer.source, index.data_digest, index.data_size, layer.data.digest, layer.data.size
+                )));
+            }
+            let source = RegistryBlob {
+                client: self.client.clone(),
+                repository: reference.clone(),
+                credentials: credentials.clone(),
+                digest: layer.data.digest,
+            };
+            let volume = LazyVolume::new(Arc::new(index), Arc::new(source), self.cache.clone(), self.policy);
+            let shared: SharedVolume = Arc::new(volume.clone());
+            resolved.push(ResolvedLayer { layer, volume, shared });
+        }
+        Ok((manifest.digest, resolved))
+    }
+}
+
+enum ResolveError {
+    Retryable(String),
+    Final(String),
+}
+
+impl From<RegistryError> for ResolveError {
+    fn from(e: RegistryError) -> Self {
+        if e.is_retryable() { Self::Retryable(e.to_string()) } else { Self::Final(e.to_string()) }
+    }
+}
+
+fn status(state: ObjectState, reason: impl Into<String>, generation: u64) -> ObjectStatus {
+    ObjectStatus { state, reason: reason.into(), observed_generation: generation }
+}
+
+impl Reconciler for ImageReconciler {
+    fn name(&self) -> &'static str {
+        "images"
+    }
+
+    async fn reconcile(&self, store: &Store) -> Result<Pass, ReconcileError> {
+        let wanted = store.list_all::<ImageSpec>()?;
+        let credentials: BTreeMap<String, RegistryCredentialSpec> =
+            store.list_all::<RegistryCredentialSpec>()?.into_iter().map(|c| (c.id, c.spec)).collect();
+        let before = self.images.all().into_iter().collect::<HashMap<_, _>>();
+        let mut open: HashMap<Digest, ResolvedLayer> = HashMap::new();
+        for image in before.values() {
+            for l in &image.layers {
+                open.entry(l.layer.source).or_insert_with(|| l.clone());
+            }
+        }
+        let mut next = HashMap::new();
+        let mut statuses = Vec::new();
+        let mut changes = 0;
+        let mut retry = false;
+        for image in &wanted {
+            let key = ObjectKey::of::<ImageSpec>(&image.id);
+            let generation = image.meta.generation;
+            let (creds, creds_digest) = match &image.spec.credentials {
+                None => (Credentials::Anonymous, None),
+                Some(id) => match credentials.get(id) {
+                    Some(c) => (c.credentials(), Some(Digest::of(&serde_json::to_vec(c).unwrap_or_default()))),
+                    None => {
+                        let reason = format!("registryCredentials/{id} does not exist");
+                        statuses.push((key, status(ObjectState::Error, reason, generation)));
+                        continue;
+                    }
+                },
+            };
+            if let Some(current) = before.get(&image.id)
+                && current.spec == image.spec
+                && current.credentials == creds_digest
+            {
+                next.insert(image.id.clone(), current.clone());
+                statuses.push((key, status(ObjectState::Ready, "", generation)));
+                continue;
+            }
+            match self.resolve(&image.spec, &creds, &open).await {
+                Ok((manifest_digest, layers)) => {
+                    tracing::info!(image = %image.id, manifest = %manifest_digest, layers = layers.len(), "image resolved");
+                    for l in &layers {
+                        open.entry(l.layer.source).or_insert_with(|| l.clone());
+                    }
+                    let resolved =
+                        ResolvedImage { spec: image.spec.clone(), credentials: creds_digest, manifest_digest, layers };
+                    next.insert(image.id.clone(), Arc::new(resolved));
+                    changes += 1;
+                    statuses.push((key, status(ObjectState::Ready, "", generation)));
+                }
+                Err(ResolveError::Retryable(reason)) => {
+                    retry = true;
+                    tracing::warn!(image = %image.id, %reason, "image not resolved; retrying");
+                    statuses.push((key, status(ObjectState::Pending, reason, generation)));
+                }
+                Err(ResolveError::Final(reason)) => {
+                    tracing::warn!(image = %image.id, %reason, "image not resolved");
+                    statuses.push((key, status(ObjectState::Error, reason, generation)));
+                }
+            }
+        }
+        changes += before.keys().filter(|id| !next.contains_key(*id)).count();
+        if changes > 0 {
+            self.images.replace(next);
+            self.storage.fire("image layers changed");
+        }
+        if retry && let Some(trigger) = self.retry.get().cloned() {
+            tokio::spawn(async move {
+                tokio::time::sleep(RETRY).await;
+                trigger.fire("retrying images whose registry was unavailable");
+            });
+        }
+        Ok(Pass { changes, statuses })
+    }
+}
