@@ -195,6 +195,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         let board = status_board.clone();
         let scrape_metrics = metrics.clone();
         let storage_stats = target.stats().clone();
+        let (scrape_images, scrape_cache) = (images.clone(), chunk_cache.clone());
         let dump_proxy = proxy.clone();
         let state = crate::admin::AdminState {
             metrics: metrics.clone(),
@@ -206,6 +207,10 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
                 }
                 for (volume, stats) in storage_stats.snapshot() {
                     scrape_metrics.storage_volume(&volume, &stats);
+                }
+                scrape_metrics.image_cache(&scrape_cache);
+                for (id, image) in scrape_images.all() {
+                    scrape_metrics.image_fetches(&id, &image.layers);
                 }
             }),
             config_dump: Arc::new(move || dump_proxy.config_dump()),

@@ -51,6 +51,26 @@ struct Inner {
     volume_ops: Family<VolumeOp, Gauge>,
     volume_bytes: Family<VolumeOp, Gauge>,
     volume_errors: Family<Volume, Gauge>,
+    /// The image chunk cache, and per-image fetch counters, read at scrape time.
+    image_cache: Family<CacheCounter, Gauge>,
+    image_fetch: Family<ImageCounter, Gauge>,
+    image_fetch_seconds: Family<Image, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheCounter {
+    counter: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ImageCounter {
+    image: String,
+    counter: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Image {
+    image: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +124,24 @@ impl Metrics {
         registry.register("storage_volume_bytes", "Bytes read or written per volume since start", volume_bytes.clone());
         let volume_errors = Family::<Volume, Gauge>::default();
         registry.register("storage_volume_errors", "Failed I/O commands per volume since start", volume_errors.clone());
+        let image_cache = Family::<CacheCounter, Gauge>::default();
+        registry.register(
+            "image_cache",
+            "Image chunk cache: hits, misses, evicted and corrupt chunks since start; chunks, used_bytes, capacity_bytes now",
+            image_cache.clone(),
+        );
+        let image_fetch = Family::<ImageCounter, Gauge>::default();
+        registry.register(
+            "image_fetch",
+            "Per image since start: registry requests (fetches), bytes fetched, failed requests, corrupt chunks, reads failed to the host",
+            image_fetch.clone(),
+        );
+        let image_fetch_seconds = Family::<Image, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "image_fetch_seconds",
+            "Per image: total latency of successful registry requests (divide by fetches for the mean)",
+            image_fetch_seconds.clone(),
+        );
         Self(Arc::new(Inner {
             registry: root,
             api_requests,
@@ -114,6 +152,9 @@ impl Metrics {
             volume_ops,
             volume_bytes,
             volume_errors,
+            image_cache,
+            image_fetch,
+            image_fetch_seconds,
         }))
     }
 
@@ -152,6 +193,46 @@ impl Metrics {
             .volume_errors
             .get_or_create(&Volume { volume: volume.to_owned() })
             .set(gauge(stats.errors.load(Relaxed)));
+    }
+
+    /// Publishes the image chunk cache's counters.
+    pub fn image_cache(&self, cache: &dpu_storage::image::cache::ChunkCache) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = cache.stats();
+        for (counter, value) in [
+            ("hits", stats.hits.load(Relaxed)),
+            ("misses", stats.misses.load(Relaxed)),
+            ("evicted", stats.evicted.load(Relaxed)),
+            ("corrupt", stats.corrupt.load(Relaxed)),
+            ("inserted_bytes", stats.inserted_bytes.load(Relaxed)),
+            ("chunks", cache.len() as u64),
+            ("used_bytes", cache.used_bytes()),
+            ("capacity_bytes", cache.capacity_bytes()),
+        ] {
+            self.0.image_cache.get_or_create(&CacheCounter { counter }).set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Publishes one image's fetch counters, summed over its layers.
+    pub fn image_fetches(&self, image: &str, layers: &[dpu_storage::image::reconcile::ResolvedLayer]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sum = |f: fn(&dpu_storage::image::lazy::LazyStats) -> &std::sync::atomic::AtomicU64| {
+            layers.iter().map(|l| f(l.volume.stats()).load(Relaxed)).sum::<u64>()
+        };
+        for (counter, value) in [
+            ("fetches", sum(|s| &s.fetches)),
+            ("fetched_bytes", sum(|s| &s.fetched_bytes)),
+            ("fetch_errors", sum(|s| &s.fetch_errors)),
+            ("corrupt_chunks", sum(|s| &s.corrupt_chunks)),
+            ("failed_reads", sum(|s| &s.failed_reads)),
+            ("chunk_hits", sum(|s| &s.chunk_hits)),
+            ("chunk_misses", sum(|s| &s.chunk_misses)),
+        ] {
+            let key = ImageCounter { image: image.to_owned(), counter };
+            self.0.image_fetch.get_or_create(&key).set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        let seconds = sum(|s| &s.fetch_micros) as f64 / 1e6;
+        self.0.image_fetch_seconds.get_or_create(&Image { image: image.to_owned() }).set(seconds);
     }
 
     /// The OpenMetrics text exposition of every family.

@@ -66,12 +66,14 @@ impl Registry {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // Owned from here on: killed and reaped on every path, a failed start included.
+        let registry = Self(child, port);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "docker-registry did not start");
             std::thread::sleep(Duration::from_millis(25));
         }
-        Self(child, port)
+        registry
     }
 }
 

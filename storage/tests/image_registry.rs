@@ -68,9 +68,11 @@ impl Registry {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // Owned from here on: dropped (killed and reaped) on every path, the panic below included.
+        let registry = Self { child, port, dir: dir.to_path_buf() };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Self { child, port, dir: dir.to_path_buf() };
+                return registry;
             }
             std::thread::sleep(Duration::from_millis(25));
         }

@@ -62,7 +62,7 @@ pub fn lazy_layers(manifest: &Manifest) -> Result<Vec<LazyLayer>, FormatError> {
             manifest.artifact_type.as_deref().unwrap_or("absent")
         )));
     }
-    if manifest.layers.is_empty() || manifest.layers.len() % 2 != 0 {
+    if manifest.layers.is_empty() || !manifest.layers.len().is_multiple_of(2) {
         return Err(FormatError(format!("{} layer blobs is not a positive number of pairs", manifest.layers.len())));
     }
     let source_of = |i: usize, d: &Descriptor| -> Result<Digest, FormatError> {

@@ -94,6 +94,7 @@ pub struct LazyStats {
 }
 
 type ChunkResult = Result<Arc<Vec<u8>>, Arc<str>>;
+type ChunkSender = watch::Sender<Option<ChunkResult>>;
 
 #[derive(Debug)]
 struct Inner {
@@ -217,7 +218,7 @@ impl Inner {
     /// Starts (or joins) the fetches of `missing` chunks (ascending) and returns a waiter per chunk.
     fn start_fetches(this: &Arc<Self>, missing: &[usize]) -> Vec<Waiter> {
         let mut waiters: Vec<Waiter> = Vec::with_capacity(missing.len());
-        let mut runs: Vec<(Vec<usize>, Vec<watch::Sender<Option<ChunkResult>>>)> = Vec::new();
+        let mut runs: Vec<(Vec<usize>, Vec<ChunkSender>)> = Vec::new();
         {
             let mut inflight = lock(&this.inflight);
             for &c in missing {
@@ -263,7 +264,7 @@ impl Inner {
     }
 
     /// Fetches a run of chunks stored back to back, verifies each, publishes it to its waiters, caches it.
-    async fn fetch_run(self: Arc<Self>, run: Vec<usize>, senders: Vec<watch::Sender<Option<ChunkResult>>>) {
+    async fn fetch_run(self: Arc<Self>, run: Vec<usize>, senders: Vec<ChunkSender>) {
         let first = self.index.chunks[run[0]].offset;
         let end = run.iter().map(|&c| self.index.chunks[c].stored().end).max().unwrap_or(first);
         let fetched = self.fetch_with_deadline(first..end).await;
