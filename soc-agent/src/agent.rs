@@ -104,7 +104,12 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         fetch_policy,
         images.clone(),
         storage_trigger,
-    );
+    )
+    .with_background(dpu_storage::image::reconcile::BackgroundPolicy {
+        prefetch: config.images.prefetch,
+        trace_window: Duration::from_secs(config.images.trace_window_seconds),
+        fill_bytes_per_second: config.images.fill_bytes_per_second,
+    });
     let image_retry = image_reconciler.retry_trigger();
     let image_controller = Controller::new(image_reconciler, store.clone(), status_board.clone(), controller_config);
     let _ = image_retry.set(image_controller.trigger());

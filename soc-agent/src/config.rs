@@ -82,6 +82,20 @@ pub struct ImagesConfig {
     /// Scratch space of the converter, and its record of converted layers (default `<data_dir>/convert`).
     #[serde(default)]
     pub work_dir: Option<PathBuf>,
+    /// Replay an image's stored start-up trace as prefetch when it is resolved.
+    #[serde(default = "default_true")]
+    pub prefetch: bool,
+    /// Seconds after an image's first read that its start-up trace is recorded before it is stored in the
+    /// registry beside the image (for the next cold start on any DPU); 0: traces are not stored.
+    #[serde(default = "default_trace_window_seconds")]
+    pub trace_window_seconds: u64,
+    /// Background fill of the chunks not read yet, in bytes per second; 0 (the default): off.
+    #[serde(default)]
+    pub fill_bytes_per_second: u64,
+}
+
+fn default_trace_window_seconds() -> u64 {
+    30
 }
 
 fn default_cache_bytes() -> u64 {
@@ -105,6 +119,9 @@ impl Default for ImagesConfig {
             plain_http_hosts: default_plain_http_hosts(),
             ca_file: None,
             work_dir: None,
+            prefetch: true,
+            trace_window_seconds: default_trace_window_seconds(),
+            fill_bytes_per_second: 0,
         }
     }
 }

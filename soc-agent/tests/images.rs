@@ -118,15 +118,21 @@ fn tree(root: &Path) -> String {
         .arg(format!("cd {} && find . -type f -print0 | sort -z | xargs -0 -r sha256sum", root.display())))
 }
 
+/// Connects once the listener is up and the image's two layer namespaces are published.
 async fn connect(addr: SocketAddr) -> Initiator {
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let initiator = loop {
         match Initiator::connect(addr, ConnectOptions::new(NQN)).await {
-            Ok(initiator) => return initiator,
+            Ok(initiator) => break initiator,
             Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
             Err(e) => panic!("connecting to {addr}: {e}"),
         }
+    };
+    while initiator.refresh_namespaces().await.unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "the layer namespaces did not appear");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    initiator
 }
 
 async fn wait_ready(images: &mut ImageServiceClient<Channel>, name: &str) -> pb::Image {
@@ -201,7 +207,11 @@ async fn images_convert_export_mount_and_survive_sigkill() {
 
     let data = dir.path().join("data");
     let data = data.to_str().unwrap();
-    let agent = Agent::start(&["--data-dir", data]);
+    // Start-up traces are stored one second after the first read.
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "[images]\ntrace_window_seconds = 1\n").unwrap();
+    let config = config.to_str().unwrap();
+    let agent = Agent::start(&["--config", config, "--data-dir", data]);
     let channel = agent.channel().await;
     let mut images = ImageServiceClient::new(channel.clone());
     let mut storage = StorageServiceClient::new(channel);
@@ -325,16 +335,44 @@ async fn images_convert_export_mount_and_survive_sigkill() {
     drop(mounts);
     drop(initiator);
 
+    // The start-up trace lands in the registry beside the image.
+    let trace_tag = format!("docker://{host}/app:sha256-{}.trace", &summary.manifest_digest["sha256:".len()..]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false", &trace_tag])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "no start-up trace was stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // SIGKILL in the middle of fetching: a fresh cache, a restart that kills the agent mid-read, then a full
     // read-back after another restart must give the same bytes.
     agent.kill();
     std::fs::remove_dir_all(dir.path().join("data/image-cache")).unwrap();
-    let agent = Agent::start(&["--data-dir", data]);
+    let agent = Agent::start(&["--config", config, "--data-dir", data]);
+    // Resolved again on an empty cache: the stored start-up trace is replayed before the host reads anything.
+    let mut images = ImageServiceClient::new(agent.channel().await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let image = images.get_image(pb::GetImageRequest { name: "images/app".into() }).await.unwrap().into_inner();
+        let status = image.image_status.unwrap();
+        if status.prefetched_chunks > 0 && status.bytes_cached == status.bytes_total {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the trace was not replayed: {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let initiator = connect(nvme).await;
     let partial = read_namespaces(&initiator, Some(256 << 10)).await;
     assert!(partial.is_empty(), "stopped inside the first layer");
     agent.kill();
-    let agent = Agent::start(&["--data-dir", data]);
+    let agent = Agent::start(&["--config", config, "--data-dir", data]);
+    let mut images = ImageServiceClient::new(agent.channel().await);
+    wait_ready(&mut images, "images/app").await;
     let initiator = connect(nvme).await;
     let again = read_namespaces(&initiator, None).await;
     assert_eq!(again.len(), layers.len());
@@ -344,7 +382,6 @@ async fn images_convert_export_mount_and_survive_sigkill() {
     drop(initiator);
 
     // Unexport, then the image may go.
-    let mut images = ImageServiceClient::new(agent.channel().await);
     images
         .unexport_image(pb::UnexportImageRequest { image: "images/app".into(), subsystem: "subsystems/img".into() })
         .await

@@ -19,7 +19,9 @@ use dpu_storage::image::convert::{Destination, LayerOptions, Progress, Source, c
 use dpu_storage::image::format::lazy_layers;
 use dpu_storage::image::lazy::{FetchPolicy, LazyVolume, RegistryBlob};
 use dpu_storage::image::oci::{self, Descriptor, Platform};
+use dpu_storage::image::reconcile::ResolvedLayer;
 use dpu_storage::image::registry::{Credentials, Reference, RegistryClient, RegistryConfig};
+use dpu_storage::image::trace::{self, Trace};
 
 fn skip_reason() -> Option<String> {
     use std::os::unix::fs::MetadataExt;
@@ -289,7 +291,8 @@ async fn images_convert_in_a_real_registry_and_mount_lazily() {
     let (_, r) = volumes[0].read(0, vec![0; 4096]).await;
     r.unwrap();
     // Back on the same port: reads succeed again, nothing reopened.
-    let registry = Registry::start(&registry.dir.clone(), Some(registry.port));
+    let port = registry.port;
+    let registry = Registry::start(&registry.dir.clone(), Some(port));
     let mut mounts = Mounts(Vec::new());
     let mut lowers = Vec::new();
     for (i, v) in volumes.iter().enumerate() {
@@ -321,4 +324,54 @@ async fn images_convert_in_a_real_registry_and_mount_lazily() {
     let expected = tree(&bundle.join("rootfs"));
     assert!(expected.contains_key("./app/main.py") && !expected.contains_key("./etc/old"));
     assert_eq!(tree(&rootfs), expected, "the lazily served image holds exactly the files umoci extracts");
+
+    // The start-up trace: stored beside the image, read back, and replayed into an empty cache on a "second DPU".
+    let registry = Registry::start(&dir.path().join("registry"), Some(port));
+    let resolved_layers: Vec<ResolvedLayer> = layers
+        .iter()
+        .zip(&volumes)
+        .map(|(l, v)| ResolvedLayer { layer: l.clone(), volume: v.clone(), shared: Arc::new(v.clone()) })
+        .collect();
+    let recorded = Trace::recorded(&resolved_layers);
+    assert_eq!(
+        recorded.chunks(),
+        volumes.iter().map(|v| v.index().chunks.len()).sum::<usize>(),
+        "every chunk was read"
+    );
+    let subject = Descriptor {
+        media_type: resolved.media_type.clone(),
+        digest: resolved.digest,
+        size: resolved.bytes.len() as u64,
+        platform: None,
+        annotations: Default::default(),
+        artifact_type: resolved.manifest.artifact_type.clone(),
+    };
+    trace::store(&client, &lazy, &Credentials::Anonymous, subject, &recorded).await.unwrap();
+    let loaded = trace::load(&client, &lazy, &Credentials::Anonymous, &resolved.digest).await.unwrap();
+    assert_eq!(loaded.as_ref(), Some(&recorded));
+    assert_eq!(trace::load(&client, &lazy, &Credentials::Anonymous, &Digest::of(b"other")).await.unwrap(), None);
+    let cold = ChunkCache::open(CacheConfig::new(dir.path().join("cache2"), 256 << 20)).unwrap();
+    let second: Vec<ResolvedLayer> = resolved_layers
+        .iter()
+        .map(|l| {
+            let blob = RegistryBlob {
+                client: client.clone(),
+                repository: lazy.clone(),
+                credentials: Credentials::Anonymous,
+                digest: l.layer.data.digest,
+            };
+            let index = Arc::new(l.volume.index().clone());
+            let v = LazyVolume::new(index, Arc::new(blob), cold.clone(), policy);
+            ResolvedLayer { layer: l.layer.clone(), shared: Arc::new(v.clone()), volume: v }
+        })
+        .collect();
+    let cached = trace::replay(&second, &loaded.unwrap()).await;
+    assert_eq!(cached, recorded.chunks());
+    for l in &second {
+        assert_eq!(l.volume.cached_chunks(), l.volume.index().chunks.len(), "the traced chunks are prefetched");
+        let fetches = l.volume.stats().fetches.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(read_all(&l.volume).await.unwrap().len() as u64, l.volume.index().image_size);
+        assert_eq!(l.volume.stats().fetches.load(std::sync::atomic::Ordering::Relaxed), fetches, "no fetch on read");
+    }
+    drop(registry);
 }

@@ -11,6 +11,7 @@ pub mod lazy;
 pub mod oci;
 pub mod reconcile;
 pub mod registry;
+pub mod trace;
 
 use std::fmt;
 use std::str::FromStr;

@@ -15,7 +15,9 @@ use super::cache::ChunkCache;
 use super::chunk::ChunkIndex;
 use super::format::{LazyLayer, lazy_layers};
 use super::lazy::{FetchPolicy, LazyVolume, RegistryBlob};
+use super::oci::Descriptor;
 use super::registry::{Credentials, RegistryClient, RegistryError};
+use super::trace::{self, Trace};
 use crate::bdev::SharedVolume;
 use crate::model::{ImageSpec, RegistryCredentialSpec};
 
@@ -36,6 +38,33 @@ pub struct ResolvedImage {
     credentials: Option<Digest>,
     pub manifest_digest: Digest,
     pub layers: Vec<ResolvedLayer>,
+    /// The start-up trace task (replay, or record and store), stopped with the image.
+    background: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for ResolvedImage {
+    fn drop(&mut self) {
+        if let Some(task) = &self.background {
+            task.abort();
+        }
+    }
+}
+
+/// What the DPU does in the background for a resolved image.
+#[derive(Debug, Clone, Copy)]
+pub struct BackgroundPolicy {
+    /// Replay a stored start-up trace as prefetch.
+    pub prefetch: bool,
+    /// How long after its first read an image's trace is recorded before it is stored; zero: never stored.
+    pub trace_window: Duration,
+    /// Background fill of every chunk not read yet, in bytes per second; zero: off.
+    pub fill_bytes_per_second: u64,
+}
+
+impl Default for BackgroundPolicy {
+    fn default() -> Self {
+        Self { prefetch: true, trace_window: Duration::from_secs(30), fill_bytes_per_second: 0 }
+    }
 }
 
 /// The resolved images, by id, shared by the image reconciler (writer), the storage reconciler and the API.
@@ -76,6 +105,7 @@ pub struct ImageReconciler {
     storage: Trigger,
     /// This reconciler's own trigger, for retrying images whose registry was unavailable.
     retry: Arc<std::sync::OnceLock<Trigger>>,
+    background: BackgroundPolicy,
 }
 
 /// Delay before an image that failed to resolve with a retryable error is tried again.
@@ -89,7 +119,13 @@ impl ImageReconciler {
         images: Images,
         storage: Trigger,
     ) -> Self {
-        Self { client, cache, policy, images, storage, retry: Arc::default() }
+        Self { client, cache, policy, images, storage, retry: Arc::default(), background: BackgroundPolicy::default() }
+    }
+
+    /// Sets what is done in the background for resolved images (trace replay and recording, fill).
+    pub fn with_background(mut self, background: BackgroundPolicy) -> Self {
+        self.background = background;
+        self
     }
 
     /// Where to put the trigger of the controller that runs this reconciler, once it exists: images whose
@@ -103,9 +139,17 @@ impl ImageReconciler {
         spec: &ImageSpec,
         credentials: &Credentials,
         open: &HashMap<Digest, ResolvedLayer>,
-    ) -> Result<(Digest, Vec<ResolvedLayer>), ResolveError> {
+    ) -> Result<(Descriptor, Vec<ResolvedLayer>), ResolveError> {
         let (reference, platform) = spec.parsed().map_err(|e| ResolveError::Final(e.to_string()))?;
         let manifest = self.client.get_manifest(&reference, credentials, &platform).await?;
+        let descriptor = Descriptor {
+            media_type: manifest.media_type.clone(),
+            digest: manifest.digest,
+            size: manifest.bytes.len() as u64,
+            platform: None,
+            annotations: Default::default(),
+            artifact_type: manifest.manifest.artifact_type.clone(),
+        };
         let layers = lazy_layers(&manifest.manifest).map_err(|e| ResolveError::Final(e.to_string()))?;
         let mut resolved = Vec::with_capacity(layers.len());
         for layer in layers {
@@ -131,8 +175,73 @@ impl ImageReconciler {
             let shared: SharedVolume = Arc::new(volume.clone());
             resolved.push(ResolvedLayer { layer, volume, shared });
         }
-        Ok((manifest.digest, resolved))
+        Ok((descriptor, resolved))
     }
+}
+
+/// The background work of one resolved image: replay its stored start-up trace, or record one and store it;
+/// then, if configured, fill the rest of its chunks at a bandwidth cap.
+async fn background(
+    client: Arc<RegistryClient>,
+    image: String,
+    spec: ImageSpec,
+    credentials: Credentials,
+    manifest: Descriptor,
+    layers: Vec<ResolvedLayer>,
+    policy: BackgroundPolicy,
+) {
+    let Ok((reference, _)) = spec.parsed() else { return };
+    let stored = match trace::load(&client, &reference, &credentials, &manifest.digest).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::warn!(%image, error = %e, "reading the stored start-up trace failed");
+            None
+        }
+    };
+    match stored {
+        Some(t) if policy.prefetch => {
+            let started = std::time::Instant::now();
+            let cached = trace::replay(&layers, &t).await;
+            tracing::info!(%image, chunks = t.chunks(), cached, ms = started.elapsed().as_millis() as u64, "start-up trace replayed");
+        }
+        Some(_) => {}
+        None if !policy.trace_window.is_zero() => {
+            // Record from the first read on, for the window, then store for the next cold start anywhere.
+            while layers.iter().all(|l| l.volume.trace().is_empty()) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tokio::time::sleep(policy.trace_window).await;
+            let recorded = Trace::recorded(&layers);
+            match trace::store(&client, &reference, &credentials, manifest.clone(), &recorded).await {
+                Ok(digest) => {
+                    tracing::info!(%image, chunks = recorded.chunks(), trace = %digest, "start-up trace stored")
+                }
+                Err(e) => tracing::warn!(%image, error = %e, "storing the start-up trace failed"),
+            }
+        }
+        None => {}
+    }
+    if policy.fill_bytes_per_second > 0 {
+        fill(&image, &layers, policy.fill_bytes_per_second).await;
+    }
+}
+
+/// Fetches every chunk not cached yet, a run at a time, pausing so the average stays under `rate` bytes/s.
+async fn fill(image: &str, layers: &[ResolvedLayer], rate: u64) {
+    const STEP: usize = 16;
+    for l in layers {
+        let missing: Vec<u32> =
+            (0..l.volume.index().chunks.len()).filter(|&c| !l.volume.is_cached(c)).map(|c| c as u32).collect();
+        for step in missing.chunks(STEP) {
+            let started = std::time::Instant::now();
+            let before = l.volume.stats().fetched_bytes.load(std::sync::atomic::Ordering::Relaxed);
+            l.volume.prefetch(step).await;
+            let bytes = l.volume.stats().fetched_bytes.load(std::sync::atomic::Ordering::Relaxed) - before;
+            let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
+            tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
+        }
+    }
+    tracing::info!(%image, "background fill done");
 }
 
 enum ResolveError {
@@ -193,13 +302,27 @@ impl Reconciler for ImageReconciler {
                 continue;
             }
             match self.resolve(&image.spec, &creds, &open).await {
-                Ok((manifest_digest, layers)) => {
-                    tracing::info!(image = %image.id, manifest = %manifest_digest, layers = layers.len(), "image resolved");
+                Ok((manifest, layers)) => {
+                    tracing::info!(image = %image.id, manifest = %manifest.digest, layers = layers.len(), "image resolved");
                     for l in &layers {
                         open.entry(l.layer.source).or_insert_with(|| l.clone());
                     }
-                    let resolved =
-                        ResolvedImage { spec: image.spec.clone(), credentials: creds_digest, manifest_digest, layers };
+                    let task = tokio::spawn(background(
+                        self.client.clone(),
+                        image.id.clone(),
+                        image.spec.clone(),
+                        creds.clone(),
+                        manifest.clone(),
+                        layers.clone(),
+                        self.background,
+                    ));
+                    let resolved = ResolvedImage {
+                        spec: image.spec.clone(),
+                        credentials: creds_digest,
+                        manifest_digest: manifest.digest,
+                        layers,
+                        background: Some(task.abort_handle()),
+                    };
                     next.insert(image.id.clone(), Arc::new(resolved));
                     changes += 1;
                     statuses.push((key, status(ObjectState::Ready, "", generation)));
