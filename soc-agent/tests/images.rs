@@ -381,6 +381,17 @@ async fn images_convert_export_mount_and_survive_sigkill() {
     }
     drop(initiator);
 
+    // Restarted while the registry is down: the image is served as last resolved, from the cache.
+    agent.kill();
+    drop(registry);
+    let agent = Agent::start(&["--config", config, "--data-dir", data]);
+    let mut images = ImageServiceClient::new(agent.channel().await);
+    wait_ready(&mut images, "images/app").await;
+    let initiator = connect(nvme).await;
+    let offline = read_namespaces(&initiator, None).await;
+    assert!(offline.iter().zip(&layers).all(|(a, b)| a.2 == b.2), "cached layers read back with the registry down");
+    drop(initiator);
+
     // Unexport, then the image may go.
     images
         .unexport_image(pb::UnexportImageRequest { image: "images/app".into(), subsystem: "subsystems/img".into() })

@@ -175,6 +175,9 @@ impl ChunkIndex {
         if version != VERSION {
             return bad(format!("version {version} is not supported (expected {VERSION})"));
         }
+        if u16_at(10) != 0 || bytes[68..HEADER].iter().any(|&b| b != 0) {
+            return bad("reserved header fields are not zero");
+        }
         let (chunk_size, image_size, data_size, data_digest) = (u32_at(12), u64_at(16), u64_at(24), digest_at(32));
         let count = u64::from(u32_at(64));
         if count > MAX_CHUNKS {
@@ -368,6 +371,9 @@ mod tests {
         let mut b = bytes.clone();
         b[16..24].copy_from_slice(&(good.image_size + 16384).to_le_bytes());
         assert!(ChunkIndex::decode(&b).unwrap_err().0.contains("entries"));
+        let mut b = bytes.clone();
+        b[70] = 1;
+        assert!(ChunkIndex::decode(&b).unwrap_err().0.contains("reserved"));
         let mut b = bytes;
         b[HEADER + 12] = 7;
         assert!(ChunkIndex::decode(&b).unwrap_err().0.contains("encoding"));

@@ -25,7 +25,7 @@ pub const ANNOTATION_SOURCE_LAYERS: &str = "io.dpu-agent.image.source-layers";
 pub struct FormatError(pub String);
 
 /// One converted layer's two blobs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LazyLayer {
     pub source: Digest,
     pub index: Descriptor,

@@ -136,35 +136,37 @@ impl ImageReconciler {
 
     async fn resolve(
         &self,
+        id: &str,
         spec: &ImageSpec,
         credentials: &Credentials,
         open: &HashMap<Digest, ResolvedLayer>,
     ) -> Result<(Descriptor, Vec<ResolvedLayer>), ResolveError> {
-        let (reference, platform) = spec.parsed().map_err(|e| ResolveError::Final(e.to_string()))?;
-        let manifest = self.client.get_manifest(&reference, credentials, &platform).await?;
-        let descriptor = Descriptor {
-            media_type: manifest.media_type.clone(),
-            digest: manifest.digest,
-            size: manifest.bytes.len() as u64,
-            platform: None,
-            annotations: Default::default(),
-            artifact_type: manifest.manifest.artifact_type.clone(),
+        let (reference, _) = spec.parsed().map_err(|e| ResolveError::Final(e.to_string()))?;
+        let resolution = match self.fetch(spec, credentials, open).await {
+            Ok(resolution) => {
+                if let Err(e) = resolution.save(self.cache.dir(), id) {
+                    tracing::warn!(image = %id, error = %e, "could not record the image's resolution on disk");
+                }
+                resolution
+            }
+            Err(ResolveError::Retryable(reason)) => match Resolution::load(self.cache.dir(), id, spec) {
+                Some(saved) => {
+                    tracing::warn!(image = %id, %reason, "registry unavailable: serving the image as last resolved");
+                    saved
+                }
+                None => return Err(ResolveError::Retryable(reason)),
+            },
+            Err(e) => return Err(e),
         };
-        let layers = lazy_layers(&manifest.manifest).map_err(|e| ResolveError::Final(e.to_string()))?;
-        let mut resolved = Vec::with_capacity(layers.len());
-        for layer in layers {
+        let mut resolved = Vec::with_capacity(resolution.layers.len());
+        for (layer, index) in resolution.layers {
             if let Some(same) = open.get(&layer.source).filter(|l| l.layer.data == layer.data) {
                 resolved.push(same.clone());
                 continue;
             }
-            let bytes = self.client.get_blob(&reference, credentials, &layer.index.digest, None).await?;
-            let index = ChunkIndex::decode(&bytes).map_err(|e| ResolveError::Final(e.to_string()))?;
-            if index.data_digest != layer.data.digest || index.data_size != layer.data.size {
-                return Err(ResolveError::Final(format!(
-                    "the chunk index of layer {} describes blob {} ({} bytes), the manifest names {} ({} bytes)",
-                    layer.source, index.data_digest, index.data_size, layer.data.digest, layer.data.size
-                )));
-            }
+            let Some(index) = index else {
+                return Err(ResolveError::Final(format!("no chunk index for layer {}", layer.source)));
+            };
             let source = RegistryBlob {
                 client: self.client.clone(),
                 repository: reference.clone(),
@@ -175,7 +177,118 @@ impl ImageReconciler {
             let shared: SharedVolume = Arc::new(volume.clone());
             resolved.push(ResolvedLayer { layer, volume, shared });
         }
-        Ok((descriptor, resolved))
+        Ok((resolution.manifest, resolved))
+    }
+
+    /// Reads the image's manifest and the chunk indexes of the layers not open yet from its registry.
+    async fn fetch(
+        &self,
+        spec: &ImageSpec,
+        credentials: &Credentials,
+        open: &HashMap<Digest, ResolvedLayer>,
+    ) -> Result<Resolution, ResolveError> {
+        let (reference, platform) = spec.parsed().map_err(|e| ResolveError::Final(e.to_string()))?;
+        let manifest = self.client.get_manifest(&reference, credentials, &platform).await?;
+        let descriptor = Descriptor {
+            media_type: manifest.media_type.clone(),
+            digest: manifest.digest,
+            size: manifest.bytes.len() as u64,
+            platform: None,
+            annotations: Default::default(),
+            artifact_type: manifest.manifest.artifact_type.clone(),
+        };
+        let mut layers = Vec::new();
+        for layer in lazy_layers(&manifest.manifest).map_err(|e| ResolveError::Final(e.to_string()))? {
+            if open.get(&layer.source).is_some_and(|l| l.layer.data == layer.data) {
+                layers.push((layer, None));
+                continue;
+            }
+            let bytes = self.client.get_blob(&reference, credentials, &layer.index.digest, None).await?;
+            let index = checked_index(&layer, &bytes).map_err(ResolveError::Final)?;
+            layers.push((layer, Some(index)));
+        }
+        Ok(Resolution { spec: spec.clone(), manifest: descriptor, layers })
+    }
+}
+
+/// Decodes a layer's chunk index and checks it describes the layer's data blob.
+fn checked_index(layer: &LazyLayer, bytes: &[u8]) -> Result<ChunkIndex, String> {
+    let index = ChunkIndex::decode(bytes).map_err(|e| e.to_string())?;
+    if index.data_digest != layer.data.digest || index.data_size != layer.data.size {
+        return Err(format!(
+            "the chunk index of layer {} describes blob {} ({} bytes), the manifest names {} ({} bytes)",
+            layer.source, index.data_digest, index.data_size, layer.data.digest, layer.data.size
+        ));
+    }
+    Ok(index)
+}
+
+/// What an image resolved to: kept on the DPU's disk beside the chunk cache (`resolved/<image>.json`, the
+/// indexes in `indexes/<digest>`), so an agent restarted while the registry is down serves the image again.
+struct Resolution {
+    spec: ImageSpec,
+    manifest: Descriptor,
+    /// Each layer with its decoded index (`None`: already open for another image).
+    layers: Vec<(LazyLayer, Option<ChunkIndex>)>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedResolution {
+    spec: ImageSpec,
+    manifest: Descriptor,
+    layers: Vec<LazyLayer>,
+}
+
+impl Resolution {
+    fn record(dir: &std::path::Path, id: &str) -> std::path::PathBuf {
+        dir.join("resolved").join(format!("{id}.json"))
+    }
+
+    fn index_path(dir: &std::path::Path, digest: &Digest) -> std::path::PathBuf {
+        dir.join("indexes").join(digest.hex())
+    }
+
+    /// Writes the record (indexes first, then the record by rename, so a crash leaves the old one or the new).
+    fn save(&self, dir: &std::path::Path, id: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir.join("resolved"))?;
+        std::fs::create_dir_all(dir.join("indexes"))?;
+        for (layer, index) in &self.layers {
+            let path = Self::index_path(dir, &layer.index.digest);
+            if let Some(index) = index
+                && !path.exists()
+            {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, index.encode())?;
+                std::fs::rename(&tmp, &path)?;
+            }
+        }
+        let saved = SavedResolution {
+            spec: self.spec.clone(),
+            manifest: self.manifest.clone(),
+            layers: self.layers.iter().map(|(l, _)| l.clone()).collect(),
+        };
+        let record = Self::record(dir, id);
+        let tmp = record.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&saved).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, &record)
+    }
+
+    /// The recorded resolution of image `id` if it was made for the same spec and every index is intact.
+    fn load(dir: &std::path::Path, id: &str, spec: &ImageSpec) -> Option<Self> {
+        let saved: SavedResolution = serde_json::from_slice(&std::fs::read(Self::record(dir, id)).ok()?).ok()?;
+        if saved.spec != *spec {
+            return None;
+        }
+        let mut layers = Vec::with_capacity(saved.layers.len());
+        for layer in saved.layers {
+            let bytes = std::fs::read(Self::index_path(dir, &layer.index.digest)).ok()?;
+            if super::Digest::of(&bytes) != layer.index.digest {
+                return None;
+            }
+            let index = checked_index(&layer, &bytes).ok()?;
+            layers.push((layer, Some(index)));
+        }
+        Some(Self { spec: saved.spec, manifest: saved.manifest, layers })
     }
 }
 
@@ -301,7 +414,7 @@ impl Reconciler for ImageReconciler {
                 statuses.push((key, status(ObjectState::Ready, "", generation)));
                 continue;
             }
-            match self.resolve(&image.spec, &creds, &open).await {
+            match self.resolve(&image.id, &image.spec, &creds, &open).await {
                 Ok((manifest, layers)) => {
                     tracing::info!(image = %image.id, manifest = %manifest.digest, layers = layers.len(), "image resolved");
                     for l in &layers {
