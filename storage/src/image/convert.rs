@@ -96,6 +96,19 @@ pub fn convert_layer(
     digest: &Digest,
     options: &LayerOptions,
 ) -> Result<ConvertedLayer, ConvertError> {
+    let (image, entries) = layer_filesystem(blob, media_type, digest, options)?;
+    let chunked = chunk_image(&image, options.chunk_size)?;
+    let index_blob = chunked.index.encode();
+    Ok(ConvertedLayer { chunked, index_blob, entries })
+}
+
+/// The layer's EROFS filesystem image (before chunking) and the number of tar entries. Blocking.
+pub fn layer_filesystem(
+    blob: &Path,
+    media_type: &str,
+    digest: &Digest,
+    options: &LayerOptions,
+) -> Result<(Vec<u8>, u64), ConvertError> {
     let file = std::fs::File::open(blob).map_err(io_err(format!("opening {}", blob.display())))?;
     let reader: Box<dyn Read> = match media_type {
         LAYER_TAR => Box::new(BufReader::new(file)),
@@ -114,9 +127,7 @@ pub fn convert_layer(
     mkfs(&options.mkfs, &image_path, &root, &layer_uuid(digest))?;
     let mut image = std::fs::read(&image_path).map_err(io_err("reading the built image"))?;
     normalize_superblock(&mut image)?;
-    let chunked = chunk_image(&image, options.chunk_size)?;
-    let index_blob = chunked.index.encode();
-    Ok(ConvertedLayer { chunked, index_blob, entries })
+    Ok((image, entries))
 }
 
 /// A directory whose time must be set once everything inside it exists.

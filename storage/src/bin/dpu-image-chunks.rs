@@ -1,0 +1,117 @@
+//! `dpu-image-chunks`: how the chunk size of converted layers trades off, measured on a real image and a real
+//! start-up. It converts every layer of an OCI image layout to its EROFS filesystem, cuts it at each chunk size,
+//! and prints per size: chunks, index size, stored (compressed) bytes, and — given a start-up trace recorded
+//! with 4 KiB chunks (the blocks the start read, as the DPU stores it beside the image) — the chunks that start
+//! touches, the bytes it fetches and the ranged requests it needs.
+#![allow(clippy::print_stdout)] // Printing the table is this program's job.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use dpu_storage::image::Digest;
+use dpu_storage::image::chunk::chunk_image;
+use dpu_storage::image::convert::{LayerOptions, layer_filesystem};
+use dpu_storage::image::oci::{self, Parsed};
+use dpu_storage::image::trace::Trace;
+
+#[derive(Debug, Parser)]
+#[command(name = "dpu-image-chunks", version)]
+struct Args {
+    /// OCI image layout directory and tag, DIR:TAG.
+    #[arg(long)]
+    layout: String,
+    /// Start-up trace (JSON, as stored beside a converted image) recorded with 4 KiB chunks.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Chunk sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_values_t = [4096u32, 16384, 65536, 262_144, 1_048_576])]
+    sizes: Vec<u32>,
+    /// Scratch space for unpacking layers.
+    #[arg(long, default_value = "/tmp/dpu-image-chunks")]
+    work_dir: PathBuf,
+}
+
+fn blob(dir: &std::path::Path, digest: &Digest) -> PathBuf {
+    dir.join("blobs/sha256").join(digest.hex())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (dir, tag) = args.layout.rsplit_once(':').context("--layout is DIR:TAG")?;
+    let dir = PathBuf::from(dir);
+    let Parsed::Index(index) = oci::parse_manifest(None, &std::fs::read(dir.join("index.json"))?)? else {
+        bail!("index.json is not an index");
+    };
+    let entry = index
+        .manifests
+        .iter()
+        .find(|d| d.annotations.get("org.opencontainers.image.ref.name").is_some_and(|n| n == tag))
+        .with_context(|| format!("no image tagged {tag}"))?;
+    let Parsed::Manifest(manifest) = oci::parse_manifest(None, &std::fs::read(blob(&dir, &entry.digest))?)? else {
+        bail!("{} is not an image manifest", entry.digest);
+    };
+    let trace: Option<Trace> = match &args.trace {
+        Some(path) => Some(serde_json::from_slice(&std::fs::read(path)?).context("reading the trace")?),
+        None => None,
+    };
+    let options = LayerOptions::new(&args.work_dir);
+    let mut layers = Vec::new();
+    for layer in &manifest.layers {
+        let (image, _) = layer_filesystem(&blob(&dir, &layer.digest), &layer.media_type, &layer.digest, &options)?;
+        // The blocks the start read: the trace's chunk numbers are 4 KiB blocks.
+        let blocks: BTreeSet<u64> = trace
+            .as_ref()
+            .and_then(|t| t.layers.get(&layer.digest))
+            .map(|chunks| chunks.iter().map(|&c| u64::from(c)).collect())
+            .unwrap_or_default();
+        layers.push((image, blocks));
+    }
+    let total: u64 = layers.iter().map(|(image, _)| image.len() as u64).sum();
+    let read: u64 = layers.iter().map(|(_, blocks)| blocks.len() as u64 * 4096).sum();
+    println!("layers: {}  filesystem: {:.1} MiB  read by the start: {:.1} MiB", layers.len(), mib(total), mib(read));
+    println!(
+        "| chunk | chunks | index KiB | stored MiB | ratio | start: chunks | fetched MiB | of stored | requests |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &size in &args.sizes {
+        let (mut chunks, mut index_bytes, mut stored, mut touched, mut fetched, mut requests) = (0, 0, 0, 0, 0, 0);
+        for (image, blocks) in &layers {
+            let chunked = chunk_image(image, size)?;
+            chunks += chunked.index.chunks.len();
+            index_bytes += chunked.index.encode().len();
+            stored += chunked.data.len() as u64;
+            let wanted: BTreeSet<usize> = blocks.iter().map(|b| (b * 4096 / u64::from(size)) as usize).collect();
+            // Each stored range once (identical chunks share one), then runs of adjacent ranges: one request each.
+            let ranges: BTreeSet<(u64, u64)> = wanted
+                .iter()
+                .filter_map(|&c| chunked.index.chunks.get(c))
+                .map(|e| (e.stored().start, e.stored().end))
+                .collect();
+            touched += wanted.len();
+            fetched += ranges.iter().map(|(a, b)| b - a).sum::<u64>();
+            let mut end = None;
+            for (a, b) in ranges {
+                if end != Some(a) {
+                    requests += 1;
+                }
+                end = Some(b);
+            }
+        }
+        println!(
+            "| {} KiB | {chunks} | {:.0} | {:.1} | {:.2} | {touched} | {:.1} | {:.1}% | {requests} |",
+            size / 1024,
+            index_bytes as f64 / 1024.0,
+            mib(stored),
+            total as f64 / stored.max(1) as f64,
+            mib(fetched),
+            100.0 * fetched as f64 / stored.max(1) as f64,
+        );
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
