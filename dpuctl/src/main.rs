@@ -5,6 +5,7 @@
 #![allow(clippy::print_stdout)] // Printing results is this program's job.
 
 mod fabric;
+mod image;
 mod mesh;
 
 use std::path::PathBuf;
@@ -69,6 +70,16 @@ enum Command {
     /// eSwitch fabric: ports, settings, pod attachments (attach/detach), rule stats.
     #[command(subcommand)]
     Fabric(fabric::FabricCommand),
+    /// Container images served lazily: convert, create/list/get/delete, export to a subsystem, cache stats.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+}
+
+impl Command {
+    /// Whether the command streams for as long as the agent works, which may be minutes.
+    fn is_streaming(&self) -> bool {
+        matches!(self, Command::Image(command) if command.is_streaming())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -235,6 +246,9 @@ enum SettingsCommand {
     },
 }
 
+/// How often a streaming command pings the agent.
+const STREAM_KEEPALIVE: Duration = Duration::from_secs(30);
+
 async fn connect(cli: &Cli) -> anyhow::Result<Channel> {
     let tls = cli.ca.is_some() || cli.addr.starts_with("https://");
     let addr = if tls && cli.addr.starts_with("http://") {
@@ -244,8 +258,13 @@ async fn connect(cli: &Cli) -> anyhow::Result<Channel> {
     };
     let mut endpoint = Endpoint::from_shared(addr.clone())
         .with_context(|| format!("--addr {addr:?} is not a URL like https://127.0.0.1:50051"))?
-        .connect_timeout(Duration::from_secs(cli.timeout))
-        .timeout(Duration::from_secs(cli.timeout));
+        .connect_timeout(Duration::from_secs(cli.timeout));
+    endpoint = if cli.command.is_streaming() {
+        // No deadline for a stream that runs as long as the agent works; HTTP/2 pings notice an agent that is gone.
+        endpoint.http2_keep_alive_interval(STREAM_KEEPALIVE).keep_alive_timeout(Duration::from_secs(cli.timeout))
+    } else {
+        endpoint.timeout(Duration::from_secs(cli.timeout))
+    };
     if tls {
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         let mut config = ClientTlsConfig::new();
@@ -551,6 +570,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<Value> {
         Command::Storage(command) => storage(channel, command).await?,
         Command::Mesh(command) => mesh::mesh(channel, command).await?,
         Command::Fabric(command) => fabric::fabric(channel, command).await?,
+        Command::Image(command) => image::image(channel, command).await?,
         Command::Settings(SettingsCommand::Get) => settings_json(
             agent.get_agent_settings(pb::GetAgentSettingsRequest { name: "settings".into() }).await?.into_inner(),
         ),
@@ -591,8 +611,11 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(execute(&cli)) {
         Ok(value) => {
-            let text =
-                if cli.json { serde_json::to_string_pretty(&value).unwrap_or_default() + "\n" } else { table(&value) };
+            let text = match &cli.command {
+                _ if cli.json => serde_json::to_string_pretty(&value).unwrap_or_default() + "\n",
+                Command::Image(command) => image::text(command, &value),
+                _ => table(&value),
+            };
             // A reader that stops early (`| grep -q`, `| head`) is not an error of the command.
             match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
                 Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {

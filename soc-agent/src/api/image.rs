@@ -38,7 +38,12 @@ pub struct ImageApi {
     converter: LayerOptions,
     /// Shared with the storage API: serializes read-modify-write of subsystems.
     writes: Arc<Mutex<()>>,
+    /// Conversions running at once (each unpacks a layer and holds its filesystem image in memory); more wait.
+    conversions: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many conversions run at once.
+const CONCURRENT_CONVERSIONS: usize = 2;
 
 impl ImageApi {
     pub fn new(
@@ -50,7 +55,8 @@ impl ImageApi {
         converter: LayerOptions,
         writes: Arc<Mutex<()>>,
     ) -> Self {
-        Self { store, status, images, cache, client, converter, writes }
+        let conversions = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CONVERSIONS));
+        Self { store, status, images, cache, client, converter, writes, conversions }
     }
 
     /// The namespaces serving `image`'s layers: "subsystems/{s}/namespaces/{n}".
@@ -348,7 +354,10 @@ impl pb::image_service_server::ImageService for ImageApi {
         }
         let (tx, rx) = mpsc::channel(64);
         let client = self.client.clone();
+        let conversions = self.conversions.clone();
         tokio::spawn(async move {
+            // Closed only when the agent stops; then the stream just ends.
+            let Ok(_permit) = conversions.acquire_owned().await else { return };
             let events = tx.clone();
             // Progress is best effort: byte counts that find the channel full are skipped; the summary is not.
             let progress = move |p: Progress| {
