@@ -115,7 +115,7 @@ dpuctl image create bench --ref "127.0.0.1:$reg_port/bench:v1-lazy" --wait 60 >/
 dpuctl storage subsystem create lazy --nqn nqn.2026-11.io.dpu-agent:bench-lazy --allow-any-host >/dev/null
 dpuctl storage listener create lazy tcp --address "127.0.0.1:$io_port" >/dev/null
 dpuctl image export bench --subsystem lazy >/dev/null
-size=$(dpuctl --json image get bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["imageStatus"]["bytesTotal"])')
+size=$(dpuctl --json image get bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["image_status"]["bytes_total"])')
 dpuctl storage volume create file --file "$work/data/file.img" --size "$size" >/dev/null
 dpuctl storage subsystem create file --nqn nqn.2026-11.io.dpu-agent:bench-file --allow-any-host >/dev/null
 dpuctl storage namespace create file n1 --volume file >/dev/null
@@ -129,9 +129,10 @@ perf() { # nqn, perf arguments...
 	taskset -c 1 "$bin/dpu-nvme-perf" --addr "127.0.0.1:$io_port" --nqn "$nqn" --json "$@"
 }
 say "filling: one sequential pass over the layer (fetch, verify, cache) and over the file volume (write)"
-perf nqn.2026-11.io.dpu-agent:bench-lazy --rw read --io-size 128k --queue-depth 16 --bytes "$size" --time 600s >/dev/null
-perf nqn.2026-11.io.dpu-agent:bench-file --rw write --io-size 128k --queue-depth 16 --bytes "$size" --time 600s >/dev/null
-cached=$(dpuctl --json image get bench | python3 -c 'import json,sys; s=json.load(sys.stdin)["imageStatus"]; print(s["bytesCached"] == s["bytesTotal"])')
+# 4K I/Os: the filesystem image is a whole number of 4 KiB blocks, not of larger I/Os.
+perf nqn.2026-11.io.dpu-agent:bench-lazy --rw read --io-size 4k --queue-depth 32 --bytes "$size" --time 600s >/dev/null
+perf nqn.2026-11.io.dpu-agent:bench-file --rw write --io-size 4k --queue-depth 32 --bytes "$size" --time 600s >/dev/null
+cached=$(dpuctl --json image get bench | python3 -c 'import json,sys; s=json.load(sys.stdin)["image_status"]; print(s["bytes_cached"] == s["bytes_total"])')
 [[ $cached == True ]] || {
 	say "the layer is not fully cached after the fill pass"
 	exit 1

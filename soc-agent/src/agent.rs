@@ -88,8 +88,11 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
 
     // Images: converted images resolved in their registries; their layers are lazy volumes over one chunk cache.
     let image_paths = &config.images;
-    let cache_config =
+    let mut cache_config =
         dpu_storage::image::cache::CacheConfig::new(image_paths.cache_dir(&config.data_dir), image_paths.cache_bytes);
+    // Open chunk files are the hot path's handles; they get an eighth of the descriptors, the proxy the rest.
+    cache_config.max_open_files =
+        usize::try_from(raise_open_files_limit() / 8).unwrap_or(usize::MAX).clamp(256, 65_536);
     let chunk_cache = dpu_storage::image::cache::ChunkCache::open(cache_config).with_context(|| {
         format!("opening the image chunk cache {}", image_paths.cache_dir(&config.data_dir).display())
     })?;
@@ -97,6 +100,13 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
     let fetch_policy = dpu_storage::image::lazy::FetchPolicy {
         deadline: Duration::from_millis(config.images.fetch_deadline_ms),
         ..dpu_storage::image::lazy::FetchPolicy::default()
+    };
+    let image_uring = match dpu_storage::bdev::Uring::new() {
+        Ok(ring) => Some(ring),
+        Err(e) => {
+            tracing::warn!(error = %e, "io_uring is unavailable: cached image chunks are read on the blocking thread pool");
+            None
+        }
     };
     let image_reconciler = dpu_storage::image::reconcile::ImageReconciler::new(
         registry_client.clone(),
@@ -109,7 +119,8 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         prefetch: config.images.prefetch,
         trace_window: Duration::from_secs(config.images.trace_window_seconds),
         fill_bytes_per_second: config.images.fill_bytes_per_second,
-    });
+    })
+    .with_uring(image_uring);
     let image_retry = image_reconciler.retry_trigger();
     let image_controller = Controller::new(image_reconciler, store.clone(), status_board.clone(), controller_config);
     let _ = image_retry.set(image_controller.trigger());
@@ -265,6 +276,23 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
 }
 
 /// Runs the xDS client: every accepted update becomes the proxy's `xds` source.
+/// Raises the soft limit of open files to the hard limit (connections of the proxy and the target, chunk files
+/// of the image cache) and returns the limit in force.
+fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "could not raise the open files limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
+    }
+}
+
 /// The registry client of the image data path, from `[images]`.
 fn registry_client(
     images: &crate::config::ImagesConfig,

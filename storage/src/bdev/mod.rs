@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use file::FileVolume;
 pub use malloc::MallocVolume;
 pub use null::NullVolume;
-pub use uring::Uring;
+pub use uring::{Uring, UringOp};
 
 /// Future returned by volume I/O. Boxed so volumes can be used as `Arc<dyn Volume>` and stacked.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

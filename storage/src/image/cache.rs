@@ -167,6 +167,20 @@ impl ChunkCache {
         self.lock().entries.contains_key(digest)
     }
 
+    /// An open handle of a verified cached chunk, without any I/O (`None`: not cached, not verified since start,
+    /// or its handle was closed — use [`ChunkCache::read_at`]). Counts as a use of the chunk, and as a hit.
+    pub fn handle(&self, digest: &Digest) -> Option<Arc<File>> {
+        let mut state = self.lock();
+        state.clock += 1;
+        let clock = state.clock;
+        let entry = state.entries.get_mut(digest).filter(|e| e.verified)?;
+        let file = entry.file.clone()?;
+        entry.last_use = clock;
+        drop(state);
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        Some(file)
+    }
+
     /// Copies bytes `offset..offset + buf.len()` of chunk `digest` into `buf`. `Ok(false)` is a miss (not cached,
     /// or found corrupt and dropped). Blocking: call from a blocking thread.
     pub fn read_at(&self, digest: &Digest, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
