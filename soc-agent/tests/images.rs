@@ -111,11 +111,14 @@ fn build_image(layout: &Path, work: &Path) {
     run(Command::new("umoci").args(["repack", "--image", &image]).arg(&bundle));
 }
 
-/// Path → SHA-256 of every regular file under `root`.
+/// SHA-256 of every regular file under `root`, then owner, mode and modification time of everything but the
+/// whiteout devices.
 fn tree(root: &Path) -> String {
-    run(Command::new("sh")
-        .arg("-c")
-        .arg(format!("cd {} && find . -type f -print0 | sort -z | xargs -0 -r sha256sum", root.display())))
+    run(Command::new("sh").arg("-c").arg(format!(
+        "cd {} && find . -type f -print0 | sort -z | xargs -0 -r sha256sum && \
+         find . -mindepth 1 ! -type c -printf '%p %U:%G %m %T@\\n' | sort",
+        root.display()
+    )))
 }
 
 /// Connects once the listener is up and the image's two layer namespaces are published.

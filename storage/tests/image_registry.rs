@@ -131,9 +131,11 @@ fn source_layout(dir: &Path, big: &[u8]) {
         ("etc/", b""),
         ("etc/os-release", b"ID=lazy\n"),
         ("etc/old", b"gone soon\n"),
+        ("opt/", b""),
         ("opt/big.bin", big),
     ]);
-    let upper = tar_layer(&[("etc/.wh.old", b""), ("app/", b""), ("app/main.py", b"print('ready')\n")]);
+    // Parents of changed paths are in the layer, as image builders write them.
+    let upper = tar_layer(&[("etc/", b""), ("etc/.wh.old", b""), ("app/", b""), ("app/main.py", b"print('ready')\n")]);
     let diff_ids: Vec<String> = [&lower, &upper]
         .iter()
         .map(|gz| {
@@ -169,7 +171,18 @@ fn tree(root: &Path) -> std::collections::BTreeMap<String, String> {
     let out = run(Command::new("sh")
         .arg("-c")
         .arg(format!("cd {} && find . -type f -print0 | sort -z | xargs -0 -r sha256sum", root.display())));
-    out.lines().filter_map(|l| l.split_once("  ")).map(|(h, p)| (p.to_string(), h.to_string())).collect()
+    let mut files: std::collections::BTreeMap<String, String> =
+        out.lines().filter_map(|l| l.split_once("  ")).map(|(h, p)| (p.to_string(), h.to_string())).collect();
+    // Owners, modes and modification times of directories, files and links.
+    let meta = run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd {} && find . -mindepth 1 ! -type c -printf '%p %U:%G %m %T@\\n' | sort", root.display())));
+    for line in meta.lines() {
+        if let Some((path, rest)) = line.split_once(' ') {
+            files.insert(format!("{path} (meta)"), rest.to_string());
+        }
+    }
+    files
 }
 
 struct Mounts(Vec<PathBuf>);

@@ -193,22 +193,20 @@ fn unpack(reader: impl Read, root: &Path) -> Result<u64, ConvertError> {
         xattr::set(&dir, "trusted.overlay.opaque", b"y")
             .map_err(io_err(format!("marking {} opaque", dir.display())))?;
     }
-    // Deepest first, so setting a child's time does not disturb its parent's again.
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.path.components().count()));
-    for d in dirs {
-        let time = SystemTime::UNIX_EPOCH + Duration::from_secs(d.mtime);
-        let f = std::fs::File::open(&d.path).map_err(io_err(format!("opening {}", d.path.display())))?;
-        f.set_modified(time).map_err(io_err(format!("setting the time of {}", d.path.display())))?;
+    // Every directory gets a time: its entry's, or zero when it was created implicitly (no entry of its own).
+    // Setting a directory's time does not change its parent's, so the order does not matter.
+    let explicit: std::collections::HashMap<PathBuf, u64> = dirs.into_iter().map(|d| (d.path, d.mtime)).collect();
+    for dir in all_dirs(root)? {
+        let secs = explicit.get(&dir).copied().unwrap_or(0);
+        let f = std::fs::File::open(&dir).map_err(io_err(format!("opening {}", dir.display())))?;
+        f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+            .map_err(io_err(format!("setting the time of {}", dir.display())))?;
     }
-    // Directories created implicitly (no entry of their own) keep the time of the unpack; give them zero.
-    fix_implicit_dirs(root)?;
     Ok(count)
 }
 
-/// Sets time zero on every directory whose time is later than an hour ago (created by the unpacker, not taken
-/// from an entry).
-fn fix_implicit_dirs(root: &Path) -> Result<(), ConvertError> {
-    let recent = SystemTime::now() - Duration::from_secs(3600);
+/// Every directory under `root`, `root` included (symbolic links are not followed).
+fn all_dirs(root: &Path) -> Result<Vec<PathBuf>, ConvertError> {
     let mut stack = vec![root.to_path_buf()];
     let mut found = Vec::new();
     while let Some(dir) = stack.pop() {
@@ -218,17 +216,9 @@ fn fix_implicit_dirs(root: &Path) -> Result<(), ConvertError> {
                 stack.push(e.path());
             }
         }
-        let modified = std::fs::metadata(&dir).and_then(|m| m.modified()).map_err(io_err("reading a time"))?;
-        if modified > recent {
-            found.push(dir);
-        }
+        found.push(dir);
     }
-    found.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-    for dir in found {
-        let f = std::fs::File::open(&dir).map_err(io_err(format!("opening {}", dir.display())))?;
-        f.set_modified(SystemTime::UNIX_EPOCH).map_err(io_err("setting a directory time"))?;
-    }
-    Ok(())
+    Ok(found)
 }
 
 /// An error with its causes, `outer: inner: …`.
