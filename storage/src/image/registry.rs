@@ -686,11 +686,7 @@ impl RegistryClient {
         creds: &Credentials,
         digest: &Digest,
     ) -> Result<Bytes, RegistryError> {
-        let what = format!("blob {digest} of {}", r.name());
-        let response = self.blob_response(r, creds, digest, None).await?;
-        if response.status() != StatusCode::OK {
-            return Err(self.status_error(&what, response).await);
-        }
+        let (what, response) = self.whole_blob_response(r, creds, digest).await?;
         let bytes = self.read_body(response, self.inner.config.max_buffered_blob, &what).await?;
         let actual = Digest::of(&bytes);
         if actual != *digest {
@@ -786,12 +782,23 @@ impl RegistryClient {
         creds: &Credentials,
         digest: &Digest,
     ) -> Result<BlobReader, RegistryError> {
-        let what = format!("blob {digest} of {}", repo.name());
-        let response = self.blob_response(repo, creds, digest, None).await?;
+        let (_, response) = self.whole_blob_response(repo, creds, digest).await?;
+        Ok(BlobReader::new(response, self.inner.config.request_timeout))
+    }
+
+    /// A 200 answer to a GET of the whole blob (anything else is an error), with the blob's name for errors.
+    async fn whole_blob_response(
+        &self,
+        r: &Reference,
+        creds: &Credentials,
+        digest: &Digest,
+    ) -> Result<(String, Response<Incoming>), RegistryError> {
+        let what = format!("blob {digest} of {}", r.name());
+        let response = self.blob_response(r, creds, digest, None).await?;
         if response.status() != StatusCode::OK {
             return Err(self.status_error(&what, response).await);
         }
-        Ok(BlobReader::new(response, self.inner.config.request_timeout))
+        Ok((what, response))
     }
 
     async fn blob_response(
