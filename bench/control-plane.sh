@@ -10,5 +10,5 @@ cross/build.sh musl >&2
 venv=$(tests/interop/venv.sh)
 "$venv/bin/python" bench/control_plane.py --runs "${1:-20}" \
     --agent "$target/release/dpu-agent" \
-    --aarch64-agent "$target/aarch64-unknown-linux-musl/release/dpu-agent" \
-    --aarch64-dpuctl "$target/aarch64-unknown-linux-musl/release/dpuctl"
+    --aarch64-agent "$target/aarch64-unknown-linux-musl/dist/dpu-agent" \
+    --aarch64-dpuctl "$target/aarch64-unknown-linux-musl/dist/dpuctl"

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One entry point for the DPU (aarch64) builds.
 #
-#   cross/build.sh          static release dpu-agent and dpuctl for aarch64-unknown-linux-musl (the DPU image)
+#   cross/build.sh          static dpu-agent and dpuctl for aarch64-unknown-linux-musl (the DPU image), built with
+#                           the `dist` profile (the release build linked for size: see Cargo.toml)
 #   cross/build.sh gnu      release build for aarch64-unknown-linux-gnu
 #   cross/build.sh test     the workspace's tests for aarch64-unknown-linux-gnu, run under qemu-aarch64
 #   cross/build.sh clippy   clippy -D warnings for aarch64-unknown-linux-gnu
 #
-# Binaries land in ${CARGO_TARGET_DIR:-target}/<triple>/release/.
+# Binaries land in ${CARGO_TARGET_DIR:-target}/<triple>/dist/ (musl) or <triple>/release/ (gnu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cross/deps.sh
@@ -14,8 +15,8 @@ cross/deps.sh
 mode=${1:-musl}
 case "$mode" in
     musl)
-        cargo build --locked --release --target aarch64-unknown-linux-musl --bin dpu-agent --bin dpuctl
-        bin="${CARGO_TARGET_DIR:-target}/aarch64-unknown-linux-musl/release/dpu-agent"
+        cargo build --locked --profile dist --target aarch64-unknown-linux-musl --bin dpu-agent --bin dpuctl
+        bin="${CARGO_TARGET_DIR:-target}/aarch64-unknown-linux-musl/dist/dpu-agent"
         echo "cross: $(file -b "$bin" 2>/dev/null | cut -d, -f1-2) $(stat -c %s "$bin") bytes: $bin" >&2
         ;;
     gnu)

@@ -49,11 +49,13 @@ cargo test --locked --workspace
 step "aarch64 tests under qemu-aarch64"
 cross/build.sh test
 
-step "aarch64 static release build"
+step "aarch64 static build (dist profile)"
 cross/build.sh musl
-size=$(stat -c %s "$CARGO_TARGET_DIR/aarch64-unknown-linux-musl/release/dpu-agent")
-file -b "$CARGO_TARGET_DIR/aarch64-unknown-linux-musl/release/dpu-agent" | grep -q "statically linked"
+size=$(stat -c %s "$CARGO_TARGET_DIR/aarch64-unknown-linux-musl/dist/dpu-agent")
+file -b "$CARGO_TARGET_DIR/aarch64-unknown-linux-musl/dist/dpu-agent" | grep -q "statically linked"
 echo "static aarch64 dpu-agent: $size bytes"
+# The agent ships inside DPU firmware images with a 15 MB budget.
+((size <= 15000000)) || { echo "static aarch64 dpu-agent: $size bytes is over the 15,000,000-byte budget"; exit 1; }
 
 step "host release build"
 cargo build --locked --release --bin dpu-agent --bin dpuctl

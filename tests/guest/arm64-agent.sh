@@ -34,7 +34,7 @@ agent_need_file() { # path description
 guest_prepare() {
 	local target guest_bin host_agent dpuctl pki
 	target=$(agent_target_dir)
-	guest_bin=$target/aarch64-unknown-linux-musl/release/dpu-agent
+	guest_bin=$target/aarch64-unknown-linux-musl/dist/dpu-agent
 	host_agent=$target/release/dpu-agent
 	dpuctl=$target/release/dpuctl
 

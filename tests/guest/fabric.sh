@@ -60,7 +60,7 @@ fabric_target_dir() {
 
 guest_prepare() {
 	local target bin tree
-	target=$(fabric_target_dir)/aarch64-unknown-linux-musl/release
+	target=$(fabric_target_dir)/aarch64-unknown-linux-musl/dist
 	if [[ ${DPU_GUEST_NO_BUILD:-0} != 1 ]]; then
 		printf 'fabric: building the static aarch64 agent and dpuctl (cross/build.sh)\n' >&2
 		(cd "$REPO_ROOT" && bash cross/build.sh) >&2 || return 1
