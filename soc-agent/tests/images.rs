@@ -111,12 +111,15 @@ fn build_image(layout: &Path, work: &Path) {
     run(Command::new("umoci").args(["repack", "--image", &image]).arg(&bundle));
 }
 
-/// SHA-256 of every regular file under `root`, then owner, mode and modification time of everything but the
-/// whiteout devices.
+/// SHA-256 of every regular file under `root`, owner, mode and modification time of files and links, owner and
+/// mode of directories. Not directory times: a layer that changes a directory without an entry for it (umoci
+/// writes none when it only deletes a file there) does not carry the time, and overlayfs shows the top layer's
+/// directory where a sequential extraction keeps the lower one's.
 fn tree(root: &Path) -> String {
     run(Command::new("sh").arg("-c").arg(format!(
         "cd {} && find . -type f -print0 | sort -z | xargs -0 -r sha256sum && \
-         find . -mindepth 1 ! -type c -printf '%p %U:%G %m %T@\\n' | sort",
+         find . -mindepth 1 ! -type c ! -type d -printf '%p %U:%G %m %T@\\n' | sort && \
+         find . -mindepth 1 -type d -printf '%p %U:%G %m\\n' | sort",
         root.display()
     )))
 }
