@@ -6,7 +6,8 @@
 #   4. the static aarch64 release build (the DPU binary) and the host release build
 #   5. independent peers against the agent: Python grpcio + reflection, openssl, curl
 #   6. every fuzz target for a few seconds (cargo-fuzz, nightly)
-#   7. QEMU guests: boot smoke tests, the arm64 agent test, the Linux NVMe/TCP initiator against the target
+#   7. QEMU guests: boot smoke tests, the arm64 agent test, the Linux NVMe/TCP initiator against the target,
+#      the fabric, lazily loaded images mounted by the guest kernel (images/test-image.sh builds the image once)
 # Set DPU_SKIP_GUEST=1 to skip step 6 on a machine without QEMU time to spare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +71,7 @@ step "fuzz smoke: every target for ${DPU_FUZZ_SECONDS:-10}s"
 fuzz/run.sh "${DPU_FUZZ_SECONDS:-10}"
 
 if [ "${DPU_SKIP_GUEST:-0}" != 1 ]; then
-    for t in boot-arm64 boot-amd64 arm64-agent nvme-initiator fabric; do
+    for t in boot-arm64 boot-amd64 arm64-agent nvme-initiator fabric lazy-image; do
         step "guest: $t"
         # Every binary the guests need was built above.
         DPU_GUEST_NO_BUILD=1 tests/guest.sh "$t"
