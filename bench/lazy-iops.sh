@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lazy image data path, fully cached, against a file volume on the same disk: 4K random reads at QD1 and QD32
-# through the NVMe/TCP target. Builds (with umoci) a one-layer image holding a 128 MiB file of incompressible
+# through the NVMe/TCP target. Builds (with umoci) a one-layer image holding a 64 MiB file of incompressible
 # data, pushes it to Debian's docker-registry (skopeo), converts it with the agent, exports the layer, reads it
 # once end to end (filling the DPU's chunk cache), creates a file volume of the same size in the same data
 # directory, and drives both with dpu-nvme-perf. The agent runs on CPU 0, the load generator on CPU 1.
@@ -17,9 +17,9 @@ target=${CARGO_TARGET_DIR:-$repo/target}
 [[ $target == /* ]] || target=$repo/$target
 bin=$target/release
 seconds=${1:-10}
-# The working set fits the chunk cache's open-file budget (an eighth of RLIMIT_NOFILE: 2,500 handles at 20,000),
-# so every random read of a cached chunk takes the io_uring path.
-layer_mib=128
+# The working set (2,048 chunks of 32 KiB) fits the chunk cache's open-file budget (an eighth of RLIMIT_NOFILE:
+# 2,500 handles at 20,000), so every random read of a cached chunk takes the io_uring path.
+layer_mib=64
 
 say() { printf 'bench/lazy-iops: %s\n' "$*" >&2; }
 

@@ -39,7 +39,8 @@ fn blob(dir: &std::path::Path, digest: &Digest) -> PathBuf {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (dir, tag) = args.layout.rsplit_once(':').context("--layout is DIR:TAG")?;
+    // The directory ends at its first colon, as in skopeo's oci:PATH:REFERENCE (a tag may hold colons).
+    let (dir, tag) = args.layout.split_once(':').context("--layout is DIR:TAG")?;
     let dir = PathBuf::from(dir);
     let Parsed::Index(index) = oci::parse_manifest(None, &std::fs::read(dir.join("index.json"))?)? else {
         bail!("index.json is not an index");

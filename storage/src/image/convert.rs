@@ -26,7 +26,7 @@ pub const LAYER_TAR_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
 /// Default chunk size (see docs/benchmarks.md for how it was chosen).
-pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
+pub const DEFAULT_CHUNK_SIZE: u32 = 32 << 10;
 
 /// Why a layer could not be converted.
 #[derive(Debug, thiserror::Error)]
@@ -342,6 +342,19 @@ mod tests {
     }
 
     #[test]
+    fn sources_name_a_layout_or_a_registry() {
+        let layout = |text: &str| match Source::parse(text, Credentials::Anonymous).unwrap() {
+            Source::Layout { dir, tag } => (dir, tag),
+            Source::Registry { .. } => panic!("{text} is a layout"),
+        };
+        assert_eq!(layout("oci:/images/app:app:1"), (PathBuf::from("/images/app"), Some("app:1".into())));
+        assert_eq!(layout("oci:/images/app:v1"), (PathBuf::from("/images/app"), Some("v1".into())));
+        assert_eq!(layout("oci:/images/app"), (PathBuf::from("/images/app"), None));
+        assert!(matches!(Source::parse("127.0.0.1:5000/app:v1", Credentials::Anonymous), Ok(Source::Registry { .. })));
+        assert!(Source::parse("registry.example/App:v1", Credentials::Anonymous).is_err());
+    }
+
+    #[test]
     fn layer_uuids_are_stable_rfc4122() {
         let d = Digest::of(b"layer");
         let u = layer_uuid(&d);
@@ -380,7 +393,8 @@ pub enum Source {
         credentials: Credentials,
     },
     /// An OCI image layout directory (`skopeo copy … oci:DIR:TAG`, `umoci`), the image named by its
-    /// `org.opencontainers.image.ref.name` annotation, or the only image when no tag is given.
+    /// `org.opencontainers.image.ref.name` annotation (which may hold colons: `oci:/images/app:app:1`), or the
+    /// only image when no tag is given.
     Layout {
         dir: PathBuf,
         tag: Option<String>,
@@ -392,9 +406,11 @@ impl Source {
     pub fn parse(text: &str, credentials: Credentials) -> Result<Self, ImageError> {
         match text.strip_prefix("oci:") {
             Some(rest) => {
-                let (dir, tag) = match rest.rsplit_once(':') {
-                    Some((dir, tag)) if !tag.contains('/') => (dir, Some(tag.to_string())),
-                    _ => (rest, None),
+                // As skopeo reads `oci:PATH:REFERENCE`: the path ends at its first colon, so a reference may
+                // hold colons (`app:1`) and a path may not.
+                let (dir, tag) = match rest.split_once(':') {
+                    Some((dir, tag)) => (dir, Some(tag.to_string())),
+                    None => (rest, None),
                 };
                 Ok(Self::Layout { dir: dir.into(), tag })
             }
