@@ -72,13 +72,22 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         .spawn(shutdown_rx.clone()),
     ];
     let target = dpu_storage::target::Target::new();
+    // One io_uring engine (one ring thread) for file volumes and the image chunk cache.
+    let uring = match dpu_storage::bdev::Uring::new() {
+        Ok(ring) => Some(ring),
+        Err(e) => {
+            tracing::warn!(error = %e, "io_uring is unavailable: file volumes and cached image chunks use the blocking thread pool");
+            None
+        }
+    };
     let images = dpu_storage::image::reconcile::Images::default();
     let storage_controller = Controller::new(
         dpu_storage::reconcile::StorageReconciler::with_images(
             target.clone(),
             config.storage.discovery_listen,
             images.clone(),
-        ),
+        )
+        .with_uring(uring.clone()),
         store.clone(),
         status_board.clone(),
         controller_config,
@@ -93,6 +102,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
     // Open chunk files are the hot path's handles; they get an eighth of the descriptors, the proxy the rest.
     cache_config.max_open_files =
         usize::try_from(raise_open_files_limit() / 8).unwrap_or(usize::MAX).clamp(256, 65_536);
+    cache_config.uring = uring.clone();
     let chunk_cache = dpu_storage::image::cache::ChunkCache::open(cache_config).with_context(|| {
         format!("opening the image chunk cache {}", image_paths.cache_dir(&config.data_dir).display())
     })?;
@@ -100,13 +110,6 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
     let fetch_policy = dpu_storage::image::lazy::FetchPolicy {
         deadline: Duration::from_millis(config.images.fetch_deadline_ms),
         ..dpu_storage::image::lazy::FetchPolicy::default()
-    };
-    let image_uring = match dpu_storage::bdev::Uring::new() {
-        Ok(ring) => Some(ring),
-        Err(e) => {
-            tracing::warn!(error = %e, "io_uring is unavailable: cached image chunks are read on the blocking thread pool");
-            None
-        }
     };
     let image_reconciler = dpu_storage::image::reconcile::ImageReconciler::new(
         registry_client.clone(),
@@ -119,8 +122,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         prefetch: config.images.prefetch,
         trace_window: Duration::from_secs(config.images.trace_window_seconds),
         fill_bytes_per_second: config.images.fill_bytes_per_second,
-    })
-    .with_uring(image_uring);
+    });
     let image_retry = image_reconciler.retry_trigger();
     let image_controller = Controller::new(image_reconciler, store.clone(), status_board.clone(), controller_config);
     let _ = image_retry.set(image_controller.trigger());

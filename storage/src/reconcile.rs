@@ -51,6 +51,13 @@ impl StorageReconciler {
         Self { target, discovery, volumes: Mutex::new(HashMap::new()), uring: std::sync::OnceLock::new(), images }
     }
 
+    /// Serves file volumes through `uring`, probed by the caller (and shared, e.g. with the image chunk cache),
+    /// instead of probing a ring of its own on the first file volume.
+    pub fn with_uring(self, uring: Option<Uring>) -> Self {
+        let _ = self.uring.set(uring);
+        self
+    }
+
     /// The shared ring, probed once; without io_uring file volumes fall back to the thread pool, and say so.
     fn uring(&self) -> Option<Uring> {
         self.uring

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use super::Digest;
+use crate::bdev::{Uring, UringOp};
 
 /// How the cache is set up.
 #[derive(Debug, Clone)]
@@ -33,11 +34,14 @@ pub struct CacheConfig {
     /// `fdatasync` each chunk before it is published (survives power loss without re-fetching; costs a sync per
     /// chunk). Without it, chunks are still never served torn: see the module documentation.
     pub sync: bool,
+    /// The io_uring engine [`ChunkCache::read_open`] reads through (the file volumes' engine); `None` where the
+    /// kernel has none, and those reads take [`ChunkCache::read_at`] on a blocking thread instead.
+    pub uring: Option<Uring>,
 }
 
 impl CacheConfig {
     pub fn new(dir: impl Into<PathBuf>, capacity_bytes: u64) -> Self {
-        Self { dir: dir.into(), capacity_bytes, max_open_files: 1024, sync: false }
+        Self { dir: dir.into(), capacity_bytes, max_open_files: 1024, sync: false, uring: None }
     }
 }
 
@@ -167,17 +171,30 @@ impl ChunkCache {
         self.lock().entries.contains_key(digest)
     }
 
-    /// An open handle of a verified cached chunk, without any I/O (`None`: not cached, not verified since start,
-    /// or its handle was closed — use [`ChunkCache::read_at`]). Counts as a use of the chunk, and as a hit.
-    pub fn handle(&self, digest: &Digest) -> Option<Arc<File>> {
+    /// Reads bytes `offset..offset + buf.len()` of a verified cached chunk whose file is open, through the ring:
+    /// the hot path, with no blocking thread. Gives the buffer back (`Err`) when it cannot serve the read — no
+    /// ring, not cached, not verified since start, handle closed, or an I/O error — and [`ChunkCache::read_at`]
+    /// must.
+    pub async fn read_open(&self, digest: &Digest, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>, Vec<u8>> {
+        let Some(ring) = &self.config.uring else { return Err(buf) };
+        let Some(file) = self.handle(digest) else { return Err(buf) };
+        match ring.submit(UringOp::Read, file, offset, buf).await {
+            (buf, Ok(())) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(buf)
+            }
+            (buf, Err(_)) => Err(buf),
+        }
+    }
+
+    /// An open handle of a verified cached chunk, without any I/O. Counts as a use of the chunk.
+    fn handle(&self, digest: &Digest) -> Option<Arc<File>> {
         let mut state = self.lock();
         state.clock += 1;
         let clock = state.clock;
         let entry = state.entries.get_mut(digest).filter(|e| e.verified)?;
         let file = entry.file.clone()?;
         entry.last_use = clock;
-        drop(state);
-        self.stats.hits.fetch_add(1, Ordering::Relaxed);
         Some(file)
     }
 

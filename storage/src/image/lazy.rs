@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use super::Digest;
 use super::cache::ChunkCache;
 use super::chunk::ChunkIndex;
-use crate::bdev::{BufResult, Geometry, IoFuture, Uring, UringOp, Volume, VolumeError};
+use crate::bdev::{BufResult, Geometry, IoFuture, Volume, VolumeError};
 
 /// Block size of lazy volumes: EROFS on a 4 KiB-page host mounts only from 4 KiB blocks.
 pub const BLOCK_SIZE: u32 = 4096;
@@ -106,8 +106,6 @@ struct Inner {
     stats: LazyStats,
     last_error: Mutex<Option<String>>,
     trace: Mutex<Trace>,
-    /// Reads of cached chunks whose file is open go through this ring instead of the blocking pool.
-    uring: Option<Uring>,
 }
 
 #[derive(Debug, Default)]
@@ -144,19 +142,7 @@ impl LazyVolume {
                 stats: LazyStats::default(),
                 last_error: Mutex::new(None),
                 trace: Mutex::new(trace),
-                uring: None,
             }),
-        }
-    }
-
-    /// Reads cached chunks through `uring` (the file volumes' engine) where it exists.
-    pub fn with_uring(self, uring: Option<Uring>) -> Self {
-        match Arc::try_unwrap(self.inner) {
-            Ok(mut inner) => {
-                inner.uring = uring;
-                Self { inner: Arc::new(inner) }
-            }
-            Err(inner) => Self { inner },
         }
     }
 
@@ -394,22 +380,17 @@ impl Inner {
         let chunks = self.index.chunks_for(offset..end);
         self.record_trace(chunks.clone());
         // The common case — a read inside one cached chunk whose file is open — goes straight to the ring.
-        let buf = match (&self.uring, chunks.len()) {
-            (Some(ring), 1) => match self.cache.handle(&self.index.chunks[chunks.start].digest) {
-                Some(file) => {
-                    let (_, at) = self.part(chunks.start, offset, end);
-                    match ring.submit(UringOp::Read, file, at, buf).await {
-                        (buf, Ok(())) => {
-                            self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
-                            return (buf, Ok(()));
-                        }
-                        // Evicted and truncated, or an I/O error: the general path sorts it out.
-                        (buf, Err(_)) => buf,
-                    }
+        let buf = if chunks.len() == 1 {
+            let (_, at) = self.part(chunks.start, offset, end);
+            match self.cache.read_open(&self.index.chunks[chunks.start].digest, at, buf).await {
+                Ok(buf) => {
+                    self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
+                    return (buf, Ok(()));
                 }
-                None => buf,
-            },
-            _ => buf,
+                Err(buf) => buf,
+            }
+        } else {
+            buf
         };
         self.read_general(offset, buf).await
     }
@@ -599,10 +580,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cached_reads_through_io_uring_return_the_same_bytes() {
         let image = image(48 * 4096);
-        let (vol, twin, _dir) = volume(&image, 16384, FetchPolicy::default());
+        let chunked = chunk_image(&image, 16384).unwrap();
+        let twin = Arc::new(Twin { data: chunked.data, ..Twin::default() });
+        let dir = tempfile::tempdir().unwrap();
         // Where the kernel has no io_uring (qemu-user) this exercises the blocking path only.
-        let vol =
-            LazyVolume { inner: Arc::new(Inner { uring: Uring::new().ok(), ..Arc::into_inner(vol.inner).unwrap() }) };
+        let config = CacheConfig { uring: crate::bdev::Uring::new().ok(), ..CacheConfig::new(dir.path(), 64 << 20) };
+        let cache = ChunkCache::open(config).unwrap();
+        let vol = LazyVolume::new(Arc::new(chunked.index), twin.clone(), cache, FetchPolicy::default());
         for round in 0..3 {
             for lba in (0..48u64).rev() {
                 let (buf, r) = vol.read(lba, vec![0; 4096]).await;
@@ -611,7 +595,10 @@ mod tests {
             }
         }
         assert_eq!(lock(&twin.requests).len(), 12, "each chunk fetched once");
-        assert!(vol.inner.cache.handle(&vol.index().chunks[0].digest).is_some(), "hot chunks keep an open handle");
+        let hot = vol.inner.cache.read_open(&vol.index().chunks[0].digest, 0, vec![0; 4096]).await;
+        if crate::bdev::Uring::new().is_ok() {
+            assert_eq!(hot.unwrap(), image[..4096], "hot chunks keep an open handle and read through the ring");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

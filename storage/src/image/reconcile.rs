@@ -106,8 +106,6 @@ pub struct ImageReconciler {
     /// This reconciler's own trigger, for retrying images whose registry was unavailable.
     retry: Arc<std::sync::OnceLock<Trigger>>,
     background: BackgroundPolicy,
-    /// The io_uring engine the layers read cached chunks through, where the kernel has one.
-    uring: Option<crate::bdev::Uring>,
 }
 
 /// Delay before an image that failed to resolve with a retryable error is tried again.
@@ -121,22 +119,7 @@ impl ImageReconciler {
         images: Images,
         storage: Trigger,
     ) -> Self {
-        Self {
-            client,
-            cache,
-            policy,
-            images,
-            storage,
-            retry: Arc::default(),
-            background: BackgroundPolicy::default(),
-            uring: None,
-        }
-    }
-
-    /// Reads cached chunks through `uring`.
-    pub fn with_uring(mut self, uring: Option<crate::bdev::Uring>) -> Self {
-        self.uring = uring;
-        self
+        Self { client, cache, policy, images, storage, retry: Arc::default(), background: BackgroundPolicy::default() }
     }
 
     /// Sets what is done in the background for resolved images (trace replay and recording, fill).
@@ -190,8 +173,7 @@ impl ImageReconciler {
                 credentials: credentials.clone(),
                 digest: layer.data.digest,
             };
-            let volume = LazyVolume::new(Arc::new(index), Arc::new(source), self.cache.clone(), self.policy)
-                .with_uring(self.uring.clone());
+            let volume = LazyVolume::new(Arc::new(index), Arc::new(source), self.cache.clone(), self.policy);
             let shared: SharedVolume = Arc::new(volume.clone());
             resolved.push(ResolvedLayer { layer, volume, shared });
         }
