@@ -381,7 +381,7 @@ async fn images_convert_in_a_real_registry_and_mount_lazily() {
     let cached = trace::replay(&second, &loaded.unwrap()).await;
     assert_eq!(cached, recorded.chunks());
     for l in &second {
-        assert_eq!(l.volume.cached_chunks(), l.volume.index().chunks.len(), "the traced chunks are prefetched");
+        assert_eq!(l.volume.cached().0, l.volume.index().chunks.len(), "the traced chunks are prefetched");
         let fetches = l.volume.stats().fetches.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(read_all(&l.volume).await.unwrap().len() as u64, l.volume.index().image_size);
         assert_eq!(l.volume.stats().fetches.load(std::sync::atomic::Ordering::Relaxed), fetches, "no fetch on read");

@@ -109,16 +109,15 @@ fn resolved_status(image: &ResolvedImage) -> pb::ImageStatus {
     let mut last_error = None;
     for l in &image.layers {
         let index = l.volume.index();
-        let cached = l.volume.cached_chunks();
+        let (cached, cached_bytes) = l.volume.cached();
         let stats = l.volume.stats();
         status.bytes_total += index.image_size;
-        status.bytes_cached +=
-            (0..index.chunks.len()).filter(|&i| l.volume.is_cached(i)).map(|i| index.chunk_len(i) as u64).sum::<u64>();
+        status.bytes_cached += cached_bytes;
         status.bytes_fetched += stats.fetched_bytes.load(Relaxed);
         status.fetches += stats.fetches.load(Relaxed);
         status.corrupt_chunks += stats.corrupt_chunks.load(Relaxed);
         status.failed_reads += stats.failed_reads.load(Relaxed);
-        status.trace_chunks += l.volume.trace().len() as u32;
+        status.trace_chunks += l.volume.traced_chunks() as u32;
         status.prefetched_chunks += stats.prefetched_chunks.load(Relaxed) as u32;
         last_error = last_error.or(l.volume.last_error());
         status.layers.push(pb::ImageLayer {

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,8 @@ struct Inner {
     stats: LazyStats,
     last_error: Mutex<Option<String>>,
     trace: Mutex<Trace>,
+    /// `trace.order.len()`, readable without the lock: a full trace costs a read nothing more.
+    traced: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +144,7 @@ impl LazyVolume {
                 stats: LazyStats::default(),
                 last_error: Mutex::new(None),
                 trace: Mutex::new(trace),
+                traced: AtomicUsize::new(0),
             }),
         }
     }
@@ -164,14 +167,22 @@ impl LazyVolume {
         lock(&self.inner.trace).order.clone()
     }
 
+    /// How many chunks the trace holds.
+    pub fn traced_chunks(&self) -> usize {
+        self.inner.traced.load(Ordering::Relaxed)
+    }
+
     /// Whether chunk `i` is in the cache.
     pub fn is_cached(&self, i: usize) -> bool {
         self.inner.index.chunks.get(i).is_some_and(|c| self.inner.cache.contains(&c.digest))
     }
 
-    /// How many of the layer's chunks are in the cache.
-    pub fn cached_chunks(&self) -> usize {
-        self.inner.index.chunks.iter().filter(|c| self.inner.cache.contains(&c.digest)).count()
+    /// How many of the layer's chunks are in the cache, and their uncompressed bytes.
+    pub fn cached(&self) -> (usize, u64) {
+        let index = &self.inner.index;
+        (0..index.chunks.len())
+            .filter(|&i| self.inner.cache.contains(&index.chunks[i].digest))
+            .fold((0, 0), |(n, bytes), i| (n + 1, bytes + index.chunk_len(i) as u64))
     }
 
     /// Fetches the given chunks into the cache (those not cached yet), coalescing adjacent ones; returns how
@@ -200,19 +211,20 @@ type Waiter = (usize, std::pin::Pin<Box<dyn std::future::Future<Output = ChunkRe
 
 impl Inner {
     fn record_trace(&self, chunks: Range<usize>) {
-        if self.policy.trace_chunks == 0 {
+        if self.traced.load(Ordering::Relaxed) >= self.policy.trace_chunks {
             return;
         }
         let mut trace = lock(&self.trace);
         for c in chunks {
             if trace.order.len() >= self.policy.trace_chunks {
-                return;
+                break;
             }
             if !trace.seen[c] {
                 trace.seen[c] = true;
                 trace.order.push(c as u32);
             }
         }
+        self.traced.store(trace.order.len(), Ordering::Relaxed);
     }
 
     /// Starts (or joins) the fetches of `missing` chunks (ascending) and returns a waiter per chunk.
@@ -567,7 +579,7 @@ mod tests {
         r.unwrap();
         assert_eq!(buf, image);
         assert_eq!(lock(&twin.requests).len(), before);
-        assert_eq!(vol.cached_chunks(), vol.index().chunks.len());
+        assert_eq!(vol.cached(), (vol.index().chunks.len(), vol.index().image_size));
         assert!(vol.stats().chunk_hits.load(Ordering::Relaxed) >= 16);
         assert_eq!(&vol.trace()[..3], &[1, 2, 3], "first reads are traced in order");
         let (_, r) = vol.write(0, vec![0; 4096]).await;

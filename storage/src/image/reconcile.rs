@@ -320,7 +320,7 @@ async fn background(
         Some(_) => {}
         None if !policy.trace_window.is_zero() => {
             // Record from the first read on, for the window, then store for the next cold start anywhere.
-            while layers.iter().all(|l| l.volume.trace().is_empty()) {
+            while layers.iter().all(|l| l.volume.traced_chunks() == 0) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             tokio::time::sleep(policy.trace_window).await;
