@@ -2,7 +2,7 @@
 //! into subsystems as read-only layer namespaces, registry credentials (`registryCredentials/*`, write-only),
 //! the converter, and the chunk cache's statistics.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -59,25 +59,26 @@ impl ImageApi {
         Self { store, status, images, cache, client, converter, writes, conversions }
     }
 
-    /// The namespaces serving `image`'s layers: "subsystems/{s}/namespaces/{n}".
-    fn exports(&self, image: &str) -> Result<Vec<String>, Status> {
-        let mut out = Vec::new();
+    /// Per image id, the namespaces serving its layers: "subsystems/{s}/namespaces/{n}". One pass over the
+    /// subsystems serves a whole list of images.
+    fn exports(&self) -> Result<HashMap<String, Vec<String>>, Status> {
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
         for s in self.store.list_all::<SubsystemSpec>().map_err(intent_status)? {
             for (id, ns) in &s.spec.namespaces {
-                if ns.layer.as_ref().is_some_and(|l| l.images.contains(image)) {
-                    out.push(format!("subsystems/{}/namespaces/{id}", s.id));
+                for image in ns.layer.iter().flat_map(|l| &l.images) {
+                    out.entry(image.clone()).or_default().push(format!("subsystems/{}/namespaces/{id}", s.id));
                 }
             }
         }
         Ok(out)
     }
 
-    fn image_message(&self, stored: Stored<ImageSpec>) -> Result<pb::Image, Status> {
+    fn image_message(&self, stored: Stored<ImageSpec>, exports: &HashMap<String, Vec<String>>) -> pb::Image {
         let key = ObjectKey::of::<ImageSpec>(&stored.id);
         let status = resource_status(self.status.get(IMAGE_SUBSYSTEM, &key), stored.meta.generation);
         let mut image_status = self.images.get(&stored.id).map(|r| resolved_status(&r)).unwrap_or_default();
-        image_status.exported_as = self.exports(&stored.id)?;
-        Ok(pb::Image {
+        image_status.exported_as = exports.get(&stored.id).cloned().unwrap_or_default();
+        pb::Image {
             name: format!("images/{}", stored.id),
             reference: stored.spec.reference,
             credentials: stored.spec.credentials.map(|c| format!("registryCredentials/{c}")).unwrap_or_default(),
@@ -85,7 +86,7 @@ impl ImageApi {
             generation: generation(stored.meta.generation),
             status: Some(status),
             image_status: Some(image_status),
-        })
+        }
     }
 
     fn credentials(&self, name: &str, field: &str) -> Result<Credentials, Status> {
@@ -204,21 +205,22 @@ impl pb::image_service_server::ImageService for ImageApi {
             })?;
         }
         let created = self.store.create(&r.image_id, spec).map_err(intent_status)?;
-        Ok(Response::new(self.image_message(created.into_stored())?))
+        Ok(Response::new(self.image_message(created.into_stored(), &self.exports()?)))
     }
 
     async fn get_image(&self, r: Request<pb::GetImageRequest>) -> Result<Response<pb::Image>, Status> {
         let id = parse_name(&r.get_ref().name, ImageSpec::KIND, "name")?;
         let stored = self.store.get::<ImageSpec>(id).map_err(intent_status)?;
-        Ok(Response::new(self.image_message(stored)?))
+        Ok(Response::new(self.image_message(stored, &self.exports()?)))
     }
 
     async fn list_images(&self, r: Request<pb::ListImagesRequest>) -> Result<Response<pb::ListImagesResponse>, Status> {
         let r = r.into_inner();
         let (size, token) = page(r.page_size, &r.page_token)?;
         let page = self.store.list::<ImageSpec>(size, token).map_err(intent_status)?;
+        let exports = self.exports()?;
         Ok(Response::new(pb::ListImagesResponse {
-            images: page.items.into_iter().map(|i| self.image_message(i)).collect::<Result<_, _>>()?,
+            images: page.items.into_iter().map(|i| self.image_message(i, &exports)).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
         }))
     }
@@ -227,7 +229,7 @@ impl pb::image_service_server::ImageService for ImageApi {
         let r = r.into_inner();
         let id = parse_name(&r.name, ImageSpec::KIND, "name")?;
         let _guard = self.writes.lock().await;
-        if let Some(user) = self.exports(id)?.first() {
+        if let Some(user) = self.exports()?.get(id).and_then(|e| e.first()) {
             return Err(Status::failed_precondition(format!(
                 "images/{id} is in use: its layer is exported as {user}; unexport it first"
             )));
