@@ -8,12 +8,11 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
-use dpu_storage::image::Digest;
 use dpu_storage::image::chunk::chunk_image;
-use dpu_storage::image::convert::{LayerOptions, layer_filesystem};
-use dpu_storage::image::oci::{self, Parsed};
+use dpu_storage::image::convert::{LayerOptions, Layout, layer_filesystem};
+use dpu_storage::image::oci::Platform;
 use dpu_storage::image::trace::Trace;
 
 #[derive(Debug, Parser)]
@@ -33,26 +32,12 @@ struct Args {
     work_dir: PathBuf,
 }
 
-fn blob(dir: &std::path::Path, digest: &Digest) -> PathBuf {
-    dir.join("blobs/sha256").join(digest.hex())
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // The directory ends at its first colon, as in skopeo's oci:PATH:REFERENCE (a tag may hold colons).
     let (dir, tag) = args.layout.split_once(':').context("--layout is DIR:TAG")?;
-    let dir = PathBuf::from(dir);
-    let Parsed::Index(index) = oci::parse_manifest(None, &std::fs::read(dir.join("index.json"))?)? else {
-        bail!("index.json is not an index");
-    };
-    let entry = index
-        .manifests
-        .iter()
-        .find(|d| d.annotations.get("org.opencontainers.image.ref.name").is_some_and(|n| n == tag))
-        .with_context(|| format!("no image tagged {tag}"))?;
-    let Parsed::Manifest(manifest) = oci::parse_manifest(None, &std::fs::read(blob(&dir, &entry.digest))?)? else {
-        bail!("{} is not an image manifest", entry.digest);
-    };
+    let layout = Layout { dir: PathBuf::from(dir) };
+    let (manifest, _) = layout.manifest(Some(tag), &Platform::host())?;
     let trace: Option<Trace> = match &args.trace {
         Some(path) => Some(serde_json::from_slice(&std::fs::read(path)?).context("reading the trace")?),
         None => None,
@@ -60,7 +45,8 @@ fn main() -> anyhow::Result<()> {
     let options = LayerOptions::new(&args.work_dir);
     let mut layers = Vec::new();
     for layer in &manifest.layers {
-        let (image, _) = layer_filesystem(&blob(&dir, &layer.digest), &layer.media_type, &layer.digest, &options)?;
+        let blob = layout.blob_path(&layer.digest);
+        let (image, _) = layer_filesystem(&blob, &layer.media_type, &layer.digest, &options)?;
         // The blocks the start read: the trace's chunk numbers are 4 KiB blocks.
         let blocks: BTreeSet<u64> = trace
             .as_ref()

@@ -130,12 +130,6 @@ pub fn layer_filesystem(
     Ok((image, entries))
 }
 
-/// A directory whose time must be set once everything inside it exists.
-struct DirTime {
-    path: PathBuf,
-    mtime: u64,
-}
-
 /// Unpacks a layer tar into `root`, turning OCI whiteouts into overlayfs ones. Returns the entry count.
 fn unpack(reader: impl Read, root: &Path) -> Result<u64, ConvertError> {
     let mut archive = tar::Archive::new(reader);
@@ -144,7 +138,8 @@ fn unpack(reader: impl Read, root: &Path) -> Result<u64, ConvertError> {
     archive.set_preserve_mtime(true);
     archive.set_unpack_xattrs(true);
     archive.set_overwrite(true);
-    let mut dirs = vec![DirTime { path: root.to_path_buf(), mtime: 0 }];
+    // Directory times from their entries, set once everything inside each directory exists.
+    let mut dir_times: std::collections::HashMap<PathBuf, u64> = std::collections::HashMap::new();
     let mut opaque = Vec::new();
     let mut count = 0;
     for entry in archive.entries().map_err(io_err("reading the layer tar"))? {
@@ -186,7 +181,7 @@ fn unpack(reader: impl Read, root: &Path) -> Result<u64, ConvertError> {
             });
         }
         if is_dir {
-            dirs.push(DirTime { path: root.join(&rel), mtime });
+            dir_times.insert(root.join(&rel), mtime);
         }
     }
     for dir in opaque {
@@ -195,9 +190,8 @@ fn unpack(reader: impl Read, root: &Path) -> Result<u64, ConvertError> {
     }
     // Every directory gets a time: its entry's, or zero when it was created implicitly (no entry of its own).
     // Setting a directory's time does not change its parent's, so the order does not matter.
-    let explicit: std::collections::HashMap<PathBuf, u64> = dirs.into_iter().map(|d| (d.path, d.mtime)).collect();
     for dir in all_dirs(root)? {
-        let secs = explicit.get(&dir).copied().unwrap_or(0);
+        let secs = dir_times.get(&dir).copied().unwrap_or(0);
         let f = std::fs::File::open(&dir).map_err(io_err(format!("opening {}", dir.display())))?;
         f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
             .map_err(io_err(format!("setting the time of {}", dir.display())))?;
@@ -485,17 +479,82 @@ pub enum ImageError {
     Layout { dir: String, reason: String },
 }
 
+/// An OCI image layout directory (`oci-layout`, `index.json`, `blobs/sha256/…`). Its methods block: call them
+/// from a blocking thread.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    fn error(&self, reason: String) -> ImageError {
+        ImageError::Layout { dir: self.dir.display().to_string(), reason }
+    }
+
+    /// Where blob `digest` is stored.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("blobs").join("sha256").join(digest.hex())
+    }
+
+    /// Blob `digest`, checked against it.
+    pub fn blob(&self, digest: &Digest) -> Result<Vec<u8>, ImageError> {
+        let path = self.blob_path(digest);
+        let data = std::fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        if Digest::of(&data) != *digest {
+            return Err(self.error(format!("blob {digest} does not match its digest")));
+        }
+        Ok(data)
+    }
+
+    /// The image manifest named `tag` by its `org.opencontainers.image.ref.name` annotation (or the only image
+    /// when `tag` is `None`), an index resolved for `platform`, and its digest.
+    pub fn manifest(&self, tag: Option<&str>, platform: &Platform) -> Result<(Manifest, Digest), ImageError> {
+        let index = std::fs::read(self.dir.join("index.json")).map_err(|e| self.error(format!("index.json: {e}")))?;
+        let Parsed::Index(index) =
+            oci::parse_manifest(Some(oci::MEDIA_TYPE_OCI_INDEX), &index).map_err(|e| self.error(e.to_string()))?
+        else {
+            return Err(self.error("index.json is not an image index".into()));
+        };
+        let named: Vec<&Descriptor> = index
+            .manifests
+            .iter()
+            .filter(|d| {
+                let name = d.annotations.get("org.opencontainers.image.ref.name");
+                tag.is_none_or(|t| name.is_some_and(|n| n == t))
+            })
+            .collect();
+        let entry = match named.as_slice() {
+            [one] => *one,
+            [] => return Err(self.error(format!("no image named {:?}", tag.unwrap_or("(any)")))),
+            _ => return Err(self.error("several images: name one with oci:DIR:TAG".into())),
+        };
+        let mut digest = entry.digest;
+        let mut bytes = self.blob(&digest)?;
+        if let Parsed::Index(nested) = oci::parse_manifest(Some(&entry.media_type), &bytes)? {
+            digest = oci::select_platform(&nested, platform)?.digest;
+            bytes = self.blob(&digest)?;
+        }
+        match oci::parse_manifest(None, &bytes)? {
+            Parsed::Manifest(m) => Ok((m, digest)),
+            Parsed::Index(_) => Err(self.error(format!("{digest} is an index inside an index"))),
+        }
+    }
+}
+
+/// Runs blocking layout work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, ImageError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ImageError::Source(e.to_string()))?
+}
+
 /// Reads the source image: its manifest, digest, and blobs copied to local files on demand.
 enum Reader<'a> {
     Registry { client: &'a RegistryClient, reference: &'a Reference, credentials: &'a Credentials },
-    Layout { dir: &'a Path },
+    Layout(Layout),
 }
 
 impl Reader<'_> {
-    fn layout_blob(dir: &Path, digest: &Digest) -> PathBuf {
-        dir.join("blobs").join("sha256").join(digest.hex())
-    }
-
     /// The blob as a verified local file (a layout's own file, or a download into `scratch`).
     async fn blob_file(
         &self,
@@ -504,18 +563,14 @@ impl Reader<'_> {
         counted: &(dyn Fn(u64) + Sync),
     ) -> Result<PathBuf, ImageError> {
         match self {
-            Self::Layout { dir } => {
-                let path = Self::layout_blob(dir, digest);
+            Self::Layout(layout) => {
+                let path = layout.blob_path(digest);
                 let check = path.clone();
-                let actual = tokio::task::spawn_blocking(move || hash_file(&check))
-                    .await
-                    .map_err(|e| ImageError::Source(e.to_string()))?
-                    .map_err(io_err(format!("reading {}", path.display())))?;
+                let actual =
+                    blocking(move || Ok(hash_file(&check).map_err(io_err(format!("reading {}", check.display())))?))
+                        .await?;
                 if actual.0 != *digest {
-                    return Err(ImageError::Layout {
-                        dir: dir.display().to_string(),
-                        reason: format!("blob {digest} hashes to {}", actual.0),
-                    });
+                    return Err(layout.error(format!("blob {digest} hashes to {}", actual.0)));
                 }
                 counted(actual.1);
                 Ok(path)
@@ -554,14 +609,9 @@ impl Reader<'_> {
 
     async fn blob_bytes(&self, digest: &Digest) -> Result<Bytes, ImageError> {
         match self {
-            Self::Layout { dir } => {
-                let path = Self::layout_blob(dir, digest);
-                let data = tokio::fs::read(&path).await.map_err(io_err(format!("reading {}", path.display())))?;
-                if Digest::of(&data) != *digest {
-                    let reason = format!("blob {digest} does not match its digest");
-                    return Err(ImageError::Layout { dir: dir.display().to_string(), reason });
-                }
-                Ok(data.into())
+            Self::Layout(layout) => {
+                let (layout, digest) = (layout.clone(), *digest);
+                Ok(blocking(move || layout.blob(&digest)).await?.into())
             }
             Self::Registry { client, reference, credentials } => {
                 Ok(client.get_blob(reference, credentials, digest, None).await?)
@@ -576,38 +626,9 @@ impl Reader<'_> {
                 let resolved = client.get_manifest(reference, credentials, platform).await?;
                 Ok((resolved.manifest, resolved.digest))
             }
-            Self::Layout { dir } => {
-                let bad = |reason: String| ImageError::Layout { dir: dir.display().to_string(), reason };
-                let index =
-                    tokio::fs::read(dir.join("index.json")).await.map_err(|e| bad(format!("index.json: {e}")))?;
-                let Parsed::Index(index) =
-                    oci::parse_manifest(Some(oci::MEDIA_TYPE_OCI_INDEX), &index).map_err(|e| bad(e.to_string()))?
-                else {
-                    return Err(bad("index.json is not an image index".into()));
-                };
-                let named: Vec<&Descriptor> = index
-                    .manifests
-                    .iter()
-                    .filter(|d| {
-                        let name = d.annotations.get("org.opencontainers.image.ref.name");
-                        tag.is_none_or(|t| name.is_some_and(|n| n == t))
-                    })
-                    .collect();
-                let entry = match named.as_slice() {
-                    [one] => *one,
-                    [] => return Err(bad(format!("no image named {:?}", tag.unwrap_or("(any)")))),
-                    _ => return Err(bad("several images: name one with oci:DIR:TAG".into())),
-                };
-                let mut digest = entry.digest;
-                let mut bytes = self.blob_bytes(&digest).await?;
-                if let Parsed::Index(nested) = oci::parse_manifest(Some(&entry.media_type), &bytes)? {
-                    digest = oci::select_platform(&nested, platform)?.digest;
-                    bytes = self.blob_bytes(&digest).await?;
-                }
-                match oci::parse_manifest(None, &bytes)? {
-                    Parsed::Manifest(m) => Ok((m, digest)),
-                    Parsed::Index(_) => Err(bad(format!("{digest} is an index inside an index"))),
-                }
+            Self::Layout(layout) => {
+                let (layout, tag, platform) = (layout.clone(), tag.map(str::to_owned), platform.clone());
+                blocking(move || layout.manifest(tag.as_deref(), &platform)).await
             }
         }
     }
@@ -654,7 +675,7 @@ pub async fn convert_image(
 ) -> Result<Summary, ImageError> {
     let (reader, tag) = match source {
         Source::Registry { reference, credentials } => (Reader::Registry { client, reference, credentials }, None),
-        Source::Layout { dir, tag } => (Reader::Layout { dir }, tag.as_deref()),
+        Source::Layout { dir, tag } => (Reader::Layout(Layout { dir: dir.clone() }), tag.as_deref()),
     };
     let (manifest, source_digest) = reader.manifest(tag, platform).await?;
     if manifest.artifact_type.as_deref() == Some(super::format::ARTIFACT_TYPE) {
