@@ -380,6 +380,7 @@ CTL_PORT=$ctl_port
 READY_RE='$(image_var READY_RE)'
 START='$(image_var START_CMD)'
 GUEST
+cat "$repo/tests/guest/lib/nvme-sysfs.sh" >>"$work/run.sh"
 cat >>"$work/run.sh" <<'GUEST'
 say() { echo "lazy-bench: $*"; }
 fail() {
@@ -409,43 +410,20 @@ ctl() { # REQUEST: print the host's answer after "ok"; on no answer or an error 
 		;;
 	esac
 }
-disks() { # block devices of subsystem $1: under the subsystem with a multipath head, else its controllers
-	for _s in /sys/class/nvme-subsystem/nvme-subsys*; do
-		[ "$(cat "$_s/subsysnqn" 2>/dev/null)" = "$1" ] || continue
-		for _d in "$_s"/nvme*n*; do
-			[ -e "$_d/nsid" ] && [ -b "/dev/$(basename "$_d")" ] && basename "$_d"
-		done
-	done
-	for _c in /sys/class/nvme/nvme*; do
-		[ "$(cat "$_c/subsysnqn" 2>/dev/null)" = "$1" ] || continue
-		for _d in "$_c"/nvme*n*; do
-			case "$(basename "$_d")" in *c*n*) continue ;; esac
-			[ -e "$_d/nsid" ] && [ -b "/dev/$(basename "$_d")" ] && basename "$_d"
-		done
-	done
-	return 0
-}
-disk_uuid() {
-	for _a in uuid nguid; do
-		_u=$(cat "/sys/block/$1/$_a" 2>/dev/null) || continue
-		[ -n "$_u" ] && echo "$_u" | tr 'A-F' 'a-f' && return 0
-	done
-	return 1
-}
 while :; do
 	ans=$(ctl next) || fail "asking the host for the next variant failed"
 	# shellcheck disable=SC2086 # variant, NQN, namespace count, UUIDs
 	set -- $ans
 	[ "$1" = end ] && break
-	V=$1 NQN=$2 N=$3
+	V=$1 NVME_SUBNQN=$2 N=$3
 	shift 3
 	say "variant $V: $N namespaces"
-	nvme connect -t tcp -a 10.0.2.2 -s "$IO_PORT" -n "$NQN" --hostnqn "$HOSTNQN" --hostid "$HOSTID" >/dev/null \
-		|| fail "nvme connect $NQN failed"
+	nvme connect -t tcp -a 10.0.2.2 -s "$IO_PORT" -n "$NVME_SUBNQN" --hostnqn "$HOSTNQN" --hostid "$HOSTID" >/dev/null \
+		|| fail "nvme connect $NVME_SUBNQN failed"
 	_left=600
-	while [ "$(disks "$NQN" | wc -l)" -lt "$N" ]; do
+	while [ "$(nvme_ns_devs | wc -l)" -lt "$N" ]; do
 		_left=$((_left - 1))
-		[ "$_left" -gt 0 ] || fail "$N namespaces of $NQN did not appear"
+		[ "$_left" -gt 0 ] || fail "$N namespaces of $NVME_SUBNQN did not appear"
 		sleep 0.1
 	done
 	LOWER=""
@@ -453,13 +431,13 @@ while :; do
 	if [ "$#" -eq 0 ]; then
 		i=1
 		mkdir -p /mnt/l1
-		mount -t erofs -o ro "/dev/$(disks "$NQN")" /mnt/l1 || fail "mounting the rootfs image failed"
+		mount -t erofs -o ro "/dev/$(nvme_ns_devs)" /mnt/l1 || fail "mounting the rootfs image failed"
 		LOWER=/mnt/l1
 	fi
 	for u in "$@"; do
 		i=$((i + 1))
 		dev=""
-		for d in $(disks "$NQN"); do [ "$(disk_uuid "$d")" = "$u" ] && dev=$d; done
+		for d in $(nvme_ns_devs); do [ "$(nvme_ns_uuid "$d")" = "$u" ] && dev=$d; done
 		[ -n "$dev" ] || fail "no namespace with UUID $u"
 		mkdir -p "/mnt/l$i"
 		mount -t erofs -o ro "/dev/$dev" "/mnt/l$i" || fail "mounting layer $i failed"
@@ -484,8 +462,8 @@ while :; do
 		umount "/mnt/l$i" || fail "umount /mnt/l$i"
 		i=$((i - 1))
 	done
-	nvme disconnect -n "$NQN" >/dev/null || fail "nvme disconnect failed"
-	while [ -n "$(disks "$NQN")" ]; do sleep 0.1; done
+	nvme disconnect -n "$NVME_SUBNQN" >/dev/null || fail "nvme disconnect failed"
+	while [ -n "$(nvme_ns_devs)" ]; do sleep 0.1; done
 	sync
 	echo 3 >/proc/sys/vm/drop_caches
 done

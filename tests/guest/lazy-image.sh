@@ -371,6 +371,7 @@ guest_script() {
 	printf 'LAZY_IO_PORT=%s\n' "$LAZY_IO_PORT"
 	printf 'LAZY_CTL_PORT=%s\n' "$LAZY_CTL_PORT"
 	printf 'LAZY_NQN=%s\n' "$(lazy_sq "$LAZY_NQN")"
+	printf 'NVME_SUBNQN=%s\n' "$(lazy_sq "$LAZY_NQN")"
 	printf 'LAZY_HOSTNQN=%s\n' "$(lazy_sq "$LAZY_HOSTNQN")"
 	printf 'LAZY_HOSTID=%s\n' "$(lazy_sq "$LAZY_HOSTID")"
 	printf 'LAZY_UUIDS=%s\n' "$(lazy_sq "$LAZY_UUIDS")"
@@ -384,6 +385,7 @@ guest_script() {
 	printf 'LAZY_UNTOUCHED_BYTES=%s\n' "$(lazy_image_var UNTOUCHED_BYTES)"
 	printf 'LAZY_EIO_LIMIT=%s\n' "$limit"
 	printf 'LAZY_CMD_TIMEOUT=%s\n' "${DPU_LAZY_CMD_TIMEOUT:-600}"
+	cat "$REPO_ROOT/tests/guest/lib/nvme-sysfs.sh"
 	cat <<'GUEST'
 
 STEP=setup
@@ -414,41 +416,6 @@ ctl() {
 	fail "the host answered $1 with: $_ans"
 }
 
-# Block devices (names) of LAZY_NQN's namespaces: under the subsystem with native multipath (Debian's
-# default), else under its controllers.
-lazy_disks() {
-	for _s in /sys/class/nvme-subsystem/nvme-subsys*; do
-		[ "$(cat "$_s/subsysnqn" 2>/dev/null)" = "$LAZY_NQN" ] || continue
-		for _d in "$_s"/nvme*n*; do
-			[ -e "$_d/nsid" ] && [ -b "/dev/$(basename "$_d")" ] && basename "$_d"
-		done
-	done
-	for _c in /sys/class/nvme/nvme*; do
-		[ "$(cat "$_c/subsysnqn" 2>/dev/null)" = "$LAZY_NQN" ] || continue
-		for _d in "$_c"/nvme*n*; do
-			case "$(basename "$_d")" in *c*n*) continue ;; esac
-			[ -e "$_d/nsid" ] && [ -b "/dev/$(basename "$_d")" ] && basename "$_d"
-		done
-	done
-	return 0
-}
-
-lazy_ctrl() { # the live controller of LAZY_NQN
-	for _c in /sys/class/nvme/nvme*; do
-		[ "$(cat "$_c/subsysnqn" 2>/dev/null)" = "$LAZY_NQN" ] || continue
-		[ "$(cat "$_c/state" 2>/dev/null)" = live ] && basename "$_c" && return 0
-	done
-	return 1
-}
-
-disk_uuid() { # NAME: the namespace's UUID as the kernel shows it (NGUID if there is no UUID: the same bytes)
-	for _a in uuid nguid; do
-		_u=$(cat "/sys/block/$1/$_a" 2>/dev/null) || continue
-		[ -n "$_u" ] && echo "$_u" | tr 'A-F' 'a-f' && return 0
-	done
-	return 1
-}
-
 # shellcheck disable=SC2086 # one word per layer
 set -- $LAZY_UUIDS
 N=$#
@@ -456,14 +423,14 @@ N=$#
 step connect
 nvme connect -t tcp -a "$LAZY_ADDR" -s "$LAZY_IO_PORT" -n "$LAZY_NQN" --hostnqn "$LAZY_HOSTNQN" \
 	--hostid "$LAZY_HOSTID" || fail "nvme connect failed"
-CTRL=$(lazy_ctrl) || fail "no live controller for $LAZY_NQN after nvme connect"
+CTRL=$(nvme_live_ctrl) || fail "no live controller for $LAZY_NQN after nvme connect"
 _left=600
-while [ "$(lazy_disks | wc -l)" -lt "$N" ]; do
+while [ "$(nvme_ns_devs | wc -l)" -lt "$N" ]; do
 	_left=$((_left - 1))
-	[ "$_left" -gt 0 ] || fail "$(lazy_disks | wc -l) of $N namespaces appeared within 60 s"
+	[ "$_left" -gt 0 ] || fail "$(nvme_ns_devs | wc -l) of $N namespaces appeared within 60 s"
 	sleep 0.1
 done
-say "controller $CTRL: namespaces $(lazy_disks | tr '\n' ' ')"
+say "controller $CTRL: namespaces $(nvme_ns_devs | tr '\n' ' ')"
 
 step mount
 mkdir -p /mnt/rw /mnt/root
@@ -472,10 +439,10 @@ i=0
 for u in $LAZY_UUIDS; do
 	i=$((i + 1))
 	dev=""
-	for d in $(lazy_disks); do
-		[ "$(disk_uuid "$d")" = "$u" ] && dev=$d
+	for d in $(nvme_ns_devs); do
+		[ "$(nvme_ns_uuid "$d")" = "$u" ] && dev=$d
 	done
-	[ -n "$dev" ] || fail "no namespace has the UUID $u of layer $i (namespaces: $(for d in $(lazy_disks); do printf '%s=%s ' "$d" "$(disk_uuid "$d")"; done))"
+	[ -n "$dev" ] || fail "no namespace has the UUID $u of layer $i (namespaces: $(for d in $(nvme_ns_devs); do printf '%s=%s ' "$d" "$(nvme_ns_uuid "$d")"; done))"
 	mkdir -p "/mnt/l$i"
 	mount -t erofs -o ro "/dev/$dev" "/mnt/l$i" || fail "mounting layer $i (/dev/$dev) as EROFS failed"
 	say "layer $i: /dev/$dev (UUID $u, $(($(cat "/sys/block/$dev/size") / 2048)) MiB) on /mnt/l$i"
@@ -549,7 +516,7 @@ if dmesg | grep -iE 'nvme.*(timeout|reset|reconnect)' >/tmp/reset.out; then
 	sed 's/^/kernel: /' /tmp/reset.out
 	fail "the initiator timed out or reset the controller: the target did not answer the read in time"
 fi
-[ "$(lazy_ctrl)" = "$CTRL" ] || fail "controller $CTRL is not live after the failed read"
+[ "$(nvme_live_ctrl)" = "$CTRL" ] || fail "controller $CTRL is not live after the failed read"
 say "ok: EIO after $(secs "$el") s with the registry down (limit $LAZY_EIO_LIMIT s), $CTRL still live"
 
 step recovery
@@ -558,7 +525,7 @@ t=$(now_cs)
 sum=$(timeout "$LAZY_CMD_TIMEOUT" sha256sum "/mnt/root$LAZY_UNTOUCHED") || fail "reading $LAZY_UNTOUCHED failed after the registry came back"
 el=$(($(now_cs) - t))
 [ "${sum%% *}" = "$LAZY_UNTOUCHED_SHA" ] || fail "$LAZY_UNTOUCHED has SHA-256 ${sum%% *}, expected $LAZY_UNTOUCHED_SHA"
-[ "$(lazy_ctrl)" = "$CTRL" ] || fail "controller $CTRL changed or is not live: the read should not need a reconnect"
+[ "$(nvme_live_ctrl)" = "$CTRL" ] || fail "controller $CTRL changed or is not live: the read should not need a reconnect"
 dmesg | grep -iE 'nvme.*(timeout|reset|reconnect)' && fail "the controller was reset"
 say "ok: $LAZY_UNTOUCHED read back in $(secs "$el") s with the right checksum, same controller $CTRL"
 
@@ -573,7 +540,7 @@ while [ "$i" -ge 1 ]; do
 done
 nvme disconnect -n "$LAZY_NQN" || fail "nvme disconnect failed"
 _left=300
-while lazy_ctrl >/dev/null || [ -n "$(lazy_disks)" ]; do
+while nvme_live_ctrl >/dev/null || [ -n "$(nvme_ns_devs)" ]; do
 	_left=$((_left - 1))
 	[ "$_left" -gt 0 ] || fail "the controller is still there 30 s after nvme disconnect"
 	sleep 0.1

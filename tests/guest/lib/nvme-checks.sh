@@ -98,48 +98,7 @@ nvme_must() { # DESCRIPTION CMD...: nvme_run, fail the step on error
 	nvme_run "$@" || nvme_fail "$_d failed (exit status $_rc)"
 }
 
-# Controllers (nvmeN) connected to NVME_SUBNQN, any state.
-nvme_ctrls() {
-	for _c in /sys/class/nvme/nvme*; do
-		[ -e "$_c/subsysnqn" ] || continue
-		[ "$(cat "$_c/subsysnqn")" = "$NVME_SUBNQN" ] && basename "$_c"
-	done
-	return 0
-}
-
-nvme_live_ctrl() { # the first live controller of NVME_SUBNQN
-	for _n in $(nvme_ctrls); do
-		if [ "$(cat "/sys/class/nvme/$_n/state" 2>/dev/null)" = live ]; then
-			echo "$_n"
-			return 0
-		fi
-	done
-	return 1
-}
-
-# Block device (/dev/...) of namespace NSID of NVME_SUBNQN. With native
-# multipath (Debian's default) the disk hangs off the subsystem
-# (nvme<subsys>n<nsid>), otherwise off the controller.
-nvme_ns_dev() {
-	for _s in /sys/class/nvme-subsystem/nvme-subsys*; do
-		[ -e "$_s/subsysnqn" ] || continue
-		[ "$(cat "$_s/subsysnqn")" = "$NVME_SUBNQN" ] || continue
-		for _d in "$_s"/nvme*n*; do
-			[ -e "$_d/nsid" ] || continue
-			[ "$(cat "$_d/nsid")" = "$1" ] || continue
-			[ -b "/dev/$(basename "$_d")" ] && echo "/dev/$(basename "$_d")" && return 0
-		done
-	done
-	for _n in $(nvme_ctrls); do
-		for _d in /sys/class/nvme/"$_n"/nvme*n*; do
-			case "$(basename "$_d")" in *c*n*) continue ;; esac
-			[ -e "$_d/nsid" ] || continue
-			[ "$(cat "$_d/nsid")" = "$1" ] || continue
-			[ -b "/dev/$(basename "$_d")" ] && echo "/dev/$(basename "$_d")" && return 0
-		done
-	done
-	return 1
-}
+# nvme_ctrls, nvme_live_ctrl and nvme_ns_dev come from tests/guest/lib/nvme-sysfs.sh, printed in front.
 
 nvme_ns_count() { # namespaces of NVME_SUBNQN with a block device
 	_k=0

@@ -73,5 +73,5 @@ nvme_checks_script() {
 		}
 		printf '%s=%s\n' "${kv%%=*}" "$(nvme_sq "${kv#*=}")"
 	done
-	cat "$REPO_ROOT/tests/guest/lib/nvme-checks.sh"
+	cat "$REPO_ROOT/tests/guest/lib/nvme-sysfs.sh" "$REPO_ROOT/tests/guest/lib/nvme-checks.sh"
 }
