@@ -82,23 +82,89 @@ pub struct ChunkCache {
     state: Mutex<State>,
     stats: CacheStats,
     tmp_seq: AtomicU64,
+    /// Set (and signalled) once the chunks found at open are indexed.
+    indexed: (Mutex<bool>, std::sync::Condvar),
 }
+
+/// Recency ranks below this belong to chunks found at open (in mtime order); uses count up from it.
+const FOUND_RANKS: u64 = 1 << 40;
 
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 impl ChunkCache {
-    /// Opens (creating) the cache directory, clears unfinished writes and indexes the chunks already there,
-    /// oldest first.
+    /// Opens (creating) the cache directory and clears unfinished writes. The chunks already there are indexed
+    /// by a thread of their own (a large cache holds hundreds of thousands of files, and the agent serves
+    /// meanwhile): until [`ChunkCache::wait_indexed`] returns, a chunk not indexed yet reads as a miss.
     pub fn open(config: CacheConfig) -> io::Result<Arc<Self>> {
-        let chunks = config.dir.join("chunks");
         let tmp = config.dir.join("tmp");
-        std::fs::create_dir_all(&chunks)?;
+        std::fs::create_dir_all(config.dir.join("chunks"))?;
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
+        // Chunks found on disk rank below every use from now on: their ranks are their mtime order, under this.
+        let state = State { clock: FOUND_RANKS, ..State::default() };
+        let cache = Arc::new(Self {
+            config,
+            state: Mutex::new(state),
+            stats: CacheStats::default(),
+            tmp_seq: 0.into(),
+            indexed: (Mutex::new(false), std::sync::Condvar::new()),
+        });
+        let scanner = cache.clone();
+        std::thread::Builder::new().name("dpu-cache-index".into()).spawn(move || scanner.index_found())?;
+        Ok(cache)
+    }
+
+    /// Blocks until the chunks found at open are indexed.
+    pub fn wait_indexed(&self) {
+        let (done, cond) = &self.indexed;
+        let mut done = done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while !*done {
+            done = cond.wait(done).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Indexes the chunks on disk, oldest first, unless a fetch already put them in; then evicts past capacity.
+    fn index_found(&self) {
+        match self.scan() {
+            Ok(mut found) => {
+                found.sort();
+                let mut state = self.lock();
+                for (rank, (modified, digest, size)) in found.into_iter().enumerate() {
+                    if state.entries.contains_key(&digest) {
+                        continue;
+                    }
+                    state.used += size;
+                    let entry =
+                        Entry { size, last_use: rank as u64, verified: false, file: None, touched: Some(modified) };
+                    state.entries.insert(digest, entry);
+                }
+                drop(state);
+                if let Err(e) = self.evict_over_capacity() {
+                    tracing::warn!(error = %e, "evicting from the chunk cache failed");
+                }
+                tracing::info!(
+                    dir = %self.config.dir.display(),
+                    chunks = self.len(),
+                    bytes = self.used_bytes(),
+                    capacity = self.config.capacity_bytes,
+                    "chunk cache indexed"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %self.config.dir.display(), "indexing the chunk cache failed: its chunks will be fetched again")
+            }
+        }
+        let (done, cond) = &self.indexed;
+        *done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        cond.notify_all();
+    }
+
+    /// (modification time, digest, size) of every chunk file; stray files are removed.
+    fn scan(&self) -> io::Result<Vec<(SystemTime, Digest, u64)>> {
         let mut found = Vec::new();
-        for shard in std::fs::read_dir(&chunks)? {
+        for shard in std::fs::read_dir(self.config.dir.join("chunks"))? {
             let shard = shard?;
             if !shard.file_type()?.is_dir() {
                 continue;
@@ -115,25 +181,7 @@ impl ChunkCache {
                 found.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), digest, meta.len()));
             }
         }
-        found.sort();
-        let mut state = State::default();
-        for (modified, digest, size) in found {
-            state.clock += 1;
-            state.used += size;
-            let entry = Entry { size, last_use: state.clock, verified: false, file: None, touched: Some(modified) };
-            state.entries.insert(digest, entry);
-        }
-        let cache =
-            Arc::new(Self { config, state: Mutex::new(state), stats: CacheStats::default(), tmp_seq: 0.into() });
-        cache.evict_over_capacity()?;
-        tracing::info!(
-            dir = %cache.config.dir.display(),
-            chunks = cache.len(),
-            bytes = cache.used_bytes(),
-            capacity = cache.config.capacity_bytes,
-            "chunk cache opened"
-        );
-        Ok(cache)
+        Ok(found)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -168,7 +216,24 @@ impl ChunkCache {
     }
 
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.lock().entries.contains_key(digest)
+        self.lock().entries.contains_key(digest) || self.adopt(digest)
+    }
+
+    /// While the chunks found at open are being indexed, indexes `digest` now if its file is there (unverified,
+    /// like every chunk found at open), so a restarted agent serves what it has before the scan reaches it.
+    fn adopt(&self, digest: &Digest) -> bool {
+        if *self.indexed.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            return false;
+        }
+        let Ok(meta) = std::fs::metadata(self.path(digest)) else { return false };
+        let mut state = self.lock();
+        if !state.entries.contains_key(digest) {
+            state.used += meta.len();
+            let entry =
+                Entry { size: meta.len(), last_use: 0, verified: false, file: None, touched: meta.modified().ok() };
+            state.entries.insert(*digest, entry);
+        }
+        true
     }
 
     /// Reads bytes `offset..offset + buf.len()` of a verified cached chunk whose file is open, through the ring:
@@ -207,6 +272,9 @@ impl ChunkCache {
             let clock = state.clock;
             let Some(entry) = state.entries.get_mut(digest) else {
                 drop(state);
+                if self.adopt(digest) {
+                    return self.read_at(digest, offset, buf);
+                }
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 return Ok(false);
             };
@@ -396,6 +464,7 @@ mod tests {
     fn stores_reads_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open(CacheConfig::new(dir.path(), 1 << 20)).unwrap();
+        cache.wait_indexed();
         let (d, data) = chunk(1, 8192);
         let mut buf = vec![0; 100];
         assert!(!cache.read_at(&d, 0, &mut buf).unwrap(), "a miss before insert");
@@ -407,6 +476,7 @@ mod tests {
         std::fs::write(dir.path().join("tmp").join("partial"), b"torn").unwrap();
         drop(cache);
         let cache = ChunkCache::open(CacheConfig::new(dir.path(), 1 << 20)).unwrap();
+        cache.wait_indexed();
         assert!(!dir.path().join("tmp").join("partial").exists());
         assert_eq!(cache.len(), 1);
         assert!(cache.read_at(&d, 0, &mut buf).unwrap());
@@ -415,9 +485,36 @@ mod tests {
     }
 
     #[test]
+    fn chunks_not_indexed_yet_are_served_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(CacheConfig::new(dir.path(), 1 << 20)).unwrap();
+        cache.wait_indexed();
+        // As while the scan at open is still running: a chunk on disk the index does not know yet.
+        *cache.indexed.0.lock().unwrap() = false;
+        let (d, data) = chunk(3, 8192);
+        std::fs::create_dir_all(cache.path(&d).parent().unwrap()).unwrap();
+        std::fs::write(cache.path(&d), &data).unwrap();
+        assert!(cache.contains(&d));
+        let mut buf = vec![0; 100];
+        assert!(cache.read_at(&d, 100, &mut buf).unwrap(), "found on disk, verified, served");
+        assert_eq!(buf, data[100..200]);
+        assert_eq!(cache.used_bytes(), 8192);
+        // A torn one is verified and dropped like any chunk found at open.
+        let (t, torn) = chunk(4, 4096);
+        std::fs::create_dir_all(cache.path(&t).parent().unwrap()).unwrap();
+        std::fs::write(cache.path(&t), &torn[..2048]).unwrap();
+        assert!(!cache.read_at(&t, 0, &mut buf).unwrap());
+        assert_eq!(cache.stats().corrupt.load(Ordering::Relaxed), 1);
+        // Once indexed, a missing chunk is a plain miss.
+        *cache.indexed.0.lock().unwrap() = true;
+        assert!(!cache.contains(&Digest::of(b"absent")));
+    }
+
+    #[test]
     fn a_torn_chunk_found_at_start_is_dropped_not_served() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open(CacheConfig::new(dir.path(), 1 << 20)).unwrap();
+        cache.wait_indexed();
         let (d, data) = chunk(2, 4096);
         cache.insert(&d, &data).unwrap();
         let path = cache.path(&d);
@@ -425,6 +522,7 @@ mod tests {
         // What a power loss can leave: the name in place, the data not.
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
         let cache = ChunkCache::open(CacheConfig::new(dir.path(), 1 << 20)).unwrap();
+        cache.wait_indexed();
         let mut buf = vec![0; 4096];
         assert!(!cache.read_at(&d, 0, &mut buf).unwrap(), "a corrupt chunk is a miss");
         assert_eq!(cache.stats().corrupt.load(Ordering::Relaxed), 1);
@@ -440,6 +538,7 @@ mod tests {
         let mut config = CacheConfig::new(dir.path(), 4 * 4096);
         config.max_open_files = 2;
         let cache = ChunkCache::open(config).unwrap();
+        cache.wait_indexed();
         let chunks: Vec<_> = (0..4).map(|i| chunk(i, 4096)).collect();
         for (d, data) in &chunks {
             cache.insert(d, data).unwrap();
@@ -460,6 +559,7 @@ mod tests {
         // Smaller capacity at the next start evicts down to it.
         drop(cache);
         let cache = ChunkCache::open(CacheConfig::new(dir.path(), 2 * 4096)).unwrap();
+        cache.wait_indexed();
         assert!(cache.used_bytes() <= 2 * 4096);
     }
 }

@@ -670,6 +670,7 @@ mod tests {
         assert_eq!(lock(&twin.requests).len(), 2, "3..=5 coalesce, 9 alone, 200 is ignored");
         // Another layer with the same chunks shares the cache.
         let cache = ChunkCache::open(CacheConfig::new(dir.path(), 64 << 20)).unwrap();
+        cache.wait_indexed();
         let other = LazyVolume::new(vol.inner.index.clone(), twin.clone(), cache, FetchPolicy::default());
         let (buf, r) = other.read(6, vec![0; 3 * 8192]).await;
         r.unwrap();
