@@ -474,30 +474,7 @@ initramfs=$(images/build-initramfs.sh --arch amd64 --kernel "$kernel_dir" \
 	--module crc32c_generic,nvme-tcp,erofs,overlay --binary nvme --script "$work/run.sh" \
 	--out "$work/initramfs.cpio")
 
-cat >"$work/ctl.py" <<'PY'
-import http.server
-import sys
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        print(self.path.lstrip("/"), flush=True)
-        answer = sys.stdin.readline().rstrip("\n") or "error the host side is gone"
-        body = (answer + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
-print("listening", flush=True)
-server.serve_forever()
-PY
-coproc CTL { exec python3 "$work/ctl.py" "$ctl_port"; }
+coproc CTL { exec python3 "$repo/tests/guest/lib/ctl.py" "$ctl_port"; }
 # shellcheck disable=SC2153 # set by coproc
 ctl_pid=$CTL_PID
 ctl_in=${CTL[0]}

@@ -550,33 +550,6 @@ echo "LAZY-IMAGE: PASS"
 GUEST
 }
 
-# The control endpoint: each GET's path goes to our stdin as one line, our answer line goes back as the body.
-lazy_write_ctl_server() {
-	cat >"$GUEST_WORK/ctl.py" <<'PY'
-import http.server
-import sys
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        print(self.path.lstrip("/"), flush=True)
-        answer = sys.stdin.readline().rstrip("\n") or "error the host side is gone"
-        body = (answer + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
-print("listening", flush=True)
-server.serve_forever()
-PY
-}
 
 # The agent's view after the guest is done: still up, reads failed during the outage, not everything fetched.
 lazy_final_check() {
@@ -616,8 +589,7 @@ PY
 }
 
 host_check() {
-	lazy_write_ctl_server
-	coproc LAZY_CTL { exec python3 "$GUEST_WORK/ctl.py" "$LAZY_CTL_PORT"; }
+	coproc LAZY_CTL { exec python3 "$REPO_ROOT/tests/guest/lib/ctl.py" "$LAZY_CTL_PORT"; }
 	local from=${LAZY_CTL[0]} to=${LAZY_CTL[1]} req answer rc line
 	printf '%s\n' "$LAZY_CTL_PID" >"$GUEST_WORK/ctl.pid"
 	trap 'kill "$(cat "$GUEST_WORK/ctl.pid" 2>/dev/null)" 2>/dev/null || true' EXIT
