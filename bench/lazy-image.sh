@@ -41,7 +41,9 @@
 # at native speed, which flatters the lazy variants' fetch cost; compare variants, not absolute seconds.
 #
 # Environment: DPU_BENCH_NO_BUILD=1 uses the binaries already in ${CARGO_TARGET_DIR:-target}/release;
-# DPU_LAZY_CHUNK converts with that chunk size (bytes); DPU_LAZY_SAVE_TRACE=FILE saves the stored start-up trace
+# DPU_LAZY_CHUNK converts with that chunk size (bytes); DPU_LAZY_READAHEAD_KB (32) is the guest's read_ahead_kb
+# on the layer namespaces of (b)-(d) ((a)'s local disk keeps the kernel's default, 128); DPU_LAZY_SAVE_TRACE=FILE
+# saves the stored start-up trace
 # (with DPU_LAZY_CHUNK=4096, the input of dpu-image-chunks --trace).
 # DPU_BENCH_KEEP=1 keeps the work directory (logs, console, nginx log); DPU_LAZY_RUNS, DPU_LAZY_MBIT,
 # DPU_LAZY_RTT_MS, DPU_LAZY_TRACE_WINDOW; DPU_GUEST_TIMEOUT (s, the whole guest run, default 1800); RUST_LOG
@@ -57,6 +59,7 @@ mbit=${DPU_LAZY_MBIT:-100}
 rtt_ms=${DPU_LAZY_RTT_MS:-0}
 trace_window=${DPU_LAZY_TRACE_WINDOW:-60}
 chunk=${DPU_LAZY_CHUNK:-}
+readahead_kb=${DPU_LAZY_READAHEAD_KB:-32}
 save_trace=${DPU_LAZY_SAVE_TRACE:-}
 runs=${DPU_LAZY_RUNS:-3}
 guest_timeout=${DPU_GUEST_TIMEOUT:-1800}
@@ -65,6 +68,7 @@ nqn_full=nqn.2026-11.io.dpu-agent:bench-full-image
 hostid=7a1e5c3b-2d4f-4e6a-8b9c-0d1e2f3a4b5c
 command_line="DPU_LAZY_RUNS=$runs DPU_LAZY_MBIT=$mbit DPU_LAZY_RTT_MS=$rtt_ms DPU_LAZY_TRACE_WINDOW=$trace_window"
 [[ -z $chunk ]] || command_line+=" DPU_LAZY_CHUNK=$chunk"
+command_line+=" DPU_LAZY_READAHEAD_KB=$readahead_kb"
 command_line+=" bench/lazy-image.sh"
 
 say() { printf 'bench/lazy-image: %s\n' "$*" >&2; }
@@ -377,6 +381,7 @@ HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:$hostid
 HOSTID=$hostid
 IO_PORT=$io_port
 CTL_PORT=$ctl_port
+READAHEAD_KB=$readahead_kb
 READY_RE='$(image_var READY_RE)'
 START='$(image_var START_CMD)'
 GUEST
@@ -439,6 +444,8 @@ while :; do
 		dev=""
 		for d in $(nvme_ns_devs); do [ "$(nvme_ns_uuid "$d")" = "$u" ] && dev=$d; done
 		[ -n "$dev" ] || fail "no namespace with UUID $u"
+		# As the host's snapshotter does for a lazily loaded layer: readahead no larger than what a start needs.
+		echo "$READAHEAD_KB" >"/sys/block/$dev/queue/read_ahead_kb" || fail "setting read_ahead_kb of $dev failed"
 		mkdir -p "/mnt/l$i"
 		mount -t erofs -o ro "/dev/$dev" "/mnt/l$i" || fail "mounting layer $i failed"
 		LOWER="/mnt/l$i${LOWER:+:$LOWER}"

@@ -8,9 +8,11 @@
 //!   magic "DPUCHIX1" | version u16 = 1 | reserved u16 | chunk_size u32 | image_size u64 | data_size u64
 //!   | data_digest [32] | count u32 | reserved u32 | reserved u64
 //! entries (count × 48 bytes)
-//!   offset u64 (in the data blob) | stored_len u32 | encoding u32 (0 raw, 1 lz4 block) | digest [32]
+//!   offset u64 (in the data blob) | stored_len u32 | encoding u32 (0 raw, 1 lz4 block, 2 zstd frame)
+//!   | digest [32]
 //! ```
 //!
+//! A compressed chunk is always smaller than its uncompressed bytes (the converter stores it raw otherwise).
 //! A chunk's digest is the SHA-256 of its *uncompressed* bytes, so identical chunks are stored once in a blob,
 //! cached once on the DPU and verified after decompression: nothing unverified is ever served. Every chunk but
 //! the last is `chunk_size` bytes; the last holds the rest of `image_size`.
@@ -36,7 +38,70 @@ pub const MAX_CHUNKS: u64 = 1 << 22;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
     Raw,
+    /// One lz4 block.
     Lz4,
+    /// One zstd frame, its content size declared.
+    Zstd,
+}
+
+impl Encoding {
+    fn code(self) -> u32 {
+        match self {
+            Self::Raw => 0,
+            Self::Lz4 => 1,
+            Self::Zstd => 2,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<Self> {
+        [Self::Raw, Self::Lz4, Self::Zstd].into_iter().find(|e| e.code() == code)
+    }
+}
+
+/// How the converter compresses chunks. Decoding handles every [`Encoding`] whatever was chosen here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Lz4,
+    /// zstd at a level in 1..=22.
+    Zstd(i32),
+}
+
+impl Compression {
+    /// zstd level 9: measured on a real image in docs/benchmarks.md (bytes a start fetches against conversion
+    /// time).
+    pub const DEFAULT: Self = Self::Zstd(9);
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Lz4 => f.write_str("lz4"),
+            Self::Zstd(level) => write!(f, "zstd-{level}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    /// `lz4`, `zstd` (the default level) or `zstd-N`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let level = match text {
+            "lz4" => return Ok(Self::Lz4),
+            "zstd" => return Ok(Self::DEFAULT),
+            _ => text.strip_prefix("zstd-").and_then(|n| n.parse::<i32>().ok()),
+        };
+        match level {
+            Some(level @ 1..=22) => Ok(Self::Zstd(level)),
+            _ => Err(format!("{text:?} is not lz4, zstd or zstd-N with N in 1..=22")),
+        }
+    }
 }
 
 /// One chunk of the filesystem image.
@@ -77,11 +142,6 @@ pub struct IndexError(pub String);
 
 fn bad<T>(message: impl Into<String>) -> Result<T, IndexError> {
     Err(IndexError(message.into()))
-}
-
-/// The most bytes lz4 may produce for `len` input bytes (its worst case for incompressible data).
-fn lz4_bound(len: u32) -> u64 {
-    u64::from(len) + u64::from(len) / 255 + 16
 }
 
 impl ChunkIndex {
@@ -125,7 +185,7 @@ impl ChunkIndex {
             }
             let ok = match c.encoding {
                 Encoding::Raw => c.stored_len == len,
-                Encoding::Lz4 => u64::from(c.stored_len) <= lz4_bound(len),
+                Encoding::Lz4 | Encoding::Zstd => c.stored_len < len,
             };
             if !ok {
                 return bad(format!("chunk {i} stores {} bytes for {len} ({:?})", c.stored_len, c.encoding));
@@ -149,11 +209,7 @@ impl ChunkIndex {
         for c in &self.chunks {
             out.extend_from_slice(&c.offset.to_le_bytes());
             out.extend_from_slice(&c.stored_len.to_le_bytes());
-            let encoding: u32 = match c.encoding {
-                Encoding::Raw => 0,
-                Encoding::Lz4 => 1,
-            };
-            out.extend_from_slice(&encoding.to_le_bytes());
+            out.extend_from_slice(&c.encoding.code().to_le_bytes());
             out.extend_from_slice(&c.digest.0);
         }
         out
@@ -190,10 +246,8 @@ impl ChunkIndex {
         let mut chunks = Vec::with_capacity(count as usize);
         for i in 0..count as usize {
             let at = HEADER + i * ENTRY;
-            let encoding = match u32_at(at + 12) {
-                0 => Encoding::Raw,
-                1 => Encoding::Lz4,
-                other => return bad(format!("chunk {i} has unknown encoding {other}")),
+            let Some(encoding) = Encoding::from_code(u32_at(at + 12)) else {
+                return bad(format!("chunk {i} has unknown encoding {}", u32_at(at + 12)));
             };
             chunks.push(ChunkEntry {
                 offset: u64_at(at),
@@ -211,8 +265,8 @@ impl ChunkIndex {
 /// Why a chunk's stored bytes were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {
-    #[error("chunk {index}: lz4 data does not decompress to {len} bytes: {reason}")]
-    Decompress { index: usize, len: usize, reason: String },
+    #[error("chunk {index}: {encoding:?} data does not decompress to {len} bytes: {reason}")]
+    Decompress { index: usize, encoding: Encoding, len: usize, reason: String },
     #[error("chunk {index}: digest mismatch (expected {expected}, got {actual})")]
     Digest { index: usize, expected: Digest, actual: Digest },
 }
@@ -223,15 +277,24 @@ impl ChunkIndex {
         let entry = &self.chunks[i];
         let len = self.chunk_len(i);
         let data = match entry.encoding {
-            Encoding::Raw => stored.to_vec(),
-            Encoding::Lz4 => {
+            Encoding::Raw if stored.len() == len => stored.to_vec(),
+            encoding @ Encoding::Raw => {
+                let reason = format!("{} bytes stored", stored.len());
+                return Err(ChunkError::Decompress { index: i, encoding, len, reason });
+            }
+            encoding => {
                 let mut out = vec![0; len];
-                match lz4_flex::block::decompress_into(stored, &mut out) {
+                let written = match encoding {
+                    Encoding::Lz4 => lz4_flex::block::decompress_into(stored, &mut out).map_err(|e| e.to_string()),
+                    _ => zstd_decompress(stored, &mut out),
+                };
+                match written {
                     Ok(n) if n == len => out,
                     Ok(n) => {
-                        return Err(ChunkError::Decompress { index: i, len, reason: format!("got {n} bytes") });
+                        let reason = format!("got {n} bytes");
+                        return Err(ChunkError::Decompress { index: i, encoding, len, reason });
                     }
-                    Err(e) => return Err(ChunkError::Decompress { index: i, len, reason: e.to_string() }),
+                    Err(reason) => return Err(ChunkError::Decompress { index: i, encoding, len, reason }),
                 }
             }
         };
@@ -240,6 +303,58 @@ impl ChunkIndex {
             return Err(ChunkError::Digest { index: i, expected: entry.digest, actual });
         }
         Ok(data)
+    }
+}
+
+/// Decompresses one zstd frame into `out` (exactly its size), with this thread's reusable decoder context. One
+/// pass into a buffer of the chunk's size: the decoder allocates no window, whatever the frame declares, and a
+/// frame holding more than `out` is refused.
+fn zstd_decompress(stored: &[u8], out: &mut [u8]) -> Result<usize, String> {
+    thread_local! {
+        static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DECODER.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let decoder = match &mut *cell {
+            Some(decoder) => decoder,
+            slot => slot.insert(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?),
+        };
+        decoder.decompress_to_buffer(stored, out).map_err(|e| e.to_string())
+    })
+}
+
+/// Compresses unique chunks for [`chunk_image`].
+enum Compressor {
+    Lz4,
+    Zstd(Box<zstd::bulk::Compressor<'static>>),
+}
+
+impl Compressor {
+    fn new(compression: Compression) -> Result<Self, IndexError> {
+        let Compression::Zstd(level) = compression else { return Ok(Self::Lz4) };
+        let zstd_error = |e: std::io::Error| IndexError(format!("zstd level {level}: {e}"));
+        let mut compressor = zstd::bulk::Compressor::new(level).map_err(zstd_error)?;
+        // The index holds a SHA-256 of every chunk; the frame needs neither its own checksum nor a dictionary id,
+        // but declares its size so the decoder checks it.
+        for parameter in [
+            zstd::zstd_safe::CParameter::ChecksumFlag(false),
+            zstd::zstd_safe::CParameter::DictIdFlag(false),
+            zstd::zstd_safe::CParameter::ContentSizeFlag(true),
+        ] {
+            compressor.set_parameter(parameter).map_err(zstd_error)?;
+        }
+        Ok(Self::Zstd(Box::new(compressor)))
+    }
+
+    fn compress(&mut self, piece: &[u8]) -> Result<(Encoding, Vec<u8>), IndexError> {
+        match self {
+            Self::Lz4 => Ok((Encoding::Lz4, lz4_flex::block::compress(piece))),
+            Self::Zstd(compressor) => compressor
+                .compress(piece)
+                .map(|frame| (Encoding::Zstd, frame))
+                .map_err(|e| IndexError(format!("zstd: {e}"))),
+        }
     }
 }
 
@@ -252,10 +367,10 @@ pub struct Chunked {
     pub deduplicated: usize,
 }
 
-/// Cuts `image` (a multiple of 4096 bytes) into `chunk_size` chunks, compresses each with lz4 where that saves
-/// space, stores identical chunks once, and builds the index. Deterministic: the same image gives the same
-/// bytes.
-pub fn chunk_image(image: &[u8], chunk_size: u32) -> Result<Chunked, IndexError> {
+/// Cuts `image` (a multiple of 4096 bytes) into `chunk_size` chunks, compresses each as `compression` says where
+/// that saves space, stores identical chunks once, and builds the index. Deterministic: the same image gives the
+/// same bytes.
+pub fn chunk_image(image: &[u8], chunk_size: u32, compression: Compression) -> Result<Chunked, IndexError> {
     if !chunk_size.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
         return bad(format!("chunk size {chunk_size} is not a power of two in {MIN_CHUNK}..={MAX_CHUNK}"));
     }
@@ -263,6 +378,7 @@ pub fn chunk_image(image: &[u8], chunk_size: u32) -> Result<Chunked, IndexError>
     let mut chunks = Vec::new();
     let mut seen: std::collections::HashMap<Digest, ChunkEntry> = std::collections::HashMap::new();
     let mut deduplicated = 0;
+    let mut compressor = Compressor::new(compression)?;
     for piece in image.chunks(chunk_size as usize) {
         let digest = Digest::of(piece);
         if let Some(entry) = seen.get(&digest) {
@@ -270,9 +386,9 @@ pub fn chunk_image(image: &[u8], chunk_size: u32) -> Result<Chunked, IndexError>
             deduplicated += 1;
             continue;
         }
-        let compressed = lz4_flex::block::compress(piece);
+        let (encoding, compressed) = compressor.compress(piece)?;
         let (encoding, stored) =
-            if compressed.len() < piece.len() { (Encoding::Lz4, &compressed[..]) } else { (Encoding::Raw, piece) };
+            if compressed.len() < piece.len() { (encoding, &compressed[..]) } else { (Encoding::Raw, piece) };
         let entry = ChunkEntry { offset: data.len() as u64, stored_len: stored.len() as u32, encoding, digest };
         data.extend_from_slice(stored);
         seen.insert(digest, entry);
@@ -314,32 +430,65 @@ mod tests {
     #[test]
     fn round_trip_with_dedup_and_a_short_last_chunk() {
         let image = image();
-        let chunked = chunk_image(&image, 8192).unwrap();
-        let index = &chunked.index;
-        assert_eq!(index.chunks.len(), 6);
-        assert_eq!(index.chunk_len(5), 4096);
-        assert_eq!(index.chunks[1].encoding, Encoding::Raw, "noise is stored raw");
-        assert_eq!(index.chunks[0].encoding, Encoding::Lz4);
-        assert_eq!(index.chunks[2], index.chunks[0], "identical chunks share their stored bytes");
-        assert_eq!(chunked.deduplicated, 2, "chunk 2 equals chunk 0, chunk 4 equals chunk 3");
-        let decoded = ChunkIndex::decode(&index.encode()).unwrap();
-        assert_eq!(&decoded, index);
-        let mut back = Vec::new();
-        for i in 0..decoded.chunks.len() {
-            let stored =
-                &chunked.data[decoded.chunks[i].stored().start as usize..decoded.chunks[i].stored().end as usize];
-            back.extend(decoded.open_chunk(i, stored).unwrap());
+        for (compression, encoding) in [
+            (Compression::Lz4, Encoding::Lz4),
+            (Compression::Zstd(1), Encoding::Zstd),
+            (Compression::DEFAULT, Encoding::Zstd),
+        ] {
+            let chunked = chunk_image(&image, 8192, compression).unwrap();
+            let index = &chunked.index;
+            assert_eq!(index.chunks.len(), 6);
+            assert_eq!(index.chunk_len(5), 4096);
+            assert_eq!(index.chunks[1].encoding, Encoding::Raw, "noise is stored raw");
+            assert_eq!(index.chunks[0].encoding, encoding, "{compression}");
+            assert_eq!(index.chunks[2], index.chunks[0], "identical chunks share their stored bytes");
+            assert_eq!(chunked.deduplicated, 2, "chunk 2 equals chunk 0, chunk 4 equals chunk 3");
+            let decoded = ChunkIndex::decode(&index.encode()).unwrap();
+            assert_eq!(&decoded, index);
+            let mut back = Vec::new();
+            for i in 0..decoded.chunks.len() {
+                let stored =
+                    &chunked.data[decoded.chunks[i].stored().start as usize..decoded.chunks[i].stored().end as usize];
+                back.extend(decoded.open_chunk(i, stored).unwrap());
+            }
+            assert_eq!(back, image, "{compression}");
+            assert_eq!(chunk_image(&image, 8192, compression).unwrap().data, chunked.data, "deterministic");
+            assert_eq!(index.chunks_for(8191..8193), 0..2);
+            assert_eq!(index.chunks_for(40960..45056), 5..6);
+            assert_eq!(index.chunks_for(5..5), 0..0);
         }
-        assert_eq!(back, image);
-        assert_eq!(chunk_image(&image, 8192).unwrap().data, chunked.data, "deterministic");
-        assert_eq!(index.chunks_for(8191..8193), 0..2);
-        assert_eq!(index.chunks_for(40960..45056), 5..6);
-        assert_eq!(index.chunks_for(5..5), 0..0);
+    }
+
+    #[test]
+    fn compression_names() {
+        for (text, compression) in
+            [("lz4", Compression::Lz4), ("zstd", Compression::DEFAULT), ("zstd-3", Compression::Zstd(3))]
+        {
+            assert_eq!(text.parse(), Ok(compression));
+        }
+        assert_eq!(Compression::Zstd(19).to_string().parse(), Ok(Compression::Zstd(19)));
+        for bad in ["gzip", "zstd-0", "zstd-23", "zstd-", "zstd--1"] {
+            assert!(bad.parse::<Compression>().is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn a_zstd_frame_larger_than_its_chunk_is_refused() {
+        // A valid frame of 8 MiB (a window larger than any chunk) opened as a 32 KiB chunk.
+        let mut compressor = zstd::bulk::Compressor::new(1).unwrap();
+        compressor.set_parameter(zstd::zstd_safe::CParameter::WindowLog(23)).unwrap();
+        let frame = compressor.compress(&vec![1u8; 8 << 20]).unwrap();
+        let mut out = vec![0; 32768];
+        assert!(zstd_decompress(&frame, &mut out).is_err());
+        // The thread's decoder still works afterwards; a frame shorter than its chunk reports its length.
+        let small = zstd::bulk::compress(&[7u8; 8192], 1).unwrap();
+        assert_eq!(zstd_decompress(&small, &mut out), Ok(8192));
+        assert!(out[..8192].iter().all(|&b| b == 7));
     }
 
     #[test]
     fn corrupt_chunks_are_refused() {
-        let chunked = chunk_image(&image(), 8192).unwrap();
+        let chunked = chunk_image(&image(), 8192, Compression::DEFAULT).unwrap();
         let c0 = chunked.index.chunks[0];
         let mut stored = chunked.data[c0.stored().start as usize..c0.stored().end as usize].to_vec();
         let last = stored.len() - 1;
@@ -353,7 +502,7 @@ mod tests {
 
     #[test]
     fn hostile_indexes_are_refused() {
-        let good = chunk_image(&image(), 8192).unwrap().index;
+        let good = chunk_image(&image(), 8192, Compression::DEFAULT).unwrap().index;
         let bytes = good.encode();
         assert!(ChunkIndex::decode(&bytes[..40]).unwrap_err().0.contains("shorter"));
         let mut b = bytes.clone();
@@ -377,6 +526,6 @@ mod tests {
         let mut b = bytes;
         b[HEADER + 12] = 7;
         assert!(ChunkIndex::decode(&b).unwrap_err().0.contains("encoding"));
-        assert!(chunk_image(&[0; 4096], 1000).is_err());
+        assert!(chunk_image(&[0; 4096], 1000, Compression::DEFAULT).is_err());
     }
 }

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use super::Digest;
-use super::chunk::{Chunked, chunk_image};
+use super::chunk::{Chunked, Compression, chunk_image};
 
 /// Media types of source layers the converter reads.
 pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -58,6 +58,7 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ConvertError 
 #[derive(Debug, Clone)]
 pub struct LayerOptions {
     pub chunk_size: u32,
+    pub compression: Compression,
     /// Scratch space for unpacked layers and images (removed after each layer).
     pub work_dir: PathBuf,
     /// The `mkfs.erofs` program.
@@ -66,7 +67,12 @@ pub struct LayerOptions {
 
 impl LayerOptions {
     pub fn new(work_dir: impl Into<PathBuf>) -> Self {
-        Self { chunk_size: DEFAULT_CHUNK_SIZE, work_dir: work_dir.into(), mkfs: "mkfs.erofs".into() }
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            compression: Compression::DEFAULT,
+            work_dir: work_dir.into(),
+            mkfs: "mkfs.erofs".into(),
+        }
     }
 }
 
@@ -97,7 +103,7 @@ pub fn convert_layer(
     options: &LayerOptions,
 ) -> Result<ConvertedLayer, ConvertError> {
     let (image, entries) = layer_filesystem(blob, media_type, digest, options)?;
-    let chunked = chunk_image(&image, options.chunk_size)?;
+    let chunked = chunk_image(&image, options.chunk_size, options.compression)?;
     let index_blob = chunked.index.encode();
     Ok(ConvertedLayer { chunked, index_blob, entries })
 }
@@ -650,7 +656,8 @@ fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
     }
 }
 
-/// A layer converted earlier, remembered under the converter's work directory by source digest and chunk size.
+/// A layer converted earlier, remembered under the converter's work directory by source digest, chunk size and
+/// compression.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Remembered {
     index: Descriptor,
@@ -659,12 +666,17 @@ struct Remembered {
 }
 
 fn remembered_path(options: &LayerOptions, source: &Digest) -> PathBuf {
-    options.work_dir.join("converted").join(format!("{}-{}.json", source.hex(), options.chunk_size))
+    options.work_dir.join("converted").join(format!(
+        "{}-{}-{}.json",
+        source.hex(),
+        options.chunk_size,
+        options.compression
+    ))
 }
 
 /// Converts `source` for `platform` and pushes the result to `destination`. Layers converted before (by this
-/// converter, with the same chunk size) whose blobs the destination already holds are reused without being
-/// read again; blobs the destination has are not uploaded again.
+/// converter, with the same chunk size and compression) whose blobs the destination already holds are reused
+/// without being read again; blobs the destination has are not uploaded again.
 pub async fn convert_image(
     client: &RegistryClient,
     source: &Source,

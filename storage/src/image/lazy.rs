@@ -505,7 +505,7 @@ mod tests {
 
     use super::*;
     use crate::image::cache::CacheConfig;
-    use crate::image::chunk::chunk_image;
+    use crate::image::chunk::{Compression, chunk_image};
 
     /// The data blob in memory, with switches for an outage and for corruption, counting requests.
     #[derive(Debug, Default)]
@@ -546,7 +546,7 @@ mod tests {
     }
 
     fn volume(image: &[u8], chunk: u32, policy: FetchPolicy) -> (LazyVolume, Arc<Twin>, tempfile::TempDir) {
-        let chunked = chunk_image(image, chunk).unwrap();
+        let chunked = chunk_image(image, chunk, Compression::DEFAULT).unwrap();
         let twin = Arc::new(Twin { data: chunked.data, delay: Duration::from_millis(5), ..Twin::default() });
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open(CacheConfig::new(dir.path(), 64 << 20)).unwrap();
@@ -592,7 +592,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cached_reads_through_io_uring_return_the_same_bytes() {
         let image = image(48 * 4096);
-        let chunked = chunk_image(&image, 16384).unwrap();
+        let chunked = chunk_image(&image, 16384, Compression::DEFAULT).unwrap();
         let twin = Arc::new(Twin { data: chunked.data, ..Twin::default() });
         let dir = tempfile::tempdir().unwrap();
         // Where the kernel has no io_uring (qemu-user) this exercises the blocking path only.
