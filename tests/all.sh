@@ -34,6 +34,7 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cross/deps.sh
 images/deps.sh
 tests/mesh/deps.sh
+host/deps.sh
 
 step "format"
 cargo fmt --all -- --check
