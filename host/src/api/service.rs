@@ -75,7 +75,7 @@ impl snapshots_server::Snapshots for SnapshotService {
         request: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = request.into_inner();
-        tracing::debug!(key = %r.key, parent = %r.parent, "prepare");
+        tracing::debug!(key = %r.key, parent = %r.parent, labels = ?r.labels, "prepare");
         let key = r.key.clone();
         let result = self.snapshotter.prepare(r.key, convert::parent(r.parent), convert::labels(r.labels)).await;
         reply("Prepare", &key, result, |m| pb::PrepareSnapshotResponse { mounts: convert::mounts(m) })
