@@ -60,7 +60,7 @@ echo "static aarch64 dpu-agent: $size bytes"
 ((size <= 15000000)) || { echo "static aarch64 dpu-agent: $size bytes is over the 15,000,000-byte budget"; exit 1; }
 
 step "host release build"
-cargo build --locked --release --bin dpu-agent --bin dpuctl
+cargo build --locked --release --bin dpu-agent --bin dpuctl --bin dpu-snapshotter
 
 step "interop: grpcio, openssl, curl"
 DPU_PROFILE=release tests/interop.sh
@@ -72,7 +72,7 @@ step "fuzz smoke: every target for ${DPU_FUZZ_SECONDS:-10}s"
 fuzz/run.sh "${DPU_FUZZ_SECONDS:-10}"
 
 if [ "${DPU_SKIP_GUEST:-0}" != 1 ]; then
-    for t in boot-arm64 boot-amd64 arm64-agent nvme-initiator fabric lazy-image; do
+    for t in boot-arm64 boot-amd64 arm64-agent nvme-initiator fabric lazy-image containerd; do
         step "guest: $t"
         # Every binary the guests need was built above.
         DPU_GUEST_NO_BUILD=1 tests/guest.sh "$t"

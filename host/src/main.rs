@@ -11,19 +11,22 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use dpu_host::config::Config;
+use dpu_host::dpu::DpuLayers;
 use dpu_host::server;
-use dpu_host::snapshot::{NoRemoteLayers, Snapshotter};
+use dpu_host::snapshot::{NoRemoteLayers, RemoteLayerSource, Snapshotter};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 /// How long a stop waits for open requests and connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often remounting the recorded remote layers is retried at start while it fails.
+const SYNC_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
 #[command(name = "dpu-snapshotter", version)]
 #[command(about = "containerd snapshotter (proxy plugin): overlayfs snapshots served over gRPC on a unix socket")]
 struct Cli {
-    /// Configuration file (TOML: `socket`, `root`). Without it, the defaults apply.
+    /// Configuration file (TOML: `socket`, `root`, `[dpu]`). Without it, the defaults apply.
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Override `socket`.
@@ -89,12 +92,32 @@ async fn run(config: Config) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "dpu-snapshotter starting"
     );
+    let (remote, remote_name): (Arc<dyn RemoteLayerSource>, String) = match &config.dpu {
+        Some(dpu) => {
+            let source = DpuLayers::new(dpu.clone(), &config.root).context("the [dpu] configuration")?;
+            (Arc::new(source), format!("dpu {} {}", dpu.api, dpu.subsystem_name()))
+        }
+        None => (Arc::new(NoRemoteLayers), "none".to_owned()),
+    };
     let root = config.root.clone();
-    let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(root, Arc::new(NoRemoteLayers)))
+    let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(root, remote))
         .await
         .context("opening the snapshot root")?
         .with_context(|| format!("opening {}", config.root.display()))?;
-    tracing::info!(snapshots = snapshotter.len()?, remote_layers = "none", "snapshots loaded");
+    tracing::info!(snapshots = snapshotter.len()?, remote_layers = %remote_name, "snapshots loaded");
+    if config.dpu.is_some() {
+        // Layers recorded before a reboot or restart are mounted again; containerd's requests need not wait.
+        let snapshotter = snapshotter.clone();
+        tokio::spawn(async move {
+            loop {
+                match snapshotter.sync_remote().await {
+                    Ok(()) => break,
+                    Err(e) => tracing::warn!(error = %e, retry_seconds = SYNC_RETRY.as_secs(), "remote layers"),
+                }
+                tokio::time::sleep(SYNC_RETRY).await;
+            }
+        });
+    }
 
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

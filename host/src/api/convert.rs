@@ -95,6 +95,7 @@ pub fn status(error: Error) -> Status {
         }
         Error::Io { context, source } => Status::internal(format!("{context}: {source}")),
         e @ (Error::Corrupt(_) | Error::Internal(_)) => Status::internal(e.to_string()),
+        Error::Unavailable(message) => Status::unavailable(message),
     }
 }
 

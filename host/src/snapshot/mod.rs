@@ -120,6 +120,9 @@ pub enum Error {
     /// A background task failed or the state lock was poisoned by a panic.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A service the snapshotter depends on (the remote layer source) could not do its part.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl Error {

@@ -36,14 +36,51 @@ impl LayerRequest {
     }
 }
 
+/// A layer a source serves: where its filesystem is, and labels the source records on the snapshot (beside
+/// containerd's) to find it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteLayer {
+    /// A ready, read-only directory holding the layer's filesystem (absolute path).
+    pub dir: PathBuf,
+    pub labels: Labels,
+}
+
+/// A committed snapshot whose filesystem a remote layer source serves, as the snapshotter recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedLayer {
+    /// The snapshot's name (the layer's chain id).
+    pub name: String,
+    pub dir: PathBuf,
+    /// containerd's labels and the source's.
+    pub labels: Labels,
+}
+
 /// What [`RemoteLayerSource::resolve`] returns.
-pub type LayerFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<PathBuf>, RemoteError>> + Send + 'a>>;
+pub type LayerFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<RemoteLayer>, RemoteError>> + Send + 'a>>;
+
+/// What [`RemoteLayerSource::release`] and [`RemoteLayerSource::sync`] return.
+pub type SyncFuture<'a> = Pin<Box<dyn Future<Output = Result<(), RemoteError>> + Send + 'a>>;
 
 /// Provides layers that need no download.
 pub trait RemoteLayerSource: Send + Sync + fmt::Debug {
-    /// A ready, read-only directory holding the layer's filesystem (absolute path), or `None` to let the layer
-    /// be downloaded and unpacked as usual. An error is logged and treated as `None`.
+    /// The layer, ready, or `None` to let it be downloaded and unpacked as usual. An error is logged and
+    /// treated as `None`.
     fn resolve<'a>(&'a self, layer: &'a LayerRequest) -> LayerFuture<'a>;
+
+    /// The snapshot of `removed` is gone (its record is deleted); `remaining` are the remote layers still
+    /// recorded. The source may let go of what only `removed` used (mounts, exports).
+    fn release<'a>(&'a self, removed: &'a RecordedLayer, remaining: &'a [RecordedLayer]) -> SyncFuture<'a> {
+        let _ = (removed, remaining);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// `recorded` are every remote layer the snapshotter holds (at start, and on `Cleanup`): make each one's
+    /// directory available again (after a reboot or a restart of the source's backend) and let go of what
+    /// none of them uses.
+    fn sync<'a>(&'a self, recorded: &'a [RecordedLayer]) -> SyncFuture<'a> {
+        let _ = recorded;
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// The source that has no remote layers: every layer is unpacked locally.

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use super::remote::{LayerRequest, RemoteLayerSource};
+use super::remote::{LayerRequest, RecordedLayer, RemoteLayer, RemoteLayerSource};
 use super::store::{Layout, MetaStore, Record, sync_dir};
 use super::usage::disk_usage;
 use super::{Error, Filter, Info, Kind, LabelEdit, Labels, Mount, TARGET_LABEL, Usage, validate_labels, without_empty};
@@ -147,9 +147,28 @@ impl Snapshotter {
         self.run(move |inner| inner.commit(name, key, labels)).await
     }
 
-    /// Removes a snapshot without children and its directory.
+    /// Removes a snapshot without children and its directory; for a remote layer, the source is told.
     pub async fn remove(&self, key: String) -> Result<(), Error> {
-        self.run(move |inner| inner.remove(&key)).await
+        let released = self.run(move |inner| inner.remove(&key)).await?;
+        if let Some((removed, remaining)) = released
+            && let Err(e) = self.remote.release(&removed, &remaining).await
+        {
+            // The snapshot is gone either way; the next Cleanup lets go of what this left behind.
+            tracing::warn!(snapshot = %removed.name, error = %e, "releasing a remote layer failed");
+        }
+        Ok(())
+    }
+
+    /// Every remote layer recorded.
+    pub async fn remote_layers(&self) -> Result<Vec<RecordedLayer>, Error> {
+        self.run(|inner| Ok(inner.lock()?.remote_layers())).await
+    }
+
+    /// Hands every recorded remote layer to the source (see [`RemoteLayerSource::sync`]): at start, and on
+    /// `Cleanup`.
+    pub async fn sync_remote(&self) -> Result<(), Error> {
+        let recorded = self.remote_layers().await?;
+        self.remote.sync(&recorded).await.map_err(|e| Error::Unavailable(format!("remote layers: {e}")))
     }
 
     pub async fn stat(&self, key: String) -> Result<Info, Error> {
@@ -190,7 +209,11 @@ impl Snapshotter {
     /// Removes what a crash or a failed removal left behind: snapshot directories no record refers to and
     /// temporary files of interrupted metadata writes.
     pub async fn cleanup(&self) -> Result<CleanupReport, Error> {
-        self.run(|inner| inner.cleanup()).await
+        let report = self.run(|inner| inner.cleanup()).await?;
+        if let Err(e) = self.sync_remote().await {
+            tracing::warn!(error = %e, "remote layers not in sync");
+        }
+        Ok(report)
     }
 
     /// Asks the remote layer source for the layer `target`; true when the committed snapshot `target` now
@@ -217,8 +240,8 @@ impl Snapshotter {
             return Ok(false);
         }
         let layer = LayerRequest { target: target.to_owned(), parent: parent.cloned(), labels: labels.clone() };
-        let dir = match self.remote.resolve(&layer).await {
-            Ok(Some(dir)) => dir,
+        let remote = match self.remote.resolve(&layer).await {
+            Ok(Some(remote)) => remote,
             Ok(None) => return Ok(false),
             Err(e) => {
                 tracing::warn!(target = %layer.target, error = %e, "remote layer source failed; unpacking locally");
@@ -226,7 +249,7 @@ impl Snapshotter {
             }
         };
         let target = layer.target.clone();
-        match self.run(move |inner| inner.create_remote(layer, &dir)).await {
+        match self.run(move |inner| inner.create_remote(layer, remote)).await {
             Ok(()) => Ok(true),
             // Another Prepare of the same layer recorded it first.
             Err(Error::AlreadyExists(_)) => Ok(true),
@@ -295,13 +318,17 @@ impl Inner {
         sync_dir(&parent).map_err(|e| Error::io(format!("syncing {}", parent.display()), e))
     }
 
-    fn create_remote(&self, layer: LayerRequest, dir: &Path) -> Result<(), Error> {
-        check_mount_path("a remote layer directory", dir)?;
-        let meta = fs::metadata(dir).map_err(|e| Error::io(format!("remote layer {}", dir.display()), e))?;
+    fn create_remote(&self, layer: LayerRequest, remote: RemoteLayer) -> Result<(), Error> {
+        let RemoteLayer { dir, labels: source_labels } = remote;
+        check_mount_path("a remote layer directory", &dir)?;
+        let meta = fs::metadata(&dir).map_err(|e| Error::io(format!("remote layer {}", dir.display()), e))?;
         if !meta.is_dir() {
             return Err(Error::InvalidArgument(format!("remote layer {} is not a directory", dir.display())));
         }
-        let dir = dir.to_string_lossy().into_owned();
+        let dir = path_string(&dir);
+        let mut labels = layer.labels;
+        labels.extend(source_labels);
+        let labels = checked_labels(labels)?;
         let mut state = self.lock()?;
         if state.snapshots.contains_key(&layer.target) {
             return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", layer.target)));
@@ -317,7 +344,7 @@ impl Inner {
                 kind: Kind::Committed,
                 created: now,
                 updated: now,
-                labels: layer.labels,
+                labels,
             },
             usage: Usage::default(),
             remote_dir: Some(dir.clone()),
@@ -373,8 +400,9 @@ impl Inner {
         Ok(())
     }
 
-    fn remove(&self, key: &str) -> Result<(), Error> {
-        let dir = {
+    /// Deletes the record; for a remote layer, returns it and the remote layers that remain.
+    fn remove(&self, key: &str) -> Result<Option<(RecordedLayer, Vec<RecordedLayer>)>, Error> {
+        let (dir, released) = {
             let mut state = self.lock()?;
             let record = state.get(key)?;
             let children = state.snapshots.values().filter(|r| r.info.parent.as_deref() == Some(key)).count();
@@ -383,11 +411,14 @@ impl Inner {
                     "snapshot {key:?} has {children} child snapshot(s); remove them first"
                 )));
             }
-            let (id, local) = (record.id, record.remote_dir.is_none());
+            let id = record.id;
             state.store.delete(id)?;
-            state.snapshots.remove(key);
+            let record = state.snapshots.remove(key).expect("the record was just read");
             tracing::debug!(key = %key, id, "snapshot removed");
-            local.then(|| self.layout.snapshot_dir(id))
+            match RecordedLayer::of(&record) {
+                Some(removed) => (None, Some((removed, state.remote_layers()))),
+                None => (Some(self.layout.snapshot_dir(id)), None),
+            }
         };
         // The record is gone, so the directory is garbage whatever happens here; Cleanup retries failures.
         if let Some(dir) = dir
@@ -395,7 +426,7 @@ impl Inner {
         {
             tracing::warn!(key = %key, path = %dir.display(), error = %e, "removing a snapshot directory failed");
         }
-        Ok(())
+        Ok(released)
     }
 
     fn update(&self, key: &str, edits: Vec<LabelEdit>) -> Result<Info, Error> {
@@ -463,7 +494,18 @@ impl Inner {
     }
 }
 
+impl RecordedLayer {
+    fn of(record: &Record) -> Option<Self> {
+        let dir = record.remote_dir.as_ref()?;
+        Some(Self { name: record.info.name.clone(), dir: PathBuf::from(dir), labels: record.info.labels.clone() })
+    }
+}
+
 impl State {
+    fn remote_layers(&self) -> Vec<RecordedLayer> {
+        self.snapshots.values().filter_map(RecordedLayer::of).collect()
+    }
+
     fn get(&self, key: &str) -> Result<&Record, Error> {
         self.snapshots.get(key).ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))
     }

@@ -2,7 +2,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
 use crate::snapshot::MAX_LABEL_BYTES;
-use crate::snapshot::remote::{LayerFuture, NoRemoteLayers, RemoteError};
+use crate::snapshot::remote::{LayerFuture, NoRemoteLayers, RecordedLayer, RemoteError, RemoteLayer, SyncFuture};
 
 fn open(root: &Path) -> Snapshotter {
     Snapshotter::open(root, Arc::new(NoRemoteLayers)).unwrap()
@@ -60,6 +60,7 @@ fn assert_code(result: Result<impl std::fmt::Debug, Error>, want: &str, mentions
         Error::AlreadyExists(_) => "already exists",
         Error::FailedPrecondition(_) => "failed precondition",
         Error::InvalidArgument(_) => "invalid argument",
+        Error::Unavailable(_) => "unavailable",
         other => panic!("unexpected error {other:?}"),
     };
     assert_eq!(code, want, "{err}");
@@ -298,11 +299,21 @@ struct TestSource {
     answer: Result<Option<PathBuf>, String>,
     calls: AtomicUsize,
     seen: Mutex<Vec<LayerRequest>>,
+    /// Each release: the removed snapshot and the names of the remote layers that remained.
+    released: Mutex<Vec<(String, Vec<String>)>>,
+    /// Each sync: the names handed over.
+    synced: Mutex<Vec<Vec<String>>>,
 }
 
 impl TestSource {
     fn new(answer: Result<Option<PathBuf>, String>) -> Arc<Self> {
-        Arc::new(Self { answer, calls: AtomicUsize::new(0), seen: Mutex::new(Vec::new()) })
+        Arc::new(Self {
+            answer,
+            calls: AtomicUsize::new(0),
+            seen: Mutex::new(Vec::new()),
+            released: Mutex::new(Vec::new()),
+            synced: Mutex::new(Vec::new()),
+        })
     }
 }
 
@@ -312,9 +323,54 @@ impl RemoteLayerSource for TestSource {
             self.calls.fetch_add(1, Ordering::SeqCst);
             self.seen.lock().unwrap().push(layer.clone());
             tokio::task::yield_now().await;
-            self.answer.clone().map_err(RemoteError::new)
+            let answer = self.answer.clone().map_err(RemoteError::new)?;
+            Ok(answer.map(|dir| RemoteLayer { dir, labels: labels(&[("containerd.io/snapshot/test.source", "yes")]) }))
         })
     }
+
+    fn release<'a>(&'a self, removed: &'a RecordedLayer, remaining: &'a [RecordedLayer]) -> SyncFuture<'a> {
+        let names = remaining.iter().map(|r| r.name.clone()).collect();
+        self.released.lock().unwrap().push((removed.name.clone(), names));
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn sync<'a>(&'a self, recorded: &'a [RecordedLayer]) -> SyncFuture<'a> {
+        self.synced.lock().unwrap().push(recorded.iter().map(|r| r.name.clone()).collect());
+        Box::pin(std::future::ready(Err(RemoteError::new("backend away"))))
+    }
+}
+
+#[tokio::test]
+async fn the_source_hears_of_removed_remote_layers_and_gets_every_recorded_one_on_cleanup() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote_dir = dir.path().join("remote-layer");
+    fs::create_dir_all(&remote_dir).unwrap();
+    let source = TestSource::new(Ok(Some(remote_dir.clone())));
+    let sn = Snapshotter::open(dir.path().join("root"), source.clone()).unwrap();
+    for (key, target, parent) in [("x1", "sha256:c1", None), ("x2", "sha256:c2", Some(s("sha256:c1")))] {
+        let err = sn.prepare(s(key), parent, labels(&[(TARGET_LABEL, target)])).await;
+        assert_code(err, "already exists", target);
+    }
+    layer(&sn, "sha256:local", Some("sha256:c2"), &[]).await;
+    let recorded = sn.remote_layers().await.unwrap();
+    assert_eq!(recorded.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["sha256:c1", "sha256:c2"]);
+    assert!(
+        recorded.iter().all(|r| r.dir == remote_dir && r.labels.contains_key("containerd.io/snapshot/test.source"))
+    );
+
+    // A failing sync does not fail containerd's Cleanup; it is logged.
+    sn.cleanup().await.unwrap();
+    assert_eq!(source.synced.lock().unwrap().clone(), [vec![s("sha256:c1"), s("sha256:c2")]]);
+
+    sn.remove(s("sha256:local")).await.unwrap();
+    assert!(source.released.lock().unwrap().is_empty(), "a local snapshot is not the source's business");
+    sn.remove(s("sha256:c2")).await.unwrap();
+    sn.remove(s("sha256:c1")).await.unwrap();
+    assert_eq!(
+        source.released.lock().unwrap().clone(),
+        [(s("sha256:c2"), vec![s("sha256:c1")]), (s("sha256:c1"), vec![])]
+    );
+    assert_code(sn.sync_remote().await, "unavailable", "backend away");
 }
 
 #[tokio::test]
@@ -341,7 +397,9 @@ async fn a_remote_layer_becomes_a_committed_snapshot_and_prepare_says_it_exists(
     // The committed snapshot is there, named by the target, on the requested parent; the key is not.
     let info = sn.stat(s("sha256:chain2")).await.unwrap();
     assert_eq!((info.kind, info.parent.as_deref()), (Kind::Committed, Some("sha256:base")));
-    assert_eq!(info.labels, request);
+    let mut recorded = request.clone();
+    recorded.insert(s("containerd.io/snapshot/test.source"), s("yes"));
+    assert_eq!(info.labels, recorded);
     assert_code(sn.stat(s("extract-1 sha256:chain2")).await, "not found", "extract-1");
     assert_eq!(sn.usage(s("sha256:chain2")).await.unwrap(), Usage::default());
 
