@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Container cold-start benchmark (not a test): time until the test image's workload prints READY, and bytes
-# fetched from the registry, for a full pull against the DPU's lazily loaded image. Prints one Markdown table.
+# fetched from the registry, for a full pull against the DPU's lazily loaded image, by hand and through
+# containerd. Prints two Markdown tables.
 #
 #   bench/lazy-image.sh          (no arguments; the settings below come from the environment)
 #
@@ -30,13 +31,27 @@
 #                   or the trace is partial (the output warns).
 #   (d) lazy, warm  the agent restarted with its cache kept (hot from (c)).
 #
-# The four variants run DPU_LAZY_RUNS times (default 3) in one guest boot; the table shows each variant's run
+# containerd's own timings (Debian's containerd 1.6 and runc in the guest, with /var/lib on tmpfs; prepare =
+# the pull command in the guest, start = `ctr run --rm` of the workload until it exits after READY):
+#   (e) overlayfs   containerd's overlayfs snapshotter: `ctr images pull` through the link (download,
+#                   verify, decompress, unpack, all in the guest)
+#   (f) dpu, cold   dpu-snapshotter as proxy plugin `dpu`, the agent restarted with an empty chunk cache:
+#                   `ctr-remote images rpull --snapshotter dpu`; the snapshotter asks the agent to find the
+#                   converted image (converted during setup, as a platform converts at push time; the agent's
+#                   convert finds every layer already converted), create it and export its layers, connects
+#                   the initiator and mounts the layers
+#   (g) dpu, warm   the same with the agent restarted and its cache kept (hot from (f))
+#   After each, `ctr images rm --sync` removes image, snapshots and (dpu) the agent's image and namespaces; the
+#   guest disconnects and drops its caches. DPU_LAZY_CONTAINERD=0 leaves (e)-(g) out.
+#
+# The variants run DPU_LAZY_RUNS times (default 3) in one guest boot; the tables show each variant's run
 # with the median time to ready, the min–max range, and the median bytes. time to ready = prepare (host
 # clock) + start (from the host's answer to the guest until the guest reports READY, host clock). fetched =
 # response bytes of GETs in nginx's access log from the variant's start to its end (the next variant's start).
 # The guest asks the host for each variant over HTTP (busybox wget to a small endpoint on the host, as in
 # tests/guest/lazy-image.sh) and reports READY the same way. Run time here: ~2.5 min for one run (the first
-# waits for the trace window), ~1.5 min per further run, plus the image build the first time.
+# waits for the trace window), ~1.5 min per further run, plus ~2 min per run for (e)-(g) and the image build
+# the first time.
 # The guest is emulated: its CPU-bound start-up is ~5-12x slower than native while the link and the agent run
 # at native speed, which flatters the lazy variants' fetch cost; compare variants, not absolute seconds.
 #
@@ -63,12 +78,14 @@ readahead_kb=${DPU_LAZY_READAHEAD_KB:-32}
 save_trace=${DPU_LAZY_SAVE_TRACE:-}
 runs=${DPU_LAZY_RUNS:-3}
 guest_timeout=${DPU_GUEST_TIMEOUT:-1800}
+ctrd=${DPU_LAZY_CONTAINERD:-1}
 nqn_img=nqn.2026-11.io.dpu-agent:bench-lazy-image
 nqn_full=nqn.2026-11.io.dpu-agent:bench-full-image
 hostid=7a1e5c3b-2d4f-4e6a-8b9c-0d1e2f3a4b5c
 command_line="DPU_LAZY_RUNS=$runs DPU_LAZY_MBIT=$mbit DPU_LAZY_RTT_MS=$rtt_ms DPU_LAZY_TRACE_WINDOW=$trace_window"
 [[ -z $chunk ]] || command_line+=" DPU_LAZY_CHUNK=$chunk"
 command_line+=" DPU_LAZY_READAHEAD_KB=$readahead_kb"
+[[ $ctrd == 1 ]] || command_line+=" DPU_LAZY_CONTAINERD=$ctrd"
 command_line+=" bench/lazy-image.sh"
 
 say() { printf 'bench/lazy-image: %s\n' "$*" >&2; }
@@ -83,14 +100,21 @@ if (($#)); then
 fi
 [[ $runs =~ ^[1-9][0-9]*$ ]] || die "DPU_LAZY_RUNS must be a positive number"
 [[ $trace_window =~ ^[0-9]+$ ]] || die "DPU_LAZY_TRACE_WINDOW must be a number of seconds"
+[[ $ctrd == [01] ]] || die "DPU_LAZY_CONTAINERD must be 0 or 1"
 [[ $mbit =~ ^[0-9]+([.][0-9]+)?$ && $rtt_ms =~ ^[0-9]+([.][0-9]+)?$ ]] \
 	|| die "DPU_LAZY_MBIT and DPU_LAZY_RTT_MS must be numbers"
 [[ $(id -u) -eq 0 ]] || die "needs root (image build, umoci unpack, mkfs.erofs)"
-images/deps.sh --package nvme-cli,nginx,mmdebstrap,umoci,skopeo,erofs-utils,docker-registry amd64
-if [[ ${DPU_BENCH_NO_BUILD:-0} != 1 ]]; then
-	cargo build --locked --release --bin dpu-agent --bin dpuctl >&2
+packages=nvme-cli,nginx,mmdebstrap,umoci,skopeo,erofs-utils,docker-registry
+binaries=(dpu-agent dpuctl)
+if ((ctrd)); then
+	packages+=,containerd,runc,stargz-snapshotter
+	binaries+=(dpu-snapshotter)
 fi
-for b in dpu-agent dpuctl; do
+images/deps.sh --package "$packages" amd64
+if [[ ${DPU_BENCH_NO_BUILD:-0} != 1 ]]; then
+	cargo build --locked --release "${binaries[@]/#/--bin=}" >&2
+fi
+for b in "${binaries[@]}"; do
 	[[ -x $bin/$b ]] || die "$bin/$b is missing (build it, or unset DPU_BENCH_NO_BUILD)"
 done
 image_dir=$(images/test-image.sh)
@@ -374,6 +398,7 @@ dpuctl image convert ${chunk:+--chunk-size "$chunk"} "127.0.0.1:$reg_port/app:1"
 dpuctl storage subsystem create img --nqn "$nqn_img" --allow-any-host >/dev/null
 dpuctl storage listener create img tcp --address "127.0.0.1:$io_port" >/dev/null
 lazy_ref=127.0.0.1:$link_port/app:1-lazy
+ctrd_ref=10.0.2.2:$link_port/app:1
 
 # ---- the guest -----------------------------------------------------------------------------------------------
 cat >"$work/run.sh" <<GUEST
@@ -384,6 +409,11 @@ CTL_PORT=$ctl_port
 READAHEAD_KB=$readahead_kb
 READY_RE='$(image_var READY_RE)'
 START='$(image_var START_CMD)'
+CTRD=$ctrd
+API_PORT=$api_port
+LINK_PORT=$link_port
+IMG_NQN=$nqn_img
+SNAPSHOTTER=$bin/dpu-snapshotter
 GUEST
 cat "$repo/tests/guest/lib/nvme-sysfs.sh" >>"$work/run.sh"
 cat >>"$work/run.sh" <<'GUEST'
@@ -415,11 +445,86 @@ ctl() { # REQUEST: print the host's answer after "ok"; on no answer or an error 
 		;;
 	esac
 }
+# containerd (for (e)-(g)) runs from boot on, as on a host: the image store on tmpfs, dpu-snapshotter as proxy
+# plugin `dpu` with the agent's API (plaintext on the host's loopback) and the registry through the link.
+if [ "$CTRD" = 1 ]; then
+	mount -t cgroup2 none /sys/fs/cgroup || fail "mounting cgroup2"
+	mkdir -p /var/lib /etc/containerd /etc/dpu-snapshotter /etc/nvme
+	mount -t tmpfs -o size=2g tmpfs /var/lib || fail "tmpfs on /var/lib"
+	echo "$HOSTNQN" >/etc/nvme/hostnqn
+	echo "$HOSTID" >/etc/nvme/hostid
+	cat >/etc/dpu-snapshotter/config.toml <<EOF
+root = "/var/lib/dpu-snapshotter"
+
+[dpu]
+api = "http://10.0.2.2:$API_PORT"
+subsystem = "img"
+target_port = $IO_PORT
+readahead_kb = $READAHEAD_KB
+
+[dpu.registries]
+"10.0.2.2:$LINK_PORT" = "127.0.0.1:$LINK_PORT"
+EOF
+	cat >/etc/containerd/config.toml <<EOF
+version = 2
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[proxy_plugins.dpu]
+  type = "snapshot"
+  address = "/run/dpu-snapshotter/snapshotter.sock"
+EOF
+	"$SNAPSHOTTER" --config /etc/dpu-snapshotter/config.toml >/tmp/snapshotter.log 2>&1 &
+	containerd --config /etc/containerd/config.toml >/tmp/containerd.log 2>&1 &
+	_left=600
+	until [ -S /run/dpu-snapshotter/snapshotter.sock ] && ctr version >/dev/null 2>&1; do
+		_left=$((_left - 1))
+		[ "$_left" -gt 0 ] || { tail -n 20 /tmp/snapshotter.log /tmp/containerd.log; fail "containerd or dpu-snapshotter did not start"; }
+		sleep 0.1
+	done
+fi
+# (e)-(g): pull with SNAPSHOTTER, report, run the workload to READY, report, remove everything.
+ctrd_variant() { # variant snapshotter reference
+	if [ "$2" = dpu ]; then
+		set -- "$1" "$2" "$3" ctr-remote images rpull --plain-http --snapshotter dpu "$3"
+	else
+		set -- "$1" "$2" "$3" ctr images pull --plain-http --snapshotter "$2" "$3"
+	fi
+	_v=$1 _snap=$2 _ref=$3
+	NVME_SUBNQN=$IMG_NQN
+	shift 3
+	"$@" >/tmp/pull.out 2>&1 || { tail -n 20 /tmp/pull.out /tmp/snapshotter.log; fail "$* failed in variant $_v"; }
+	ctl "pulled/$_v" >/dev/null || fail "reporting the pull to the host failed"
+	# --no-pivot: the guest's root is an initramfs, where runc cannot pivot_root.
+	# shellcheck disable=SC2086 # the command line
+	ctr run --rm --no-pivot --snapshotter "$_snap" "$_ref" "bench-$_v" $START >/tmp/start.out 2>&1 \
+		|| { cat /tmp/start.out; fail "the workload failed in variant $_v"; }
+	grep -qE "$READY_RE" /tmp/start.out || { cat /tmp/start.out; fail "no READY line in variant $_v"; }
+	ctl "ready/$_v" >/dev/null || fail "reporting READY to the host failed"
+	say "variant $_v: $(grep -E "$READY_RE" /tmp/start.out)"
+	ctr images rm --sync "$_ref" >/dev/null || fail "ctr images rm in variant $_v"
+	_left=600
+	while [ -n "$(ctr snapshots --snapshotter "$_snap" ls | tail -n +2)" ] || [ -n "$(nvme_ns_devs)" ]; do
+		_left=$((_left - 1))
+		[ "$_left" -gt 0 ] || fail "snapshots or namespaces remain 60 s after removing the image in variant $_v"
+		sleep 0.1
+	done
+	[ -z "$(ctr content ls -q)" ] || fail "content remains after removing the image in variant $_v"
+	if [ -n "$(nvme_ctrls)" ]; then
+		nvme disconnect -n "$IMG_NQN" >/dev/null || fail "nvme disconnect failed"
+	fi
+	sync
+	echo 3 >/proc/sys/vm/drop_caches
+}
 while :; do
 	ans=$(ctl next) || fail "asking the host for the next variant failed"
-	# shellcheck disable=SC2086 # variant, NQN, namespace count, UUIDs
+	# shellcheck disable=SC2086 # variant, NQN, namespace count, UUIDs; or variant, "containerd", snapshotter, reference
 	set -- $ans
 	[ "$1" = end ] && break
+	if [ "$2" = containerd ]; then
+		say "variant $1: containerd, $3 snapshotter"
+		ctrd_variant "$1" "$3" "$4"
+		continue
+	fi
 	V=$1 NVME_SUBNQN=$2 N=$3
 	shift 3
 	say "variant $V: $N namespaces"
@@ -477,8 +582,14 @@ done
 say "all variants done"
 GUEST
 
+guest_binaries=nvme
+guest_memory=1536
+if ((ctrd)); then
+	guest_binaries+=",containerd,containerd-shim-runc-v2,runc,ctr,ctr-remote,$bin/dpu-snapshotter"
+	guest_memory=4096 # the programs (~150 MiB) and (e)'s content and unpacked snapshots on tmpfs
+fi
 initramfs=$(images/build-initramfs.sh --arch amd64 --kernel "$kernel_dir" \
-	--module crc32c_generic,nvme-tcp,erofs,overlay --binary nvme --script "$work/run.sh" \
+	--module crc32c_generic,nvme-tcp,erofs,overlay --binary "$guest_binaries" --script "$work/run.sh" \
 	--out "$work/initramfs.cpio")
 
 coproc CTL { exec python3 "$repo/tests/guest/lib/ctl.py" "$ctl_port"; }
@@ -496,7 +607,7 @@ if [[ ${DPU_GUEST_ACCEL:-auto} != tcg && ! -e /sys/module/kvm_pvm && -r /dev/kvm
 	accel=kvm
 fi
 say "booting the guest ($accel; console: $work/console.log)"
-qemu-system-x86_64 -cpu max -accel "$accel" -m 1536 -smp 1 -nographic -no-reboot \
+qemu-system-x86_64 -cpu max -accel "$accel" -m "$guest_memory" -smp 1 -nographic -no-reboot \
 	-kernel "$kernel" -initrd "$initramfs" -append "console=ttyS0 panic=-1 quiet" \
 	-netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= -device virtio-rng-pci \
 	</dev/null >"$work/console.log" 2>&1 &
@@ -509,11 +620,15 @@ log_bytes() { # first-line last-line: response bytes of GETs in that part of the
 }
 : >"$work/results.tsv"
 variants=()
-for ((r = 0; r < runs; r++)); do variants+=(a b c d); done
+for ((r = 0; r < runs; r++)); do
+	variants+=(a b c d)
+	((!ctrd)) || variants+=(e f g)
+done
 round=0
 current=""
 prep_us=0
 answered_us=0
+start_from_us=0
 log_from=0
 ready_us=0
 mkfs_us=""
@@ -527,9 +642,9 @@ finish_variant() { # records the variant that just ended
 	[[ -n $current ]] || return 0
 	local bytes
 	bytes=$(log_bytes "$log_from" "$(log_lines)")
-	printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$current" "$prep_us" "$((ready_us - answered_us))" "$bytes" \
+	printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$current" "$prep_us" "$((ready_us - start_from_us))" "$bytes" \
 		>>"$work/results.tsv"
-	say "run $round ($current): prepare $(secs "$prep_us") s, start $(secs "$((ready_us - answered_us))") s," \
+	say "run $round ($current): prepare $(secs "$prep_us") s, start $(secs "$((ready_us - start_from_us))") s," \
 		"$bytes bytes fetched"
 }
 
@@ -635,6 +750,26 @@ next_variant() {
 			say "run $round/$runs (d) lazy, warm DPU cache (agent restarted, cache kept)"
 			prepare_lazy d true 0
 			;;
+		e)
+			say "run $round/$runs (e) containerd, overlayfs snapshotter: ctr images pull + ctr run"
+			unexport_image
+			log_from=$(log_lines)
+			answer="ok e containerd overlayfs $ctrd_ref"
+			;;
+		f | g)
+			unexport_image
+			stop_agent
+			if [[ $v == f ]]; then
+				say "run $round/$runs (f) containerd, dpu-snapshotter, empty DPU cache: ctr-remote images rpull + ctr run"
+				rm -rf "$work/data/image-cache"
+			else
+				say "run $round/$runs (g) containerd, dpu-snapshotter, warm DPU cache (agent restarted, cache kept)"
+			fi
+			start_agent false
+			wait_port "$io_port" "$agent_pid" "the agent's NVMe/TCP listener"
+			log_from=$(log_lines)
+			answer="ok $v containerd dpu $ctrd_ref"
+			;;
 		esac
 		current=$v
 		return 0
@@ -657,13 +792,21 @@ while :; do
 	((rc == 0)) || die "the control endpoint stopped"
 	case $req in
 	next) next_variant ;;
+	pulled/*)
+		start_from_us=$(now_us)
+		prep_us=$((start_from_us - answered_us))
+		answer="ok"
+		;;
 	ready/*)
 		ready_us=$(now_us)
 		answer="ok"
 		;;
 	*) answer="error unknown request $req" ;;
 	esac
-	if [[ $req == next && $current != "" ]]; then answered_us=$(now_us); fi
+	if [[ $req == next && $current != "" ]]; then
+		answered_us=$(now_us)
+		start_from_us=$answered_us
+	fi
 	printf '%s\n' "$answer" >&"$ctl_out"
 	[[ $answer != "ok end" ]] || done_guest=1
 done
@@ -690,6 +833,9 @@ names = {
     "b": "(b) lazy, empty DPU cache",
     "c": "(c) lazy, empty cache + start-up trace prefetch",
     "d": "(d) lazy, warm DPU cache",
+    "e": "(e) containerd, overlayfs snapshotter, full pull",
+    "f": "(f) containerd, dpu-snapshotter, empty DPU cache",
+    "g": "(g) containerd, dpu-snapshotter, warm DPU cache",
 }
 runs = {}
 for line in open(sys.argv[1]):
@@ -704,26 +850,33 @@ def median_run(rows):
     return rows[(len(rows) - 1) // 2], rows[0][0] + rows[0][1], rows[-1][0] + rows[-1][1]
 
 
-base = base_bytes = None
-if runs.get("a") and None not in runs["a"]:
-    (p, s, b), _, _ = median_run(runs["a"])
-    base, base_bytes = p + s, statistics.median(x[2] for x in runs["a"])
-print("| variant | prepare (s) | start → READY (s) | time to ready (s) [min–max] | fetched from registry (MiB) "
-      "| time vs (a) | bytes vs (a) |")
-print("|---|---:|---:|---:|---:|---:|---:|")
-for v in "abcd":
-    rows = runs.get(v)
-    if not rows:
-        continue
-    if None in rows:
-        print(f"| {names[v]} | n/a (no trace support) | | | | | |")
-        continue
-    (p, s, b), lo, hi = median_run(rows)
-    fetched = statistics.median(x[2] for x in rows)
-    spread = f" [{lo:.1f}–{hi:.1f}]" if len(rows) > 1 else ""
-    ratio = f"{(p + s) / base:.2f}" if base else "-"
-    bratio = f"{fetched / base_bytes:.3f}" if base_bytes else "-"
-    print(f"| {names[v]} | {p:.1f} | {s:.1f} | {p + s:.1f}{spread} | {fetched / 1048576:.1f} | {ratio} | {bratio} |")
+def table(variants, base_variant, prepare, start):
+    base = base_bytes = None
+    if runs.get(base_variant) and None not in runs[base_variant]:
+        (p, s, b), _, _ = median_run(runs[base_variant])
+        base, base_bytes = p + s, statistics.median(x[2] for x in runs[base_variant])
+    print(f"| variant | {prepare} (s) | {start} (s) | time to ready (s) [min–max] | fetched from registry (MiB) "
+          f"| time vs ({base_variant}) | bytes vs ({base_variant}) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for v in variants:
+        rows = runs.get(v)
+        if not rows:
+            continue
+        if None in rows:
+            print(f"| {names[v]} | n/a (no trace support) | | | | | |")
+            continue
+        (p, s, b), lo, hi = median_run(rows)
+        fetched = statistics.median(x[2] for x in rows)
+        spread = f" [{lo:.1f}–{hi:.1f}]" if len(rows) > 1 else ""
+        ratio = f"{(p + s) / base:.2f}" if base else "-"
+        bratio = f"{fetched / base_bytes:.3f}" if base_bytes else "-"
+        print(f"| {names[v]} | {p:.1f} | {s:.1f} | {p + s:.1f}{spread} | {fetched / 1048576:.1f} | {ratio} | {bratio} |")
+
+
+table("abcd", "a", "prepare", "start → READY")
+if any(v in runs for v in "efg"):
+    print()
+    table("efg", "e", "pull", "ctr run → READY")
 PY
 echo
 if ((runs > 1)); then
@@ -733,6 +886,10 @@ else
 fi
 echo "prepare: (a) skopeo copy + umoci unpack on the host; (b)-(d) dpuctl image create --wait + image export."
 echo "start: nvme connect, mount, overlayfs, chroot python3 /app/start.py until READY, in the guest (host clock)."
+if ((ctrd)); then
+	echo "pull: (e) ctr images pull, (f)-(g) ctr-remote images rpull --snapshotter dpu, in the guest;" \
+		"ctr run → READY: ctr run --rm of the workload until it exits after READY (host clock)."
+fi
 echo "fetched: response bytes in nginx's access log between the variant's start and its end."
 [[ -z $mkfs_us ]] || echo "mkfs.erofs of the unpacked rootfs for (a)'s guest: $(secs "$mkfs_us") s, not counted."
 if [[ $trace_state == stored ]] && awk -F'\t' -v w="$trace_window" '$2 == "b" && $4 / 1e6 > w { f = 1 } END { exit !f }' \
