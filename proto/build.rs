@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dpu/v1/mesh.proto",
         "dpu/v1/fabric.proto",
         "dpu/v1/image.proto",
+        "dpu/v1/crypto.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -21,7 +21,7 @@ step() { printf '\n=== %s (%ss)\n' "$*" "$SECONDS"; }
 step "dependencies"
 need=()
 # erofs-utils, docker-registry, skopeo and umoci: the lazy image tests (a real registry and real OCI tools).
-for pkg in build-essential pkg-config curl openssl python3-venv file erofs-utils docker-registry skopeo umoci; do
+for pkg in build-essential pkg-config curl openssl python3-venv python3-cryptography file erofs-utils docker-registry skopeo umoci; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -72,7 +72,7 @@ step "fuzz smoke: every target for ${DPU_FUZZ_SECONDS:-10}s"
 fuzz/run.sh "${DPU_FUZZ_SECONDS:-10}"
 
 if [ "${DPU_SKIP_GUEST:-0}" != 1 ]; then
-    for t in boot-arm64 boot-amd64 arm64-agent nvme-initiator fabric lazy-image containerd; do
+    for t in boot-arm64 boot-amd64 arm64-agent nvme-initiator fabric lazy-image containerd crypt-volume; do
         step "guest: $t"
         # Every binary the guests need was built above.
         DPU_GUEST_NO_BUILD=1 tests/guest.sh "$t"

@@ -4,6 +4,7 @@
 
 #![allow(clippy::print_stdout)] // Printing results is this program's job.
 
+mod crypto;
 mod fabric;
 mod image;
 mod mesh;
@@ -73,6 +74,9 @@ enum Command {
     /// Container images served lazily: convert, create/list/get/delete, export to a subsystem, cache stats.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Crypto: the capability registry (hardware offloads) and keys (write-only).
+    #[command(subcommand)]
+    Crypto(crypto::CryptoCommand),
 }
 
 impl Command {
@@ -102,7 +106,7 @@ enum StorageCommand {
 
 #[derive(Debug, Subcommand)]
 enum VolumeCommand {
-    /// Create a volume: exactly one of --malloc, --file PATH, --null.
+    /// Create a volume: exactly one of --malloc, --file PATH, --null, --encrypted BASE.
     Create {
         id: String,
         #[arg(long, group = "backend")]
@@ -111,11 +115,25 @@ enum VolumeCommand {
         file: Option<String>,
         #[arg(long, group = "backend")]
         null: bool,
-        /// Capacity, e.g. 256MiB, 10GiB, 4096.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
-        #[arg(long, default_value_t = 512)]
-        block_size: u32,
+        /// AES-256-XTS over the volume BASE (dm-crypt plain aes-xts-plain64 layout); size and block size are
+        /// the base's.
+        #[arg(long, group = "backend", value_name = "BASE", requires = "encryption_key")]
+        encrypted: Option<String>,
+        /// The encrypted volume's key (ID or cryptoKeys/ID, an aes-256-xts key).
+        #[arg(long, value_name = "KEY", requires = "encrypted")]
+        encryption_key: Option<String>,
+        /// Bytes per XTS data unit of an encrypted volume: 512 or 4096 (default: the block size).
+        #[arg(long, value_name = "BYTES", requires = "encrypted")]
+        data_unit: Option<u32>,
+        /// Where an encrypted volume's crypto may run: require-hardware, prefer-hardware, software.
+        #[arg(long, value_parser = ["require-hardware", "prefer-hardware", "software"], requires = "encrypted")]
+        policy: Option<String>,
+        /// Capacity, e.g. 256MiB, 10GiB, 4096 (required except for --encrypted).
+        #[arg(long, value_parser = parse_size, required_unless_present = "encrypted")]
+        size: Option<u64>,
+        /// 512 or 4096 (default 512; an encrypted volume's is its base's).
+        #[arg(long)]
+        block_size: Option<u32>,
     },
     Get {
         id: String,
@@ -339,11 +357,35 @@ fn volume_json(v: pb::Volume) -> Value {
         Some(pb::volume::Backend::Malloc(_)) => json!({ "malloc": {} }),
         Some(pb::volume::Backend::File(f)) => json!({ "file": { "path": f.path } }),
         Some(pb::volume::Backend::Null(_)) => json!({ "null": {} }),
+        Some(pb::volume::Backend::Encrypted(e)) => json!({ "encrypted": {
+            "base": e.base, "key": e.key, "data_unit_size": e.data_unit_size, "policy": policy_name(e.policy),
+        } }),
         None => Value::Null,
     };
     let (status, generation) = status_json(v.status.as_ref(), v.generation);
-    json!({ "name": v.name, "block_size": v.block_size, "size_bytes": v.size_bytes, "backend": backend,
-            "generation": generation, "status": status })
+    let mut out = json!({ "name": v.name, "block_size": v.block_size, "size_bytes": v.size_bytes, "backend": backend,
+            "generation": generation, "status": status });
+    if let Some(p) = v.crypto {
+        out["crypto"] = json!({ "policy": policy_name(p.policy), "hardware": p.hardware, "engine": p.engine,
+                                "reason": p.reason });
+    }
+    out
+}
+
+fn policy_name(value: i32) -> &'static str {
+    match pb::CryptoPolicy::try_from(value) {
+        Ok(pb::CryptoPolicy::RequireHardware) => "require-hardware",
+        Ok(pb::CryptoPolicy::Software) => "software",
+        _ => "prefer-hardware",
+    }
+}
+
+fn policy_value(name: Option<&str>) -> pb::CryptoPolicy {
+    match name {
+        Some("require-hardware") => pb::CryptoPolicy::RequireHardware,
+        Some("software") => pb::CryptoPolicy::Software,
+        _ => pb::CryptoPolicy::PreferHardware,
+    }
 }
 
 fn subsystem_json(s: pb::Subsystem) -> Value {
@@ -368,14 +410,39 @@ async fn storage(channel: Channel, command: &StorageCommand) -> anyhow::Result<V
     let sub = |s: &str| format!("subsystems/{s}");
     let deleted = |name: String| json!({ "deleted": name });
     Ok(match command {
-        StorageCommand::Volume(VolumeCommand::Create { id, malloc: _, file, null, size, block_size }) => {
-            let backend = match (file, null) {
-                (Some(path), _) => pb::volume::Backend::File(pb::FileBackend { path: path.clone() }),
-                (None, true) => pb::volume::Backend::Null(pb::NullBackend {}),
-                (None, false) => pb::volume::Backend::Malloc(pb::MallocBackend {}),
+        StorageCommand::Volume(VolumeCommand::Create {
+            id,
+            malloc: _,
+            file,
+            null,
+            encrypted,
+            encryption_key,
+            data_unit,
+            policy,
+            size,
+            block_size,
+        }) => {
+            let backend = match (file, null, encrypted) {
+                (Some(path), _, _) => pb::volume::Backend::File(pb::FileBackend { path: path.clone() }),
+                (None, true, _) => pb::volume::Backend::Null(pb::NullBackend {}),
+                (None, false, Some(base)) => pb::volume::Backend::Encrypted(pb::EncryptedBackend {
+                    base: format!("volumes/{}", base.strip_prefix("volumes/").unwrap_or(base)),
+                    key: format!(
+                        "cryptoKeys/{}",
+                        encryption_key.as_deref().unwrap_or_default().trim_start_matches("cryptoKeys/")
+                    ),
+                    data_unit_size: data_unit.unwrap_or(0),
+                    policy: policy_value(policy.as_deref()) as i32,
+                }),
+                (None, false, None) => pb::volume::Backend::Malloc(pb::MallocBackend {}),
             };
-            let volume =
-                pb::Volume { block_size: *block_size, size_bytes: *size, backend: Some(backend), ..Default::default() };
+            let default_block = if encrypted.is_some() { 0 } else { 512 };
+            let volume = pb::Volume {
+                block_size: block_size.unwrap_or(default_block),
+                size_bytes: size.unwrap_or(0),
+                backend: Some(backend),
+                ..Default::default()
+            };
             volume_json(
                 c.create_volume(pb::CreateVolumeRequest { volume_id: id.clone(), volume: Some(volume) })
                     .await?
@@ -571,6 +638,7 @@ async fn execute(cli: &Cli) -> anyhow::Result<Value> {
         Command::Mesh(command) => mesh::mesh(channel, command).await?,
         Command::Fabric(command) => fabric::fabric(channel, command).await?,
         Command::Image(command) => image::image(channel, command).await?,
+        Command::Crypto(command) => crypto::crypto(channel, command).await?,
         Command::Settings(SettingsCommand::Get) => settings_json(
             agent.get_agent_settings(pb::GetAgentSettingsRequest { name: "settings".into() }).await?.into_inner(),
         ),
@@ -637,7 +705,61 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::{Cli, Command, StorageCommand, VolumeCommand, parse_size};
+
+    #[test]
+    fn encrypted_volumes_parse_beside_the_global_tls_options() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "dpuctl",
+            "--key",
+            "/k.pem",
+            "--cert",
+            "/c.pem",
+            "storage",
+            "volume",
+            "create",
+            "db",
+            "--encrypted",
+            "base",
+            "--encryption-key",
+            "disk",
+            "--data-unit",
+            "4096",
+            "--policy",
+            "software",
+        ])
+        .unwrap();
+        let Command::Storage(StorageCommand::Volume(VolumeCommand::Create {
+            encrypted,
+            encryption_key,
+            data_unit,
+            policy,
+            size,
+            ..
+        })) = cli.command
+        else {
+            panic!("not a volume create: {cli:?}");
+        };
+        assert_eq!((encrypted.as_deref(), encryption_key.as_deref()), (Some("base"), Some("disk")));
+        assert_eq!((data_unit, policy.as_deref(), size), (Some(4096), Some("software"), None));
+        assert!(Cli::try_parse_from(["dpuctl", "storage", "volume", "create", "x", "--encrypted", "b"]).is_err());
+        assert!(Cli::try_parse_from(["dpuctl", "storage", "volume", "create", "x", "--malloc"]).is_err(), "no size");
+        let cli = Cli::try_parse_from([
+            "dpuctl",
+            "crypto",
+            "key",
+            "create",
+            "disk",
+            "--algorithm",
+            "aes-256-xts",
+            "--material-file",
+            "/k",
+        ]);
+        assert!(cli.is_ok(), "{cli:?}");
+    }
 
     #[test]
     fn sizes() {

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use dpu_intent::Store;
 use dpu_intent::reconcile::{Controller, ControllerConfig, StatusBoard};
 use dpu_proto::v1::agent_service_server::AgentServiceServer;
+use dpu_proto::v1::crypto_service_server::CryptoServiceServer;
 use dpu_proto::v1::fabric_service_server::FabricServiceServer;
 use dpu_proto::v1::image_service_server::ImageServiceServer;
 use dpu_proto::v1::mesh_service_server::MeshServiceServer;
@@ -19,6 +20,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::api::agent::AgentApi;
 use crate::api::auth::AuthLayer;
+use crate::api::crypto::CryptoApi;
 use crate::api::fabric::FabricApi;
 use crate::api::image::ImageApi;
 use crate::api::mesh::MeshApi;
@@ -81,13 +83,22 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         }
     };
     let images = dpu_storage::image::reconcile::Images::default();
+    // Keys in the intent log are wrapped with the key-encryption key, kept outside the data directory.
+    let kek_file = config.crypto.kek_file(&config.data_dir);
+    let keys = dpu_crypto::keys::Keys::open(&kek_file)
+        .with_context(|| format!("loading the key-encryption key {}", kek_file.display()))?;
+    match keys.kek_id() {
+        Some(id) => tracing::info!(kek = %kek_file.display(), kek_id = %id, "key-encryption key loaded"),
+        None => tracing::info!(kek = %kek_file.display(), "no key-encryption key yet: created with the first key"),
+    }
     let storage_controller = Controller::new(
         dpu_storage::reconcile::StorageReconciler::with_images(
             target.clone(),
             config.storage.discovery_listen,
             images.clone(),
         )
-        .with_uring(uring.clone()),
+        .with_uring(uring.clone())
+        .with_keys(keys.clone()),
         store.clone(),
         status_board.clone(),
         controller_config,
@@ -184,6 +195,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         dpu_storage::image::convert::LayerOptions::new(config.images.work_dir(&config.data_dir)),
         storage_api.subsystem_writes(),
     );
+    let crypto_api = CryptoApi::new(store.clone(), keys, storage_api.subsystem_writes());
     let mesh_api = MeshApi::new(store.clone(), status_board.clone(), proxy.clone());
     let fabric_api = FabricApi::new(store.clone(), status_board.clone(), fabric_switch);
 
@@ -198,6 +210,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         .add_service(reflection_v1alpha)
         .add_service(AgentServiceServer::new(agent_api))
         .add_service(StorageServiceServer::new(storage_api))
+        .add_service(CryptoServiceServer::new(crypto_api))
         .add_service(ImageServiceServer::new(image_api))
         .add_service(MeshServiceServer::new(mesh_api))
         .add_service(FabricServiceServer::new(fabric_api));

@@ -208,6 +208,127 @@ pub fn switchdev(class_net: &Path) -> Capability {
     }
 }
 
+/// One entry of the crypto capability registry: can `subject` do `feature`, in hardware or not, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CryptoCapability {
+    /// "cpu", "kernel" or "netdev/<name>".
+    pub subject: String,
+    pub feature: &'static str,
+    pub state: State,
+    /// An offload engine (hardware in a crypto policy's sense), not the agent's cores.
+    pub hardware: bool,
+    pub detail: String,
+}
+
+impl CryptoCapability {
+    fn new(subject: impl Into<String>, feature: &'static str, state: State, hardware: bool, detail: String) -> Self {
+        Self { subject: subject.into(), feature, state, hardware, detail }
+    }
+
+    fn from_probe(feature: &'static str, probe: Capability) -> Self {
+        Self::new("kernel", feature, probe.state, false, probe.detail)
+    }
+}
+
+/// Netdev features that offload crypto (or the rules that steer to it), as ethtool names them.
+pub const NETDEV_CRYPTO_FEATURES: [&str; 4] =
+    ["tls-hw-tx-offload", "tls-hw-rx-offload", "esp-hw-offload", "hw-tc-offload"];
+
+/// The crypto capability registry: the CPU's AES instructions and the engine volumes encrypt with, the kernel's
+/// kTLS and xfrm (with the drivers behind their algorithms), and per network device the offload features
+/// ethtool reports active. Blocking (system calls, sysfs, netlink); call from a blocking context.
+pub fn crypto_registry() -> Vec<CryptoCapability> {
+    let kernel = Kernel::running();
+    let proc_crypto = fs::read_to_string("/proc/crypto").unwrap_or_default();
+    let engine = dpu_crypto::xts::engine();
+    let mut out = vec![
+        CryptoCapability::new(
+            "cpu",
+            "aes-instructions",
+            if engine.cpu_instructions() { State::Available } else { State::Unavailable },
+            false,
+            if engine.cpu_instructions() {
+                format!("AES runs on the CPU's instructions ({})", engine.name())
+            } else {
+                "no AES instructions: the constant-time software AES is used".to_owned()
+            },
+        ),
+        CryptoCapability::new(
+            "cpu",
+            "aes-xts",
+            State::Available,
+            false,
+            format!(
+                "encrypted volumes: AES-256-XTS on the agent's cores ({}); {}",
+                engine.name(),
+                dpu_storage::bdev::NO_XTS_OFFLOAD
+            ),
+        ),
+        CryptoCapability::from_probe("ktls", with_tls_stat(ktls(&kernel))),
+        CryptoCapability::from_probe("xfrm", xfrm(&kernel)),
+    ];
+    for (feature, algorithm) in [("xfrm-gcm-aes", "rfc4106(gcm(aes))"), ("ktls-gcm-aes", "gcm(aes)")] {
+        let (state, detail) = match best_driver(&proc_crypto, algorithm) {
+            Some(driver) => (State::Available, format!("{algorithm} via {driver}")),
+            None => (State::Loadable, format!("{algorithm} not registered yet (the kernel loads it on first use)")),
+        };
+        out.push(CryptoCapability::new("kernel", feature, state, false, detail));
+    }
+    out.extend(netdev_crypto(Path::new("/sys/class/net")));
+    out
+}
+
+/// kTLS with the kernel's own counters of software and device TLS connections, when it keeps them.
+fn with_tls_stat(mut probe: Capability) -> Capability {
+    if let Ok(stat) = fs::read_to_string("/proc/net/tls_stat") {
+        let counts: Vec<String> = stat
+            .lines()
+            .filter_map(|l| l.split_once(char::is_whitespace))
+            .filter(|(k, _)| k.starts_with("TlsCurr"))
+            .map(|(k, v)| format!("{k} {}", v.trim()))
+            .collect();
+        probe.detail.push_str(&format!("; /proc/net/tls_stat: {}", counts.join(", ")));
+    }
+    probe
+}
+
+/// Per network device (physical functions, representors, SFs; not loopback or virtual devices), the crypto
+/// offload features ethtool reports active.
+fn netdev_crypto(class_net: &Path) -> Vec<CryptoCapability> {
+    let devices: Vec<String> = net_devices(class_net)
+        .into_iter()
+        .filter(|(_, path)| path.join("device").exists())
+        .map(|(name, _)| name)
+        .collect();
+    if devices.is_empty() {
+        return Vec::new();
+    }
+    let mut ethtool = match dpu_fabric::netlink::socket::Ethtool::open() {
+        Ok(e) => e,
+        Err(e) => {
+            return vec![CryptoCapability::new(
+                "kernel",
+                "ethtool",
+                State::Unavailable,
+                false,
+                format!("ethtool netlink: {e}; netdev offloads unknown"),
+            )];
+        }
+    };
+    let mut out = Vec::new();
+    for device in devices {
+        for feature in NETDEV_CRYPTO_FEATURES {
+            let (state, detail) = match ethtool.feature_active(&device, feature) {
+                Ok(true) => (State::Available, format!("{feature} on")),
+                Ok(false) => (State::Unavailable, format!("{feature} off or not offered by the driver")),
+                Err(e) => (State::Unavailable, format!("reading {feature}: {e}")),
+            };
+            out.push(CryptoCapability::new(format!("netdev/{device}"), feature, state, true, detail));
+        }
+    }
+    out
+}
+
 /// Highest-priority driver registered in /proc/crypto for an algorithm name.
 fn best_driver(proc_crypto: &str, algorithm: &str) -> Option<String> {
     proc_crypto

@@ -57,6 +57,29 @@ pub struct Config {
     pub fabric: FabricConfig,
     #[serde(default)]
     pub images: ImagesConfig,
+    #[serde(default)]
+    pub crypto: CryptoConfig,
+}
+
+/// Keys and their protection at rest.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CryptoConfig {
+    /// The key-encryption key (32 bytes, mode 0600, created on first start) that wraps every key in the intent
+    /// log. It must live outside `data_dir`, so a copy of the data directory alone reveals no key. Default:
+    /// `<data_dir>.kek`, beside the data directory.
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
+}
+
+impl CryptoConfig {
+    pub fn kek_file(&self, data_dir: &Path) -> PathBuf {
+        self.kek_file.clone().unwrap_or_else(|| {
+            let mut name = data_dir.file_name().unwrap_or_default().to_os_string();
+            name.push(".kek");
+            data_dir.with_file_name(name)
+        })
+    }
 }
 
 /// Lazily loaded container images: the DPU's chunk cache and how chunks are fetched from registries.
@@ -332,6 +355,7 @@ impl Default for Config {
             mesh: MeshConfig::default(),
             fabric: FabricConfig::default(),
             images: ImagesConfig::default(),
+            crypto: CryptoConfig::default(),
         }
     }
 }
@@ -371,7 +395,9 @@ impl Config {
             resolve(mapping);
         }
         for path in
-            [&mut self.images.cache_dir, &mut self.images.ca_file, &mut self.images.work_dir].into_iter().flatten()
+            [&mut self.images.cache_dir, &mut self.images.ca_file, &mut self.images.work_dir, &mut self.crypto.kek_file]
+                .into_iter()
+                .flatten()
         {
             resolve(path);
         }
@@ -406,6 +432,17 @@ impl Config {
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             return Err(invalid("log.level", format!("{:?} is not a valid filter: {e}", self.log.level)));
+        }
+        let kek = self.crypto.kek_file(&self.data_dir);
+        if kek.starts_with(&self.data_dir) {
+            return Err(invalid(
+                "crypto.kek_file",
+                format!(
+                    "{} is inside data_dir: a copy of the data directory would carry the key-encryption key with \
+                     the keys it wraps",
+                    kek.display()
+                ),
+            ));
         }
         if self.images.cache_bytes < 64 << 20 {
             return Err(invalid("images.cache_bytes", format!("{} is less than 64 MiB", self.images.cache_bytes)));
@@ -474,6 +511,16 @@ mod tests {
         assert_eq!(config.api.listen, default_api_listen());
         assert!(config.plaintext());
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn the_key_encryption_key_lives_beside_the_data_directory() {
+        let config = Config::parse("data_dir = \"/var/lib/dpu-agent\"\n").unwrap();
+        assert_eq!(config.crypto.kek_file(&config.data_dir), Path::new("/var/lib/dpu-agent.kek"));
+        config.validate().unwrap();
+        let inside = Config::parse("data_dir = \"/var/lib/dpu\"\n[crypto]\nkek_file = \"/var/lib/dpu/kek\"\n").unwrap();
+        let err = inside.validate().unwrap_err().to_string();
+        assert!(err.contains("crypto.kek_file") && err.contains("inside data_dir"), "{err}");
     }
 
     #[test]

@@ -25,8 +25,25 @@ use dpu_intent::invalid;
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Backend {
     Malloc,
-    File { path: PathBuf },
+    File {
+        path: PathBuf,
+    },
     Null,
+    /// AES-256-XTS over another volume, in dm-crypt's plain `aes-xts-plain64` layout.
+    Encrypted(EncryptedSpec),
+}
+
+/// An encrypted volume: its base (holding only ciphertext), its key and its data unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptedSpec {
+    /// Id of the base volume; same block size and capacity.
+    pub base: String,
+    /// Id of the `cryptoKeys` resource (an AES-256-XTS key).
+    pub key: String,
+    /// Bytes per XTS data unit (the tweak counts these): 512 or 4096, dividing the block size.
+    pub data_unit: u32,
+    #[serde(default)]
+    pub policy: dpu_crypto::policy::Policy,
 }
 
 /// `volumes/{id}`.
@@ -52,10 +69,25 @@ impl VolumeSpec {
                 format!("{} is not a positive multiple of the block size {}", self.size_bytes, self.block_size),
             );
         }
-        if let Backend::File { path } = &self.backend
-            && !path.is_absolute()
-        {
-            return invalid("volume.file.path", format!("{} is not an absolute path", path.display()));
+        match &self.backend {
+            Backend::File { path } if !path.is_absolute() => {
+                return invalid("volume.file.path", format!("{} is not an absolute path", path.display()));
+            }
+            Backend::Encrypted(e) => {
+                if let Err(err) = dpu_intent::validate_id(&e.base) {
+                    return invalid("volume.encrypted.base", err.to_string());
+                }
+                if let Err(err) = dpu_intent::validate_id(&e.key) {
+                    return invalid("volume.encrypted.key", err.to_string());
+                }
+                if !matches!(e.data_unit, 512 | 4096) || e.data_unit > self.block_size {
+                    return invalid(
+                        "volume.encrypted.data_unit_size",
+                        format!("{} is not 512 or 4096 and at most the block size {}", e.data_unit, self.block_size),
+                    );
+                }
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -9,10 +9,13 @@ use std::sync::{Arc, Mutex};
 use dpu_intent::Store;
 use dpu_intent::reconcile::{ObjectKey, ObjectState, ObjectStatus, Pass, ReconcileError, Reconciler};
 
-use crate::bdev::{FileVolume, MallocVolume, NullVolume, SharedVolume, Uring, VolumeError};
+use dpu_crypto::keys::Keys;
+use dpu_crypto::xts::XtsCipher;
+
+use crate::bdev::{EncryptedVolume, FileVolume, MallocVolume, NullVolume, SharedVolume, Uring, VolumeError};
 use crate::image::Digest;
 use crate::image::reconcile::Images;
-use crate::model::{Backend, SubsystemSpec, VolumeSpec};
+use crate::model::{Backend, EncryptedSpec, SubsystemSpec, VolumeSpec};
 use crate::target::{Namespace, Subsystem, Target};
 
 /// The storage subsystem's reconciler.
@@ -21,20 +24,57 @@ pub struct StorageReconciler {
     target: Target,
     /// Extra address serving only discovery.
     discovery: Option<SocketAddr>,
-    /// Volumes opened so far, with the spec they were opened from.
-    volumes: Mutex<HashMap<String, (VolumeSpec, SharedVolume)>>,
+    /// Volumes opened so far, with the spec they were opened from (and for an encrypted volume, its base).
+    volumes: Mutex<HashMap<String, OpenVolume>>,
     /// The io_uring engine for file volumes, set up on first use; `None` inside when the kernel has none.
     uring: std::sync::OnceLock<Option<Uring>>,
     /// Resolved images, whose layers namespaces may serve.
     images: Images,
+    /// Keys of encrypted volumes; `None`: encrypted volumes are reported in error.
+    keys: Option<Keys>,
 }
 
-fn open_volume(spec: &VolumeSpec, uring: Option<Uring>) -> Result<SharedVolume, VolumeError> {
+#[derive(Debug)]
+struct OpenVolume {
+    spec: VolumeSpec,
+    volume: SharedVolume,
+    /// The base an encrypted volume was built over: it is rebuilt when its base is reopened.
+    base: Option<SharedVolume>,
+}
+
+fn open_volume(spec: &VolumeSpec, uring: Option<Uring>) -> Result<SharedVolume, String> {
+    let error =
+        |e: VolumeError| format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default());
     Ok(match &spec.backend {
         Backend::Malloc => Arc::new(MallocVolume::new(spec.block_size, spec.blocks())),
         Backend::Null => Arc::new(NullVolume::new(spec.block_size, spec.blocks())),
-        Backend::File { path } => Arc::new(FileVolume::open(path, spec.block_size, spec.blocks(), uring)?),
+        Backend::File { path } => {
+            Arc::new(FileVolume::open(path, spec.block_size, spec.blocks(), uring).map_err(error)?)
+        }
+        Backend::Encrypted(_) => unreachable!("encrypted volumes are opened over their base"),
     })
+}
+
+/// Builds an encrypted volume over `base`, with the key's material unwrapped just for building the cipher.
+fn open_encrypted(
+    spec: &VolumeSpec,
+    encrypted: &EncryptedSpec,
+    base: &SharedVolume,
+    keys: Option<&Keys>,
+    store: &Store,
+) -> Result<SharedVolume, String> {
+    let keys = keys.ok_or("the agent has no key store for encrypted volumes")?;
+    let placement = crate::bdev::encryption_placement(encrypted.policy).map_err(|e| e.to_string())?;
+    if base.geometry() != (crate::bdev::Geometry { block_size: spec.block_size, blocks: spec.blocks() }) {
+        return Err(format!("volumes/{} no longer has this volume's block size and capacity", encrypted.base));
+    }
+    let key = keys.xts_key(store, &encrypted.key).map_err(|e| format!("cryptoKeys/{}: {e}", encrypted.key))?;
+    let cipher = XtsCipher::new(&key).map_err(|e| format!("cryptoKeys/{}: {e}", encrypted.key))?;
+    let volume =
+        EncryptedVolume::new(base.clone(), Arc::new(cipher), encrypted.data_unit).map_err(|e| e.to_string())?;
+    tracing::info!(base = %encrypted.base, engine = placement.engine, hardware = placement.hardware,
+        reason = %placement.reason, "encrypted volume over its base");
+    Ok(Arc::new(volume))
 }
 
 fn status(state: ObjectState, reason: impl Into<String>, generation: u64) -> ObjectStatus {
@@ -48,7 +88,20 @@ impl StorageReconciler {
 
     /// A reconciler that also serves the layers of the images in `images`.
     pub fn with_images(target: Target, discovery: Option<SocketAddr>, images: Images) -> Self {
-        Self { target, discovery, volumes: Mutex::new(HashMap::new()), uring: std::sync::OnceLock::new(), images }
+        Self {
+            target,
+            discovery,
+            volumes: Mutex::new(HashMap::new()),
+            uring: std::sync::OnceLock::new(),
+            images,
+            keys: None,
+        }
+    }
+
+    /// Opens encrypted volumes with keys from `keys`.
+    pub fn with_keys(mut self, keys: Keys) -> Self {
+        self.keys = Some(keys);
+        self
     }
 
     /// Serves file volumes through `uring`, probed by the caller (and shared, e.g. with the image chunk cache),
@@ -84,24 +137,57 @@ impl StorageReconciler {
         let before = open.len();
         open.retain(|id, _| ids.contains(id));
         changes += before - open.len();
-        for v in &wanted {
+        // Plain volumes first: encrypted ones are built over them.
+        let (encrypted, plain): (Vec<_>, Vec<_>) =
+            wanted.iter().partition(|v| matches!(v.spec.backend, Backend::Encrypted(_)));
+        for v in plain.into_iter().chain(encrypted) {
             let key = ObjectKey::of::<VolumeSpec>(&v.id);
-            let current = open.get(&v.id).filter(|(spec, _)| *spec == v.spec);
+            let base = match &v.spec.backend {
+                Backend::Encrypted(e) => match open.get(&e.base) {
+                    Some(base) if base.base.is_none() => Some((e, base.volume.clone())),
+                    Some(_) => {
+                        let reason = format!("volumes/{} is itself encrypted", e.base);
+                        statuses.push((key, status(ObjectState::Error, reason, v.meta.generation)));
+                        continue;
+                    }
+                    None => {
+                        open.remove(&v.id);
+                        let reason = format!("volumes/{} is not open", e.base);
+                        statuses.push((key, status(ObjectState::Pending, reason, v.meta.generation)));
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            let current = open.get(&v.id).filter(|o| {
+                o.spec == v.spec
+                    && match (&o.base, &base) {
+                        (Some(was), Some((_, now))) => Arc::ptr_eq(was, now),
+                        (None, None) => true,
+                        _ => false,
+                    }
+            });
             if current.is_some() {
                 statuses.push((key, status(ObjectState::Ready, "", v.meta.generation)));
                 continue;
             }
-            let uring = matches!(v.spec.backend, Backend::File { .. }).then(|| self.uring()).flatten();
-            match open_volume(&v.spec, uring) {
+            let opened = match &base {
+                Some((e, base)) => open_encrypted(&v.spec, e, base, self.keys.as_ref(), store),
+                None => {
+                    let uring = matches!(v.spec.backend, Backend::File { .. }).then(|| self.uring()).flatten();
+                    open_volume(&v.spec, uring)
+                }
+            };
+            match opened {
                 Ok(volume) => {
                     tracing::info!(volume = %v.id, kind = volume.kind(), bytes = v.spec.size_bytes, "volume opened");
-                    open.insert(v.id.clone(), (v.spec.clone(), volume));
+                    let base = base.map(|(_, b)| b);
+                    open.insert(v.id.clone(), OpenVolume { spec: v.spec.clone(), volume, base });
                     changes += 1;
                     statuses.push((key, status(ObjectState::Ready, "", v.meta.generation)));
                 }
-                Err(e) => {
-                    let reason =
-                        format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default());
+                Err(reason) => {
+                    open.remove(&v.id);
                     statuses.push((key, status(ObjectState::Error, reason, v.meta.generation)));
                 }
             }
@@ -111,7 +197,7 @@ impl StorageReconciler {
             counted.extend(image.layers.iter().map(|l| layer_volume_id(&l.layer.source)));
         }
         self.target.stats().retain(&counted);
-        Ok((changes, open.iter().map(|(id, (_, vol))| (id.clone(), vol.clone())).collect()))
+        Ok((changes, open.iter().map(|(id, o)| (id.clone(), o.volume.clone())).collect()))
     }
 }
 

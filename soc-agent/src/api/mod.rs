@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod crypto;
 pub mod fabric;
 pub mod image;
 pub mod mesh;

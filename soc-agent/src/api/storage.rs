@@ -4,15 +4,19 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use dpu_crypto::keys::{KeyAlgorithm, KeySpec};
 use dpu_intent::reconcile::{ObjectKey, StatusBoard};
 use dpu_intent::{Resource, Store, Stored};
 use dpu_proto::v1 as pb;
-use dpu_storage::model::{Backend, ListenerSpec, NamespaceSpec, SubsystemSpec, VolumeSpec, format_uuid, random_uuid};
+use dpu_storage::model::{
+    Backend, EncryptedSpec, ListenerSpec, NamespaceSpec, SubsystemSpec, VolumeSpec, format_uuid, random_uuid,
+};
 use dpu_storage::target::StatsSource;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
 use super::agent::resource_status;
+use super::crypto::{crypto_status, placement_message, policy_from};
 use super::{generation, intent_status, invalid, page, parse_name};
 
 /// Status-board name of the storage reconciler.
@@ -45,10 +49,27 @@ impl StorageApi {
     }
 
     fn volume_message(&self, stored: Stored<VolumeSpec>) -> pb::Volume {
-        let backend = match stored.spec.backend {
+        let backend = match &stored.spec.backend {
             Backend::Malloc => pb::volume::Backend::Malloc(pb::MallocBackend {}),
             Backend::File { path } => pb::volume::Backend::File(pb::FileBackend { path: path.display().to_string() }),
             Backend::Null => pb::volume::Backend::Null(pb::NullBackend {}),
+            Backend::Encrypted(e) => pb::volume::Backend::Encrypted(pb::EncryptedBackend {
+                base: format!("volumes/{}", e.base),
+                key: format!("{}/{}", KeySpec::KIND, e.key),
+                data_unit_size: e.data_unit,
+                policy: super::crypto::policy_message(e.policy) as i32,
+            }),
+        };
+        let crypto = match &stored.spec.backend {
+            Backend::Encrypted(e) => Some(match dpu_storage::bdev::encryption_placement(e.policy) {
+                Ok(p) => placement_message(e.policy, &p),
+                Err(err) => pb::CryptoPlacement {
+                    policy: super::crypto::policy_message(e.policy) as i32,
+                    reason: err.to_string(),
+                    ..Default::default()
+                },
+            }),
+            _ => None,
         };
         pb::Volume {
             name: format!("volumes/{}", stored.id),
@@ -57,6 +78,7 @@ impl StorageApi {
             backend: Some(backend),
             generation: generation(stored.meta.generation),
             status: Some(self.status_of(VolumeSpec::KIND, &stored.id, stored.meta.generation)),
+            crypto,
         }
     }
 
@@ -165,23 +187,75 @@ fn parse_uuid(text: &str) -> Result<[u8; 16], Status> {
         .ok_or_else(|| Status::invalid_argument(format!("namespace.uuid: {text:?} is not a UUID")))
 }
 
-/// Validates an incoming volume into the domain type.
-fn volume_from(v: pb::Volume) -> Result<VolumeSpec, Status> {
-    {
-        let backend = match v.backend {
-            Some(pb::volume::Backend::Malloc(_)) => Backend::Malloc,
-            Some(pb::volume::Backend::File(f)) => Backend::File { path: f.path.into() },
-            Some(pb::volume::Backend::Null(_)) => Backend::Null,
-            None => return Err(Status::invalid_argument("volume.backend: one of malloc, file, null is required")),
-        };
-        let spec = VolumeSpec {
-            block_size: if v.block_size == 0 { 512 } else { v.block_size },
-            size_bytes: v.size_bytes,
-            backend,
-        };
-        spec.validate().map_err(invalid)?;
-        Ok(spec)
-    }
+/// Validates an incoming volume into the domain type. An encrypted volume takes its geometry from its base and
+/// needs an existing AES-256-XTS key, and a policy this machine can satisfy.
+fn volume_from(store: &Store, v: pb::Volume) -> Result<VolumeSpec, Status> {
+    let mut block_size = v.block_size;
+    let mut size_bytes = v.size_bytes;
+    let backend = match v.backend {
+        Some(pb::volume::Backend::Malloc(_)) => Backend::Malloc,
+        Some(pb::volume::Backend::File(f)) => Backend::File { path: f.path.into() },
+        Some(pb::volume::Backend::Null(_)) => Backend::Null,
+        Some(pb::volume::Backend::Encrypted(e)) => {
+            let base = parse_name(&e.base, VolumeSpec::KIND, "volume.encrypted.base")?.to_owned();
+            let key = parse_name(&e.key, KeySpec::KIND, "volume.encrypted.key")?.to_owned();
+            let policy = policy_from(e.policy, "volume.encrypted.policy")?;
+            let base_spec = store.get::<VolumeSpec>(&base).map_err(|err| match err {
+                dpu_intent::Error::NotFound { .. } => {
+                    Status::failed_precondition(format!("volume.encrypted.base: volumes/{base} does not exist"))
+                }
+                other => intent_status(other),
+            })?;
+            if matches!(base_spec.spec.backend, Backend::Encrypted(_)) {
+                return Err(Status::invalid_argument(format!(
+                    "volume.encrypted.base: volumes/{base} is encrypted itself; encrypt its base instead"
+                )));
+            }
+            let differs = |field: &str, given: u64, base_value: u64| {
+                Status::invalid_argument(format!(
+                    "{field}: {given} differs from volumes/{base}'s {base_value} (0 takes the base's)"
+                ))
+            };
+            match block_size {
+                0 => block_size = base_spec.spec.block_size,
+                b if b != base_spec.spec.block_size => {
+                    return Err(differs("volume.block_size", b.into(), base_spec.spec.block_size.into()));
+                }
+                _ => {}
+            }
+            match size_bytes {
+                0 => size_bytes = base_spec.spec.size_bytes,
+                b if b != base_spec.spec.size_bytes => {
+                    return Err(differs("volume.size_bytes", b, base_spec.spec.size_bytes));
+                }
+                _ => {}
+            }
+            match store.get::<KeySpec>(&key) {
+                Ok(k) if k.spec.algorithm == KeyAlgorithm::Aes256Xts => {}
+                Ok(k) => {
+                    return Err(Status::failed_precondition(format!(
+                        "volume.encrypted.key: cryptoKeys/{key} is an {} key; encrypted volumes need aes-256-xts",
+                        k.spec.algorithm
+                    )));
+                }
+                Err(dpu_intent::Error::NotFound { .. }) => {
+                    return Err(Status::failed_precondition(format!(
+                        "volume.encrypted.key: cryptoKeys/{key} does not exist"
+                    )));
+                }
+                Err(other) => return Err(intent_status(other)),
+            }
+            dpu_storage::bdev::encryption_placement(policy).map_err(|e| crypto_status("volume.encrypted.policy", e))?;
+            let data_unit = if e.data_unit_size == 0 { block_size } else { e.data_unit_size };
+            Backend::Encrypted(EncryptedSpec { base, key, data_unit, policy })
+        }
+        None => {
+            return Err(Status::invalid_argument("volume.backend: one of malloc, file, null, encrypted is required"));
+        }
+    };
+    let spec = VolumeSpec { block_size: if block_size == 0 { 512 } else { block_size }, size_bytes, backend };
+    spec.validate().map_err(invalid)?;
+    Ok(spec)
 }
 
 fn subsystem_from(id: &str, s: pb::Subsystem) -> Result<SubsystemSpec, Status> {
@@ -202,7 +276,8 @@ fn subsystem_from(id: &str, s: pb::Subsystem) -> Result<SubsystemSpec, Status> {
 impl pb::storage_service_server::StorageService for StorageApi {
     async fn create_volume(&self, r: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = r.into_inner();
-        let spec = volume_from(r.volume.ok_or_else(|| Status::invalid_argument("volume: required"))?)?;
+        let _guard = self.writes.lock().await;
+        let spec = volume_from(&self.store, r.volume.ok_or_else(|| Status::invalid_argument("volume: required"))?)?;
         let created = self.store.create(&r.volume_id, spec).map_err(intent_status)?;
         Ok(Response::new(self.volume_message(created.into_stored())))
     }
@@ -229,6 +304,16 @@ impl pb::storage_service_server::StorageService for StorageApi {
         let r = r.into_inner();
         let id = parse_name(&r.name, "volumes", "name")?;
         let _guard = self.writes.lock().await;
+        for volume in self.store.list_all::<VolumeSpec>().map_err(intent_status)? {
+            if let Backend::Encrypted(e) = &volume.spec.backend
+                && e.base == id
+            {
+                return Err(Status::failed_precondition(format!(
+                    "volumes/{id} is the base of the encrypted volumes/{}; delete that first",
+                    volume.id
+                )));
+            }
+        }
         for subsystem in self.store.list_all::<SubsystemSpec>().map_err(intent_status)? {
             if let Some((ns, _)) = subsystem.spec.namespaces.iter().find(|(_, ns)| ns.volume == id) {
                 return Err(Status::failed_precondition(format!(

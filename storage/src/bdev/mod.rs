@@ -5,6 +5,7 @@
 //! move them to another thread or into an io_uring submission without copying and stays sound if the caller's
 //! future is dropped mid-I/O; callers keep a pool of buffers, so the data path allocates no data buffers per I/O.
 
+mod crypt;
 mod file;
 mod malloc;
 mod null;
@@ -15,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use crypt::{EncryptedError, EncryptedVolume, NO_XTS_OFFLOAD, placement as encryption_placement};
 pub use file::FileVolume;
 pub use malloc::MallocVolume;
 pub use null::NullVolume;
