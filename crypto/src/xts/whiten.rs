@@ -316,6 +316,7 @@ mod neon {
     use super::CHAINS;
 
     #[inline]
+    #[target_feature(enable = "neon")]
     fn load(src: &[u8; 16]) -> uint64x2_t {
         // SAFETY: `src` is 16 readable bytes; `ld1` of bytes has no alignment requirement.
         let bytes = unsafe { vld1q_u8(src.as_ptr()) };
@@ -323,15 +324,17 @@ mod neon {
     }
 
     #[inline]
+    #[target_feature(enable = "neon")]
     fn store(dst: &mut [u8; 16], v: uint64x2_t) {
+        let bytes = vreinterpretq_u8_u64(v);
         // SAFETY: `dst` is 16 writable bytes; `st1` of bytes has no alignment requirement.
-        unsafe { vst1q_u8(dst.as_mut_ptr(), vreinterpretq_u8_u64(v)) }
+        unsafe { vst1q_u8(dst.as_mut_ptr(), bytes) }
     }
 
     /// `v · α^8`: shifted left by 8 with the low half's top byte carried into the high half, and the high
     /// half's top byte times x^7 + x^2 + x + 1 (PMULL2) into the low half.
     #[inline]
-    #[target_feature(enable = "aes")]
+    #[target_feature(enable = "neon,aes")]
     fn mul_alpha8(v: uint64x2_t, poly: uint64x2_t) -> uint64x2_t {
         let out = vshrq_n_u64::<56>(v);
         let carry = vextq_u64::<1>(vdupq_n_u64(0), out);
@@ -340,7 +343,7 @@ mod neon {
     }
 
     /// Eight chains of one tweak each, stepping by α^8.
-    #[target_feature(enable = "aes")]
+    #[target_feature(enable = "neon,aes")]
     pub(super) fn whiten_in(data: &mut [u8], t: u128, tweaks: &mut [u8]) {
         let poly = vdupq_n_u64(POLY);
         let mut first = t;
