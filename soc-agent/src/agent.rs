@@ -83,6 +83,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         }
     };
     let images = dpu_storage::image::reconcile::Images::default();
+    let encrypted_volumes = dpu_storage::bdev::EncryptedVolumes::default();
     // Keys in the intent log are wrapped with the key-encryption key, kept outside the data directory.
     let kek_file = config.crypto.kek_file(&config.data_dir);
     let keys = dpu_crypto::keys::Keys::open(&kek_file)
@@ -98,7 +99,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
             images.clone(),
         )
         .with_uring(uring.clone())
-        .with_keys(keys.clone()),
+        .with_keys(keys.clone(), encrypted_volumes.clone()),
         store.clone(),
         status_board.clone(),
         controller_config,
@@ -227,6 +228,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         let scrape_metrics = metrics.clone();
         let storage_stats = target.stats().clone();
         let (scrape_images, scrape_cache) = (images.clone(), chunk_cache.clone());
+        let scrape_encrypted = encrypted_volumes.clone();
         let dump_proxy = proxy.clone();
         let state = crate::admin::AdminState {
             metrics: metrics.clone(),
@@ -239,6 +241,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
                 for (volume, stats) in storage_stats.snapshot() {
                     scrape_metrics.storage_volume(&volume, &stats);
                 }
+                scrape_metrics.crypto_volumes(&scrape_encrypted);
                 scrape_metrics.image_cache(&scrape_cache);
                 for (id, image) in scrape_images.all() {
                     scrape_metrics.image_fetches(&id, &image.layers);

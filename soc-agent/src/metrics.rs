@@ -55,6 +55,16 @@ struct Inner {
     image_cache: Family<CacheCounter, Gauge>,
     image_fetch: Family<ImageCounter, Gauge>,
     image_fetch_seconds: Family<Image, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Bytes each encrypted volume's cipher processed, labelled with the engine that did it.
+    crypto_volume_bytes: Family<CryptoVolume, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CryptoVolume {
+    volume: String,
+    engine: &'static str,
+    hardware: &'static str,
+    direction: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -122,6 +132,12 @@ impl Metrics {
         registry.register("storage_volume_ops", "I/O commands completed per volume since start", volume_ops.clone());
         let volume_bytes = Family::<VolumeOp, Gauge>::default();
         registry.register("storage_volume_bytes", "Bytes read or written per volume since start", volume_bytes.clone());
+        let crypto_volume_bytes = Family::<CryptoVolume, Gauge>::default();
+        registry.register(
+            "crypto_volume_bytes",
+            "Bytes encrypted or decrypted per encrypted volume, by the engine that did it (hardware: an offload engine)",
+            crypto_volume_bytes.clone(),
+        );
         let volume_errors = Family::<Volume, Gauge>::default();
         registry.register("storage_volume_errors", "Failed I/O commands per volume since start", volume_errors.clone());
         let image_cache = Family::<CacheCounter, Gauge>::default();
@@ -152,6 +168,7 @@ impl Metrics {
             volume_ops,
             volume_bytes,
             volume_errors,
+            crypto_volume_bytes,
             image_cache,
             image_fetch,
             image_fetch_seconds,
@@ -193,6 +210,17 @@ impl Metrics {
             .volume_errors
             .get_or_create(&Volume { volume: volume.to_owned() })
             .set(gauge(stats.errors.load(Relaxed)));
+    }
+
+    /// Publishes the encrypted volumes' cipher counters.
+    pub fn crypto_volumes(&self, volumes: &dpu_storage::bdev::EncryptedVolumes) {
+        for (volume, engine, encrypted, decrypted) in volumes.snapshot() {
+            for (direction, bytes) in [("encrypt", encrypted), ("decrypt", decrypted)] {
+                let labels =
+                    CryptoVolume { volume: volume.clone(), engine: engine.name(), hardware: "false", direction };
+                self.0.crypto_volume_bytes.get_or_create(&labels).set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+        }
     }
 
     /// Publishes the image chunk cache's counters.

@@ -12,7 +12,9 @@ use dpu_intent::reconcile::{ObjectKey, ObjectState, ObjectStatus, Pass, Reconcil
 use dpu_crypto::keys::Keys;
 use dpu_crypto::xts::XtsCipher;
 
-use crate::bdev::{EncryptedVolume, FileVolume, MallocVolume, NullVolume, SharedVolume, Uring, VolumeError};
+use crate::bdev::{
+    EncryptedVolume, EncryptedVolumes, FileVolume, MallocVolume, NullVolume, SharedVolume, Uring, VolumeError,
+};
 use crate::image::Digest;
 use crate::image::reconcile::Images;
 use crate::model::{Backend, EncryptedSpec, SubsystemSpec, VolumeSpec};
@@ -32,6 +34,8 @@ pub struct StorageReconciler {
     images: Images,
     /// Keys of encrypted volumes; `None`: encrypted volumes are reported in error.
     keys: Option<Keys>,
+    /// The encrypted volumes open now, shared with the metrics.
+    encrypted: EncryptedVolumes,
 }
 
 #[derive(Debug)]
@@ -62,7 +66,7 @@ fn open_encrypted(
     base: &SharedVolume,
     keys: Option<&Keys>,
     store: &Store,
-) -> Result<SharedVolume, String> {
+) -> Result<Arc<EncryptedVolume>, String> {
     let keys = keys.ok_or("the agent has no key store for encrypted volumes")?;
     let placement = crate::bdev::encryption_placement(encrypted.policy).map_err(|e| e.to_string())?;
     if base.geometry() != (crate::bdev::Geometry { block_size: spec.block_size, blocks: spec.blocks() }) {
@@ -95,12 +99,14 @@ impl StorageReconciler {
             uring: std::sync::OnceLock::new(),
             images,
             keys: None,
+            encrypted: EncryptedVolumes::default(),
         }
     }
 
-    /// Opens encrypted volumes with keys from `keys`.
-    pub fn with_keys(mut self, keys: Keys) -> Self {
+    /// Opens encrypted volumes with keys from `keys`, and lists them in `encrypted`.
+    pub fn with_keys(mut self, keys: Keys, encrypted: EncryptedVolumes) -> Self {
         self.keys = Some(keys);
+        self.encrypted = encrypted;
         self
     }
 
@@ -172,7 +178,10 @@ impl StorageReconciler {
                 continue;
             }
             let opened = match &base {
-                Some((e, base)) => open_encrypted(&v.spec, e, base, self.keys.as_ref(), store),
+                Some((e, base)) => open_encrypted(&v.spec, e, base, self.keys.as_ref(), store).map(|volume| {
+                    self.encrypted.insert(&v.id, volume.clone());
+                    volume as SharedVolume
+                }),
                 None => {
                     let uring = matches!(v.spec.backend, Backend::File { .. }).then(|| self.uring()).flatten();
                     open_volume(&v.spec, uring)
@@ -192,6 +201,7 @@ impl StorageReconciler {
                 }
             }
         }
+        self.encrypted.retain(|id| open.contains_key(id));
         let mut counted = ids;
         for (_, image) in self.images.all() {
             counted.extend(image.layers.iter().map(|l| layer_volume_id(&l.layer.source)));

@@ -16,7 +16,8 @@
 #                      --iv-large-sectors`) on the base namespace mounts the same filesystem with the same files
 #   dm-crypt → agent   a file written through dm-crypt reads back right through the agent's encrypted namespace
 # Page caches are dropped between views. The guest prints `CRYPT-VOLUME: PASS`; host_check then greps the
-# agent's data directory, its log and its API answers for the key's bytes (raw and hex) and finds none.
+# agent's data directory, its log and its API answers for the key's bytes (raw and hex) and finds none, and
+# reads dpu_crypto_volume_bytes (by engine, both directions) for each encrypted volume from /metrics.
 #
 # Builds `cargo build --locked --release --bin dpu-agent --bin dpuctl` unless DPU_GUEST_NO_BUILD=1.
 # Environment: RUST_LOG (agent, default info), DPU_GUEST_TIMEOUT (600).
@@ -40,6 +41,7 @@ IH_NAME=crypt-volume
 
 CRYPT_NQN=nqn.2026-12.io.dpu-agent:crypt
 CRYPT_API_PORT=""
+CRYPT_ADMIN_PORT=""
 CRYPT_IO_PORT=""
 
 # dpuctl that is expected to fail with CODE and a message matching TEXT.
@@ -64,8 +66,7 @@ guest_prepare() {
 		ih_say "building dpu-agent and dpuctl (release)"
 		(cd "$REPO_ROOT" && cargo build --locked --release --bin dpu-agent --bin dpuctl) >&2 || return 1
 	fi
-	local admin
-	read -r CRYPT_API_PORT admin CRYPT_IO_PORT <<<"$(ih_free_ports 3)"
+	read -r CRYPT_API_PORT CRYPT_ADMIN_PORT CRYPT_IO_PORT <<<"$(ih_free_ports 3)"
 	mkdir -p "$GUEST_WORK/data"
 	cat >"$GUEST_WORK/agent.toml" <<TOML
 data_dir = "$GUEST_WORK/data"
@@ -74,7 +75,7 @@ data_dir = "$GUEST_WORK/data"
 listen = "127.0.0.1:$CRYPT_API_PORT"
 
 [admin]
-listen = "127.0.0.1:$admin"
+listen = "127.0.0.1:$CRYPT_ADMIN_PORT"
 TOML
 	printf '%s\n' --addr "http://127.0.0.1:$CRYPT_API_PORT" >"$GUEST_WORK/dpuctl.args"
 	ih_agent_start "$GUEST_WORK" || return 1
@@ -263,6 +264,20 @@ host_check() {
 						return 1
 					fi
 					ih_say "no key bytes in the data directory, the agent's log or its answers"
+					# What the engine did, per volume and direction, in the metrics.
+					curl -fsS "http://127.0.0.1:$CRYPT_ADMIN_PORT/metrics" >"$GUEST_WORK/metrics.txt" || return 1
+					local volume direction
+					for volume in enc512 enc4096; do
+						for direction in encrypt decrypt; do
+							grep -qE "^dpu_crypto_volume_bytes\{.*volume=\"$volume\".*direction=\"$direction\".*\} [1-9]" \
+								"$GUEST_WORK/metrics.txt" || {
+								ih_say "FAIL: no $direction bytes for $volume in the metrics:"
+								grep dpu_crypto "$GUEST_WORK/metrics.txt" >&2
+								return 1
+							}
+						done
+					done
+					ih_say "metrics: $(grep -c '^dpu_crypto_volume_bytes' "$GUEST_WORK/metrics.txt") dpu_crypto_volume_bytes series, each volume both ways"
 					return 0
 					;;
 				esac

@@ -29,6 +29,31 @@ pub fn placement(policy: Policy) -> Result<Placement, CryptoError> {
 /// Bytes of encrypted zeroes written per base write when zeroing or deallocating a range.
 const ZERO_RUN: usize = 1 << 20;
 
+/// The encrypted volumes the target serves, by volume id: what each one's engine has done, for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct EncryptedVolumes(Arc<std::sync::RwLock<std::collections::BTreeMap<String, Arc<EncryptedVolume>>>>);
+
+impl EncryptedVolumes {
+    pub(crate) fn insert(&self, id: &str, volume: Arc<EncryptedVolume>) {
+        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.to_owned(), volume);
+    }
+
+    pub(crate) fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|id, _| keep(id));
+    }
+
+    /// Every encrypted volume: id, engine, bytes encrypted, bytes decrypted.
+    pub fn snapshot(&self) -> Vec<(String, dpu_crypto::xts::Engine, u64, u64)> {
+        let map = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.iter()
+            .map(|(id, v)| {
+                let (encrypted, decrypted) = v.bytes();
+                (id.clone(), v.engine(), encrypted, decrypted)
+            })
+            .collect()
+    }
+}
+
 /// AES-256-XTS over a base volume.
 pub struct EncryptedVolume {
     base: SharedVolume,

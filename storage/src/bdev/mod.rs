@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use crypt::{EncryptedError, EncryptedVolume, NO_XTS_OFFLOAD, placement as encryption_placement};
+pub use crypt::{EncryptedError, EncryptedVolume, EncryptedVolumes, NO_XTS_OFFLOAD, placement as encryption_placement};
 pub use file::FileVolume;
 pub use malloc::MallocVolume;
 pub use null::NullVolume;
