@@ -44,14 +44,25 @@ impl Kek {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("creating its directory"))?;
         }
-        let mut file = match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-            Ok(file) => file,
-            // Another process created it first: use theirs.
+        // Written whole under a private name, then linked into place: a crash leaves either no key file or a
+        // complete one, and an agent racing this one links second, fails, and reads the winner's.
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".{}.tmp", std::process::id()));
+        let temporary = path.with_file_name(name);
+        let _ = fs::remove_file(&temporary);
+        let written = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temporary)
+            .and_then(|mut file| file.write_all(secret.expose()).and_then(|()| file.sync_all()));
+        let linked = written.and_then(|()| fs::hard_link(&temporary, path));
+        let _ = fs::remove_file(&temporary);
+        match linked {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Self::load(path),
             Err(e) => return Err(io("creating")(e)),
-        };
-        file.write_all(secret.expose()).map_err(io("writing"))?;
-        file.sync_all().map_err(io("syncing"))?;
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing its directory"))?;
         }
