@@ -6,6 +6,8 @@
 
 pub mod kek;
 pub mod keys;
+#[cfg(target_os = "linux")]
+pub mod ktls;
 pub mod policy;
 pub mod xts;
 

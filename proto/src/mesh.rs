@@ -22,6 +22,24 @@ fn prefix(field: &str, value: &str) -> Result<m::IpPrefix, Invalid> {
     value.parse().map_err(|e: String| Invalid { field: field.into(), message: e })
 }
 
+/// A crypto policy field; unspecified means prefer hardware.
+pub fn crypto_policy(field: &str, value: i32) -> Result<m::Policy, Invalid> {
+    match pb::CryptoPolicy::try_from(value) {
+        Ok(pb::CryptoPolicy::Unspecified | pb::CryptoPolicy::PreferHardware) => Ok(m::Policy::PreferHardware),
+        Ok(pb::CryptoPolicy::RequireHardware) => Ok(m::Policy::RequireHardware),
+        Ok(pb::CryptoPolicy::Software) => Ok(m::Policy::Software),
+        Err(_) => Err(Invalid { field: field.into(), message: format!("unknown value {value}") }),
+    }
+}
+
+pub fn crypto_policy_message(p: m::Policy) -> pb::CryptoPolicy {
+    match p {
+        m::Policy::RequireHardware => pb::CryptoPolicy::RequireHardware,
+        m::Policy::PreferHardware => pb::CryptoPolicy::PreferHardware,
+        m::Policy::Software => pb::CryptoPolicy::Software,
+    }
+}
+
 fn port(field: &str, value: u32) -> Result<u16, Invalid> {
     u16::try_from(value).map_err(|_| Invalid { field: field.into(), message: format!("{value} is not a port") })
 }
@@ -185,6 +203,7 @@ impl TryFrom<pb::MeshCluster> for m::ClusterSpec {
                         .map(|(i, s)| spiffe(&format!("cluster.tls.server_identities[{i}]"), s))
                         .collect::<Result<_, _>>()?,
                     sni: t.sni,
+                    kernel_tls: t.kernel_tls.map(|p| crypto_policy("cluster.tls.kernel_tls", p)).transpose()?,
                 }),
             },
         };
@@ -258,6 +277,7 @@ impl From<&m::ClusterSpec> for pb::MeshCluster {
                 certificate: t.certificate.clone(),
                 server_identities: t.server_identities.iter().map(ToString::to_string).collect(),
                 sni: t.sni.clone(),
+                kernel_tls: t.kernel_tls.map(|p| crypto_policy_message(p).into()),
             }),
             ..Default::default()
         }
@@ -532,10 +552,16 @@ impl TryFrom<pb::MeshListener> for m::ListenerSpec {
             transparent: l.transparent,
             destinations,
             default: handler("listener.default_handler", l.default_handler)?,
-            tls: l.tls.map(|t| m::DownstreamTls {
-                certificate: t.certificate,
-                require_client_certificate: t.require_client_certificate,
-            }),
+            tls: l
+                .tls
+                .map(|t| -> Result<_, Invalid> {
+                    Ok(m::DownstreamTls {
+                        certificate: t.certificate,
+                        require_client_certificate: t.require_client_certificate,
+                        kernel_tls: t.kernel_tls.map(|p| crypto_policy("listener.tls.kernel_tls", p)).transpose()?,
+                    })
+                })
+                .transpose()?,
             policies: l.policies,
             timeouts: m::ListenerTimeouts {
                 request_headers_ms: t.request_headers_ms.unwrap_or(defaults.request_headers_ms),
@@ -571,6 +597,7 @@ impl From<&m::ListenerSpec> for pb::MeshListener {
             tls: l.tls.as_ref().map(|t| pb::MeshDownstreamTls {
                 certificate: t.certificate.clone(),
                 require_client_certificate: t.require_client_certificate,
+                kernel_tls: t.kernel_tls.map(|p| crypto_policy_message(p).into()),
             }),
             policies: l.policies.clone(),
             timeouts: Some(pb::MeshListenerTimeouts {

@@ -11,6 +11,7 @@ pub mod access_log;
 pub mod authz;
 pub mod cluster;
 pub mod fairness;
+pub mod ktls;
 pub mod http;
 pub mod listener;
 pub mod metrics;

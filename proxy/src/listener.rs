@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::authz::PeerInfo;
 use crate::fairness::{ConnectionPermit, Fairness};
+use crate::ktls::{Gate, Handover};
 use crate::metrics::{Metrics, WorkloadLabels};
 use crate::model::{Destination, Handler, SpiffeId};
 use crate::snapshot::{ListenerConfig, Snapshot, SourceSnapshot, Workload};
@@ -344,14 +345,23 @@ async fn connection(
                 0 => DEFAULT_HANDSHAKE_TIMEOUT,
                 ms => Duration::from_millis(u64::from(ms)),
             };
+            let kernel_tls = listener.spec.tls.as_ref().and_then(|t| t.kernel_tls);
+            let gate = if kernel_tls.is_some() { Gate::closed(stream) } else { Gate::passthrough(stream) };
             // Boxed: the handshake state is large and lives only until the handshake is done.
-            let accept = Box::pin(tokio_rustls::TlsAcceptor::from(config.clone()).accept(stream));
+            let accept = Box::pin(tokio_rustls::TlsAcceptor::from(config.clone()).accept(gate));
             match tokio::time::timeout(timeout, accept).await {
                 Ok(Ok(tls_stream)) => {
                     let (_, conn) = tls_stream.get_ref();
                     let identity = conn.peer_certificates().and_then(crate::tls::peer_identity);
                     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-                    (Box::new(tls_stream), identity, alpn)
+                    let handover = crate::ktls::server(tls_stream, kernel_tls);
+                    crate::ktls::record("downstream", &listener.id, handover.engine(), handover.reason());
+                    let io: Box<dyn Io> = match handover {
+                        Handover::Kernel(s, _) => Box::new(s),
+                        Handover::Userspace(s, _) => Box::new(s),
+                        Handover::Closed(_) => return,
+                    };
+                    (io, identity, alpn)
                 }
                 Ok(Err(e)) => {
                     tracing::info!(error = %e, "TLS handshake failed");

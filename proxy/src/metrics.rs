@@ -122,6 +122,11 @@ impl Metrics {
         };
         registry.register("istio_requests", "Requests handled by the proxy", m.requests.clone());
         registry.register(
+            "dpu_proxy_tls_connections",
+            "TLS connections by where their records are encrypted (engine: rustls, ktls-sw, ktls-hw, none) and why",
+            crate::ktls::connections().clone(),
+        );
+        registry.register(
             "istio_request_duration_milliseconds",
             "Time from request start to the end of the response, in milliseconds",
             m.request_duration.clone(),

@@ -200,7 +200,7 @@ pub fn build_source(
                     UpstreamProtocol::Http1 => &[b"http/1.1"],
                     UpstreamProtocol::Tcp => &[],
                 };
-                match tls.client_config(&t.certificate, &t.server_identities, alpn) {
+                match tls.client_config(&t.certificate, &t.server_identities, alpn, t.kernel_tls.is_some()) {
                     Ok(c) => Some(c),
                     Err(e) => {
                         errors.push(ClusterSpec::KIND, id, "cluster.tls.certificate", e.to_string());
@@ -310,7 +310,7 @@ pub fn build_source(
             None => None,
             Some(t) => {
                 let alpn = listener_alpn(spec);
-                match tls.server_config(&t.certificate, t.require_client_certificate, &alpn) {
+                match tls.server_config(&t.certificate, t.require_client_certificate, &alpn, t.kernel_tls.is_some()) {
                     Ok(c) => Some(c),
                     Err(e) => {
                         errors.push(ListenerSpec::KIND, id, "listener.tls.certificate", e.to_string());

@@ -199,12 +199,13 @@ impl TlsStore {
 
     /// A TLS 1.3 server configuration presenting the live certificate of `cert_id`. With `require_client_cert`,
     /// clients must present a chain to the live trust bundle of `cert_id` with a SPIFFE URI SAN; without it, no
-    /// client certificate is requested.
+    /// client certificate is requested. With `kernel_tls`, sessions keep their keys for the kernel hand-over.
     pub fn server_config(
         &self,
         cert_id: &str,
         require_client_cert: bool,
         alpn: &[&[u8]],
+        kernel_tls: bool,
     ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let cell = self.cell(cert_id)?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
@@ -221,17 +222,20 @@ impl TlsStore {
         // No resumption: a resumed session would skip the live certificate and bundle checks after a rotation.
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
+        config.enable_secret_extraction = kernel_tls;
         Ok(Arc::new(config))
     }
 
     /// A TLS 1.3 client configuration presenting the live certificate of `cert_id`. It verifies the server chain
     /// against the live bundle of `cert_id`, and its SPIFFE URI SAN against `server_identities` (any SPIFFE ID
-    /// when empty) instead of a DNS name, so the `ServerName` given to the connector only sets SNI.
+    /// when empty) instead of a DNS name, so the `ServerName` given to the connector only sets SNI. With
+    /// `kernel_tls`, sessions keep their keys for the kernel hand-over.
     pub fn client_config(
         &self,
         cert_id: &str,
         server_identities: &[SpiffeId],
         alpn: &[&[u8]],
+        kernel_tls: bool,
     ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let cell = self.cell(cert_id)?;
         let verifier = Arc::new(LiveServerVerifier {
@@ -250,6 +254,7 @@ impl TlsStore {
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         // No resumption: every connection verifies the server against the live bundle and identities.
         config.resumption = rustls::client::Resumption::disabled();
+        config.enable_secret_extraction = kernel_tls;
         Ok(Arc::new(config))
     }
 }

@@ -1111,6 +1111,7 @@ async fn bad_objects_are_left_out_and_reported() {
         certificate: "nope".into(),
         server_identities: vec![],
         sni: String::new(),
+        kernel_tls: None,
     });
     specs.clusters.insert("needs-cert".into(), tls_cluster);
     specs.clusters.insert("raw".into(), cluster(UpstreamProtocol::Tcp, &[a]));
@@ -1406,7 +1407,7 @@ async fn h2_over_mtls(
     store: &dpu_proxy::tls::TlsStore,
     client: &str,
 ) -> std::io::Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>> {
-    let config = store.client_config(client, &[], &[b"h2"]).expect("client config");
+    let config = store.client_config(client, &[], &[b"h2"], false).expect("client config");
     let tcp = TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("gateway.mesh.invalid").expect("server name");
     let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
@@ -1446,7 +1447,11 @@ async fn mtls_listener_authorizes_by_peer_spiffe_id() {
             }],
         },
     );
-    let tls = Some(dpu_proxy::model::DownstreamTls { certificate: "gateway".into(), require_client_certificate: true });
+    let tls = Some(dpu_proxy::model::DownstreamTls {
+        certificate: "gateway".into(),
+        require_client_certificate: true,
+        kernel_tls: None,
+    });
     {
         let l = specs.listeners.get_mut("http").expect("listener");
         l.default = Handler::Http { route_table: "web".into(), codec: HttpCodec::Auto };
@@ -1509,7 +1514,7 @@ async fn mtls_listener_authorizes_by_peer_spiffe_id() {
 
     // L4: the TCP listener admits web and closes api's connection before any byte is proxied.
     for (client, allowed) in [("web", true), ("api", false)] {
-        let config = clients.client_config(client, &[], &[]).expect("client config");
+        let config = clients.client_config(client, &[], &[], false).expect("client config");
         let tcp = TcpStream::connect(tcp_addr).await.expect("connect");
         let name = rustls::pki_types::ServerName::try_from("gateway.mesh.invalid").expect("server name");
         let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("handshake");
@@ -1747,7 +1752,11 @@ async fn curl_speaks_http1_h2c_and_mtls_to_the_proxy() {
     specs.certificates.insert("gateway".into(), ca.spec("gateway"));
     let mut tls_listener = http_listener(secure, "web", HttpCodec::Auto);
     tls_listener.tls =
-        Some(dpu_proxy::model::DownstreamTls { certificate: "gateway".into(), require_client_certificate: true });
+        Some(dpu_proxy::model::DownstreamTls {
+        certificate: "gateway".into(),
+        require_client_certificate: true,
+        kernel_tls: None,
+    });
     specs.listeners.insert("https".into(), tls_listener);
     let mut registry = Registry::default();
     let proxy = Proxy::new(&mut registry);
@@ -1810,4 +1819,88 @@ async fn curl_speaks_http1_h2c_and_mtls_to_the_proxy() {
     assert!(out.ends_with("|2") && out.contains(r#""x-forwarded-proto":"https""#), "{out}");
     let text = metrics_text(&registry);
     assert!(text.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/curl\""), "{text}");
+}
+
+/// kernel_tls on a listener: every connection is placed and counted with its reason. On a kernel with TLS the
+/// records move to the kernel (software here: loopback offloads nothing); without it they stay in userspace and
+/// say so. `require-hardware` refuses the connection either way, since loopback never offloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_tls_places_every_connection_and_says_why() {
+    use dpu_proxy::ktls::{TlsLabels, connections, kernel_support};
+    use dpu_proxy::model::Policy;
+    if std::process::Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("*** skipped: curl is not installed ***");
+        return;
+    }
+    let a = http_backend("a").await;
+    let ca = TestCa::new();
+    let plain = listen_addr();
+    let (prefer, require) = (listen_addr(), listen_addr());
+    let mut specs = http_specs(
+        plain,
+        &[("a", a)],
+        vec![vhost(
+            "web",
+            &["*"],
+            vec![route("all", PathMatch::Prefix("/".into()), RouteAction::Forward(forward_to(&[("a", 1)])))],
+        )],
+    );
+    specs.certificates.insert("gateway".into(), ca.spec("gateway"));
+    for (id, address, policy) in [("ktls-prefer", prefer, Policy::PreferHardware), ("ktls-require", require, Policy::RequireHardware)] {
+        let mut listener = http_listener(address, "web", HttpCodec::Http1);
+        listener.tls = Some(dpu_proxy::model::DownstreamTls {
+            certificate: "gateway".into(),
+            require_client_certificate: true,
+            kernel_tls: Some(policy),
+        });
+        specs.listeners.insert(id.into(), listener);
+    }
+    let mut registry = Registry::default();
+    let proxy = Proxy::new(&mut registry);
+    apply_ok(&proxy, "intent", specs).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = ca.spec("curl");
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).expect("write pem");
+        path.to_string_lossy().into_owned()
+    };
+    let (cert, key) = (write("cert.pem", &client.certificate_chain_pem), write("key.pem", &client.private_key_pem));
+    let request = |address: SocketAddr, path: &str| {
+        vec![
+            "--insecure".into(),
+            "--http1.1".into(),
+            "--cert".into(),
+            cert.clone(),
+            "--key".into(),
+            key.clone(),
+            format!("https://{address}{path}"),
+            format!("https://{address}{path}-again"),
+        ]
+    };
+    let count = |name: &str, engine: &'static str, reason: &'static str| {
+        connections().get_or_create(&TlsLabels { side: "downstream", name: name.into(), engine, reason }).get()
+    };
+
+    // Two requests on one keep-alive connection: the second is read by whichever layer holds the records.
+    let out = curl(request(prefer, "/prefer")).await.expect("curl through the prefer-hardware listener");
+    assert!(out.contains(r#""path":"/prefer""#) && out.contains(r#""path":"/prefer-again""#), "{out}");
+    let (engine, reason) = match &kernel_support().ulp {
+        Ok(()) => ("ktls-sw", "no_offload"),
+        Err(_) => ("rustls", "no_kernel_tls"),
+    };
+    assert_eq!(count("ktls-prefer", engine, reason), 1, "{}", metrics_text(&registry));
+
+    let args = request(require, "/require");
+    let refused = tokio::task::spawn_blocking(move || std::process::Command::new("curl").args(&args).output())
+        .await
+        .expect("curl task")
+        .expect("run curl");
+    let out = String::from_utf8_lossy(&refused.stdout);
+    assert!(!refused.status.success() && !out.contains("/require"), "require-hardware served a request: {out}");
+    // curl opens a new connection for the second URL after the first was closed.
+    assert!(count("ktls-require", "none", "hardware_required") >= 1, "{}", metrics_text(&registry));
+    let text = metrics_text(&registry);
+    assert!(text.contains("dpu_proxy_tls_connections_total{"), "{text}");
 }

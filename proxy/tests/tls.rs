@@ -87,8 +87,8 @@ async fn mutual_tls_reports_both_identities() {
     assert_eq!(store.identity("api"), Some(api()));
     assert_eq!(store.identity("nope"), None);
 
-    let server = store.server_config("api", true, &[b"h2"]).expect("server config");
-    let client = store.client_config("web", &[api()], &[b"h2"]).expect("client config");
+    let server = store.server_config("api", true, &[b"h2"], false).expect("server config");
+    let client = store.client_config("web", &[api()], &[b"h2"], false).expect("client config");
     let (s, c) = handshake(server, client).await;
     let (mut s, mut c) = (s.expect("server handshake"), c.expect("client handshake"));
 
@@ -105,7 +105,7 @@ async fn any_spiffe_identity_is_accepted_when_none_is_expected() {
     let ca = Ca::new("cluster.local");
     let store = store_with(&[("web", ca.spec(&web())), ("api", ca.spec(&api()))]);
     let (s, c) =
-        handshake(store.server_config("api", true, &[]).unwrap(), store.client_config("web", &[], &[]).unwrap()).await;
+        handshake(store.server_config("api", true, &[], false).unwrap(), store.client_config("web", &[], &[], false).unwrap()).await;
     let (mut s, mut c) = (s.expect("server handshake"), c.expect("client handshake"));
     assert_eq!(peer_identity(&server_chain(&c)), Some(api()));
     exchange(&mut s, &mut c).await;
@@ -117,8 +117,8 @@ async fn wrong_server_identity_is_refused() {
     let store = store_with(&[("web", ca.spec(&web())), ("api", ca.spec(&api()))]);
     let other = sid("spiffe://cluster.local/ns/shop/sa/payments");
     let (s, c) = handshake(
-        store.server_config("api", true, &[]).unwrap(),
-        store.client_config("web", std::slice::from_ref(&other), &[]).unwrap(),
+        store.server_config("api", true, &[], false).unwrap(),
+        store.client_config("web", std::slice::from_ref(&other), &[], false).unwrap(),
     )
     .await;
     let err = c.expect_err("client must refuse the server").to_string();
@@ -135,7 +135,7 @@ async fn server_from_another_ca_is_refused() {
     api_spec.trust_bundle_pem = format!("{}{}", ca.cert, rogue.cert);
     let store = store_with(&[("web", ca.spec(&web())), ("api", api_spec)]);
     let (s, c) =
-        handshake(store.server_config("api", true, &[]).unwrap(), store.client_config("web", &[], &[]).unwrap()).await;
+        handshake(store.server_config("api", true, &[], false).unwrap(), store.client_config("web", &[], &[], false).unwrap()).await;
     let err = c.expect_err("client must refuse the server").to_string();
     // Both CAs carry the same name, so the chain fails on the issuer's signature.
     assert!(err.contains("BadSignature") || err.contains("UnknownIssuer"), "{err}");
@@ -150,7 +150,7 @@ async fn client_from_another_ca_is_refused() {
     web_spec.trust_bundle_pem = format!("{}{}", rogue.cert, ca.cert);
     let store = store_with(&[("web", web_spec), ("api", ca.spec(&api()))]);
     let (s, c) =
-        handshake(store.server_config("api", true, &[]).unwrap(), store.client_config("web", &[], &[]).unwrap()).await;
+        handshake(store.server_config("api", true, &[], false).unwrap(), store.client_config("web", &[], &[], false).unwrap()).await;
     let err = s.expect_err("server must refuse the client").to_string();
     assert!(err.contains("BadSignature") || err.contains("UnknownIssuer"), "{err}");
     // TLS 1.3: the client finishes first, then learns of the refusal on its first read.
@@ -175,16 +175,16 @@ async fn client_without_certificate_is_refused_when_required() {
 
     let ca = Ca::new("cluster.local");
     let store = store_with(&[("web", ca.spec(&web())), ("api", ca.spec(&api()))]);
-    let mut anonymous = (*store.client_config("web", &[], &[]).unwrap()).clone();
+    let mut anonymous = (*store.client_config("web", &[], &[], false).unwrap()).clone();
     anonymous.client_auth_cert_resolver = Arc::new(NoCert);
     let anonymous = Arc::new(anonymous);
 
-    let (s, _c) = handshake(store.server_config("api", true, &[]).unwrap(), anonymous.clone()).await;
+    let (s, _c) = handshake(store.server_config("api", true, &[], false).unwrap(), anonymous.clone()).await;
     let err = s.expect_err("server must refuse a client without a certificate").to_string();
     assert!(err.contains("NoCertificatesPresented") || err.contains("certificate"), "{err}");
 
     // Without required client authentication the same client is served, and has no peer identity.
-    let (s, c) = handshake(store.server_config("api", false, &[]).unwrap(), anonymous).await;
+    let (s, c) = handshake(store.server_config("api", false, &[], false).unwrap(), anonymous).await;
     let (mut s, mut c) = (s.expect("server handshake"), c.expect("client handshake"));
     assert!(s.get_ref().1.peer_certificates().is_none());
     exchange(&mut s, &mut c).await;
@@ -195,8 +195,8 @@ async fn rotation_keeps_established_connections_and_serves_the_new_certificate()
     let ca = Ca::new("cluster.local");
     let web_spec = ca.spec(&web());
     let store = store_with(&[("web", web_spec.clone()), ("api", ca.spec(&api()))]);
-    let server = store.server_config("api", true, &[]).unwrap();
-    let client = store.client_config("web", &[api()], &[]).unwrap();
+    let server = store.server_config("api", true, &[], false).unwrap();
+    let client = store.client_config("web", &[api()], &[], false).unwrap();
 
     let (s, c) = handshake(server.clone(), client.clone()).await;
     let (mut s, mut c) = (s.expect("server handshake"), c.expect("client handshake"));
@@ -223,8 +223,8 @@ async fn trust_bundle_rotation_applies_to_new_handshakes() {
     let old_ca = Ca::new("cluster.local");
     let new_ca = Ca::new("cluster.local");
     let store = store_with(&[("web", old_ca.spec(&web())), ("api", old_ca.spec(&api()))]);
-    let server = store.server_config("api", true, &[]).unwrap();
-    let client = store.client_config("web", &[], &[]).unwrap();
+    let server = store.server_config("api", true, &[], false).unwrap();
+    let client = store.client_config("web", &[], &[], false).unwrap();
 
     // The server moves to the new CA and trusts both; the client still trusts only the old one.
     let mut api_spec = new_ca.spec(&api());
@@ -247,11 +247,11 @@ async fn removed_certificate_refuses_new_handshakes() {
     let ca = Ca::new("cluster.local");
     let web_spec = ca.spec(&web());
     let store = store_with(&[("web", web_spec.clone()), ("api", ca.spec(&api()))]);
-    let server = store.server_config("api", true, &[]).unwrap();
-    let client = store.client_config("web", &[], &[]).unwrap();
+    let server = store.server_config("api", true, &[], false).unwrap();
+    let client = store.client_config("web", &[], &[], false).unwrap();
     assert!(store.apply(&BTreeMap::from([("web".to_string(), web_spec)])).is_empty());
     assert_eq!(store.identity("api"), None);
-    assert!(store.server_config("api", true, &[]).is_err());
+    assert!(store.server_config("api", true, &[], false).is_err());
     let (s, c) = handshake(server, client).await;
     assert!(s.is_err() && c.is_err());
 }
@@ -277,7 +277,7 @@ async fn intermediate_ca_chains_are_served_and_verified() {
     };
     let store = store_with(&[("web", root.spec(&web())), ("api", api_spec)]);
     let (s, c) =
-        handshake(store.server_config("api", true, &[]).unwrap(), store.client_config("web", &[api()], &[]).unwrap())
+        handshake(store.server_config("api", true, &[], false).unwrap(), store.client_config("web", &[api()], &[], false).unwrap())
             .await;
     let (mut s, mut c) = (s.expect("server handshake"), c.expect("client handshake"));
     assert_eq!(server_chain(&c).len(), 2);
@@ -289,7 +289,7 @@ async fn bad_specs_name_the_field_and_keep_the_previous_identity() {
     let ca = Ca::new("cluster.local");
     let good = ca.spec(&api());
     let store = store_with(&[("api", good.clone())]);
-    let server = store.server_config("api", false, &[]).unwrap();
+    let server = store.server_config("api", false, &[], false).unwrap();
 
     let other = ca.spec(&web());
     let no_uri = {
@@ -340,7 +340,7 @@ async fn bad_specs_name_the_field_and_keep_the_previous_identity() {
 
     // The config built before the failed updates still serves the original certificate.
     let client_store = store_with(&[("web", other)]);
-    let (_s, c) = handshake(server, client_store.client_config("web", &[api()], &[]).unwrap()).await;
+    let (_s, c) = handshake(server, client_store.client_config("web", &[api()], &[], false).unwrap()).await;
     let chain = server_chain(&c.expect("client handshake"));
     let good_leaf = rustls_pemfile::certs(&mut good.certificate_chain_pem.as_bytes()).next().unwrap().unwrap();
     assert_eq!(chain[0], good_leaf);
@@ -355,7 +355,7 @@ async fn a_new_id_with_a_bad_spec_is_not_loaded() {
     let errors = store.apply(&BTreeMap::from([("api".to_string(), spec)]));
     assert_eq!(errors.len(), 1);
     assert_eq!(store.identity("api"), None);
-    assert!(store.client_config("api", &[], &[]).is_err());
+    assert!(store.client_config("api", &[], &[], false).is_err());
 }
 
 #[test]

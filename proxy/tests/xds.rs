@@ -498,6 +498,7 @@ fn expected(ports: &Ports, pki: &Pki, api_prefix: &str, health_regex: &str) -> M
                 certificate: "default".into(),
                 server_identities: vec![WEB_ID.parse().unwrap()],
                 sni: "outbound_.80_._.web.default.svc.cluster.local".into(),
+                kernel_tls: None,
             }),
         },
     );

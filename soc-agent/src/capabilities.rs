@@ -2,6 +2,7 @@
 //! board or a config flag. Every probe is cheap and side-effect free apart from letting the kernel load a module
 //! on demand, so probes run each time they are asked for and always describe the machine as it is now.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -276,6 +277,30 @@ pub fn crypto_registry() -> Vec<CryptoCapability> {
     }
     out.extend(netdev_crypto(Path::new("/sys/class/net")));
     out
+}
+
+/// Whether a session placed by `require-hardware` can be offloaded here: the kernel must have TLS and some
+/// network device must have `tls-hw-tx-offload` on. `Err` names what is missing. Blocking (sysfs, netlink).
+pub fn kernel_tls_hardware() -> Result<Vec<String>, String> {
+    let probe = ktls(&Kernel::running());
+    if probe.state != State::Available {
+        return Err(format!("the kernel has no TLS ({})", probe.detail));
+    }
+    let checked = netdev_crypto(Path::new("/sys/class/net"));
+    let offloading: Vec<String> = checked
+        .iter()
+        .filter(|c| c.feature == "tls-hw-tx-offload" && c.state == State::Available)
+        .map(|c| c.subject.trim_start_matches("netdev/").to_owned())
+        .collect();
+    if offloading.is_empty() {
+        let names: BTreeSet<&str> = checked.iter().map(|c| c.subject.trim_start_matches("netdev/")).collect();
+        return Err(format!(
+            "no network device has tls-hw-tx-offload on (checked: {}); on BlueField it is offered by PF and SF \
+             netdevs, not by switchdev representors",
+            if names.is_empty() { "none with a device".to_owned() } else { names.into_iter().collect::<Vec<_>>().join(", ") }
+        ));
+    }
+    Ok(offloading)
 }
 
 /// kTLS with the kernel's own counters of software and device TLS connections, when it keeps them.

@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
+pub use dpu_crypto::policy::Policy;
 use dpu_intent::{Invalid, Resource, invalid};
 use serde::{Deserialize, Serialize};
 
@@ -358,6 +359,10 @@ pub struct UpstreamTls {
     /// SNI sent; empty: none.
     #[serde(default)]
     pub sni: String,
+    /// Hand the record layer to the kernel (kTLS) once the handshake is done, placed by this policy; unset:
+    /// records stay in userspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_tls: Option<Policy>,
 }
 
 impl Resource for ClusterSpec {
@@ -791,6 +796,10 @@ pub struct DownstreamTls {
     pub certificate: String,
     #[serde(default)]
     pub require_client_certificate: bool,
+    /// Hand the record layer to the kernel (kTLS) once the handshake is done, placed by this policy; unset:
+    /// records stay in userspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_tls: Option<Policy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

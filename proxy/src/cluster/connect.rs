@@ -16,6 +16,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::ktls::{Gate, Handover, KtlsStream};
+
 use crate::UPSTREAM_MARK;
 
 use super::UpstreamError;
@@ -64,14 +66,17 @@ fn set_mark(_socket: &Socket) {
 }
 
 /// Runs the TLS handshake within `timeout`. The server name is `sni` when set, otherwise the endpoint's IP address
-/// (rustls sends no SNI for an address; the verifier checks the peer's identity, not a name).
+/// (rustls sends no SNI for an address; the verifier checks the peer's identity, not a name). With `for_kernel`
+/// the handshake reads whole records only, so the session can then move to the kernel ([`crate::ktls`]).
 pub(crate) async fn tls(
     stream: TcpStream,
     endpoint: SocketAddr,
     config: Arc<rustls::ClientConfig>,
     sni: &str,
     timeout: Duration,
-) -> Result<TlsStream<TcpStream>, UpstreamError> {
+    for_kernel: bool,
+) -> Result<TlsStream<Gate>, UpstreamError> {
+    let stream = if for_kernel { Gate::closed(stream) } else { Gate::passthrough(stream) };
     let name = if sni.is_empty() {
         ServerName::IpAddress(endpoint.ip().into())
     } else {
@@ -98,7 +103,9 @@ pub struct UpstreamStream {
 #[derive(Debug)]
 enum Io {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<Gate>>),
+    /// Records in the kernel; the ALPN protocol the server selected.
+    Kernel(Box<KtlsStream>, Option<Vec<u8>>),
 }
 
 impl UpstreamStream {
@@ -106,8 +113,27 @@ impl UpstreamStream {
         UpstreamStream { endpoint, io: Io::Plain(stream), _connection: None, _active: None }
     }
 
-    pub(crate) fn tls(endpoint: SocketAddr, stream: TlsStream<TcpStream>) -> UpstreamStream {
+    pub(crate) fn tls(endpoint: SocketAddr, stream: TlsStream<Gate>) -> UpstreamStream {
         UpstreamStream { endpoint, io: Io::Tls(Box::new(stream)), _connection: None, _active: None }
+    }
+
+    /// Runs the cluster's kernel TLS policy on a handshaken stream: the kernel takes the records, or they stay
+    /// in userspace with the reason counted, or the connection is refused.
+    pub(crate) fn handover(
+        endpoint: SocketAddr,
+        stream: TlsStream<Gate>,
+        cluster: &str,
+        policy: Option<dpu_crypto::policy::Policy>,
+    ) -> Result<UpstreamStream, UpstreamError> {
+        let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let handover = crate::ktls::client(stream, policy);
+        crate::ktls::record("upstream", cluster, handover.engine(), handover.reason());
+        let io = match handover {
+            Handover::Kernel(s, _) => Io::Kernel(Box::new(s), alpn),
+            Handover::Userspace(s, _) => Io::Tls(Box::new(s)),
+            Handover::Closed(reason) => return Err(UpstreamError::Tls { endpoint, message: reason.text() }),
+        };
+        Ok(UpstreamStream { endpoint, io, _connection: None, _active: None })
     }
 
     pub(crate) fn hold(mut self, connection: Option<Slot>, active: Option<super::ActiveRequest>) -> UpstreamStream {
@@ -123,7 +149,7 @@ impl UpstreamStream {
 
     /// Whether the stream runs over TLS.
     pub fn is_tls(&self) -> bool {
-        matches!(self.io, Io::Tls(_))
+        matches!(self.io, Io::Tls(_) | Io::Kernel(..))
     }
 
     /// The ALPN protocol the server selected, if any.
@@ -131,6 +157,7 @@ impl UpstreamStream {
         match &self.io {
             Io::Plain(_) => None,
             Io::Tls(tls) => tls.get_ref().1.alpn_protocol(),
+            Io::Kernel(_, alpn) => alpn.as_deref(),
         }
     }
 }
@@ -140,6 +167,7 @@ impl AsyncRead for UpstreamStream {
         match &mut self.get_mut().io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::Kernel(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -149,6 +177,7 @@ impl AsyncWrite for UpstreamStream {
         match &mut self.get_mut().io {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::Kernel(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -160,6 +189,7 @@ impl AsyncWrite for UpstreamStream {
         match &mut self.get_mut().io {
             Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Io::Kernel(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -167,6 +197,7 @@ impl AsyncWrite for UpstreamStream {
         match &self.io {
             Io::Plain(s) => s.is_write_vectored(),
             Io::Tls(s) => s.is_write_vectored(),
+            Io::Kernel(s, _) => s.is_write_vectored(),
         }
     }
 
@@ -174,6 +205,7 @@ impl AsyncWrite for UpstreamStream {
         match &mut self.get_mut().io {
             Io::Plain(s) => Pin::new(s).poll_flush(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Io::Kernel(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -181,6 +213,7 @@ impl AsyncWrite for UpstreamStream {
         match &mut self.get_mut().io {
             Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Io::Kernel(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -95,7 +95,7 @@ async fn probe(cfg: &Config, hc: &HealthCheck, endpoint: &EndpointState) -> Resu
             None if cfg.tls_missing => return Err(super::TLS_MISSING.to_owned()),
             None => UpstreamStream::plain(address, tcp),
             Some(tls) => {
-                let tls = connect::tls(tcp, address, Arc::clone(tls), &cfg.sni, timeout).await;
+                let tls = connect::tls(tcp, address, Arc::clone(tls), &cfg.sni, timeout, false).await;
                 UpstreamStream::tls(address, tls.map_err(|e| error_text(&e))?)
             }
         };

@@ -94,6 +94,8 @@ pub(crate) struct Config {
     /// The spec asks for TLS but no client config was supplied: connections fail rather than go out in plaintext.
     tls_missing: bool,
     sni: String,
+    /// Hand sessions to the kernel under this policy ([`crate::ktls`]); `None`: userspace records.
+    kernel_tls: Option<dpu_crypto::policy::Policy>,
     connect_timeout: Duration,
     idle_timeout: Option<Duration>,
     outlier: Option<OutlierDetection>,
@@ -288,6 +290,7 @@ impl Cluster {
         config.warn_if_tls_missing(&self.shared.id);
         let transport_changed = old.protocol != config.protocol
             || old.sni != config.sni
+            || old.kernel_tls != config.kernel_tls
             || match (&old.tls_given, &config.tls_given) {
                 (None, None) => false,
                 (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
@@ -500,6 +503,7 @@ impl Config {
             tls_missing: spec.tls.is_some() && tls.is_none(),
             tls_given: tls,
             sni: spec.tls.as_ref().map(|t| t.sni.clone()).unwrap_or_default(),
+            kernel_tls: spec.tls.as_ref().and_then(|t| t.kernel_tls),
             connect_timeout: Duration::from_millis(u64::from(spec.connect_timeout_ms.max(1))),
             idle_timeout: (spec.idle_timeout_ms != 0).then(|| Duration::from_millis(u64::from(spec.idle_timeout_ms))),
             outlier: spec.outlier_detection,
@@ -613,8 +617,10 @@ impl Shared {
         match &cfg.tls {
             None => Ok(UpstreamStream::plain(address, tcp)),
             Some(tls) => {
-                let stream = connect::tls(tcp, address, Arc::clone(tls), &cfg.sni, cfg.connect_timeout).await?;
-                Ok(UpstreamStream::tls(address, stream))
+                let for_kernel = cfg.kernel_tls.is_some();
+                let stream =
+                    connect::tls(tcp, address, Arc::clone(tls), &cfg.sni, cfg.connect_timeout, for_kernel).await?;
+                UpstreamStream::handover(address, stream, &self.id, cfg.kernel_tls)
             }
         }
     }

@@ -466,6 +466,8 @@ pub fn listener(l: &Listener) -> Result<XdsListener, Invalid> {
         tls: tls.as_ref().map(|(t, require)| DownstreamTls {
             certificate: t.certificate.clone(),
             require_client_certificate: *require,
+            // Envoy's API has no kernel TLS setting: xDS listeners keep their records in userspace.
+            kernel_tls: None,
         }),
         policies: Vec::new(),
         timeouts: ListenerTimeouts {
@@ -1254,7 +1256,12 @@ pub fn cluster(c: &Cluster) -> Result<XdsCluster, Invalid> {
                 return bad(format!("{field}.auto_host_sni"), "automatic SNI is not supported");
             }
             let (secrets, server_identities) = common_tls(&ctx.common_tls_context, &field)?;
-            let tls = UpstreamTls { certificate: secrets.certificate.clone(), server_identities, sni: ctx.sni.clone() };
+            let tls = UpstreamTls {
+                certificate: secrets.certificate.clone(),
+                server_identities,
+                sni: ctx.sni.clone(),
+                kernel_tls: None,
+            };
             (Some(tls), Some(secrets))
         }
     };

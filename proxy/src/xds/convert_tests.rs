@@ -264,7 +264,10 @@ fn http_chains_carry_codec_route_table_limits_and_tls() {
     assert_eq!(out.spec.max_request_headers_bytes, 96 * 1024);
     // Sub-millisecond remainders round up: a set timeout never becomes "none".
     assert_eq!(out.spec.timeouts.request_headers_ms, 2_001);
-    assert_eq!(out.spec.tls, Some(DownstreamTls { certificate: "default".into(), require_client_certificate: true }));
+    assert_eq!(
+        out.spec.tls,
+        Some(DownstreamTls { certificate: "default".into(), require_client_certificate: true, kernel_tls: None })
+    );
     assert_eq!(out.tls, Some(TlsSecrets { certificate: "default".into(), validation: "ROOTCA".into() }));
     assert_eq!(out.rds, BTreeSet::from(["routes".to_string()]));
 }

@@ -76,21 +76,10 @@ fn algorithm_from(value: i32) -> Result<KeyAlgorithm, Status> {
 
 /// A request's crypto policy; unspecified means prefer hardware.
 pub fn policy_from(value: i32, field: &str) -> Result<Policy, Status> {
-    match pb::CryptoPolicy::try_from(value) {
-        Ok(pb::CryptoPolicy::Unspecified | pb::CryptoPolicy::PreferHardware) => Ok(Policy::PreferHardware),
-        Ok(pb::CryptoPolicy::RequireHardware) => Ok(Policy::RequireHardware),
-        Ok(pb::CryptoPolicy::Software) => Ok(Policy::Software),
-        Err(_) => Err(Status::invalid_argument(format!("{field}: unknown value {value}"))),
-    }
+    dpu_proto::mesh::crypto_policy(field, value).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-pub fn policy_message(p: Policy) -> pb::CryptoPolicy {
-    match p {
-        Policy::RequireHardware => pb::CryptoPolicy::RequireHardware,
-        Policy::PreferHardware => pb::CryptoPolicy::PreferHardware,
-        Policy::Software => pb::CryptoPolicy::Software,
-    }
-}
+pub use dpu_proto::mesh::crypto_policy_message as policy_message;
 
 pub fn placement_message(policy: Policy, p: &Placement) -> pb::CryptoPlacement {
     pb::CryptoPlacement {

@@ -4,7 +4,7 @@
 
 use dpu_intent::reconcile::{ObjectKey, StatusBoard};
 use dpu_intent::{Invalid, Resource, Store, Stored};
-use dpu_mesh::{CertificateSpec, ClusterSpec, ListenerSpec, MeshSpecs, PolicySpec, RouteTableSpec, WorkloadSpec};
+use dpu_mesh::{Policy, CertificateSpec, ClusterSpec, ListenerSpec, MeshSpecs, PolicySpec, RouteTableSpec, WorkloadSpec};
 use dpu_proto::v1 as pb;
 use dpu_proxy::Proxy;
 use tokio::sync::Mutex;
@@ -24,10 +24,14 @@ trait Kind: Resource + Sized {
     fn from_pb(pb: Self::Pb) -> Result<Self, Invalid>;
     fn name_of(pb: &Self::Pb) -> &str;
     fn message(&self, name: String, generation: i64, status: pb::ResourceStatus) -> Self::Pb;
+    /// The kernel TLS policy of the object's TLS settings, with its field name.
+    fn kernel_tls(&self) -> Option<(Policy, &'static str)> {
+        None
+    }
 }
 
 macro_rules! kind {
-    ($spec:ty, $pb:ty, $field:literal) => {
+    ($spec:ty, $pb:ty, $field:literal $(, $kernel_tls:expr)?) => {
         impl Kind for $spec {
             type Pb = $pb;
             const FIELD: &'static str = $field;
@@ -44,15 +48,22 @@ macro_rules! kind {
                 pb.status = Some(status);
                 pb
             }
+            $(fn kernel_tls(&self) -> Option<(Policy, &'static str)> {
+                ($kernel_tls)(self)
+            })?
         }
     };
 }
 
 kind!(WorkloadSpec, pb::MeshWorkload, "workload");
 kind!(CertificateSpec, pb::MeshCertificate, "certificate");
-kind!(ClusterSpec, pb::MeshCluster, "cluster");
+kind!(ClusterSpec, pb::MeshCluster, "cluster", |c: &ClusterSpec| {
+    c.tls.as_ref().and_then(|t| t.kernel_tls).map(|p| (p, "cluster.tls.kernel_tls"))
+});
 kind!(RouteTableSpec, pb::MeshRouteTable, "route_table");
-kind!(ListenerSpec, pb::MeshListener, "listener");
+kind!(ListenerSpec, pb::MeshListener, "listener", |l: &ListenerSpec| {
+    l.tls.as_ref().and_then(|t| t.kernel_tls).map(|p| (p, "listener.tls.kernel_tls"))
+});
 kind!(PolicySpec, pb::MeshPolicy, "policy");
 
 /// Implementation of `MeshService`.
@@ -79,6 +90,7 @@ impl MeshApi {
     fn create<T: Kind>(&self, id: &str, pb: Option<T::Pb>) -> Result<Response<T::Pb>, Status> {
         let pb = pb.ok_or_else(|| Status::invalid_argument(format!("{}: required", T::FIELD)))?;
         let spec = T::from_pb(pb).map_err(invalid)?;
+        check_kernel_tls(&spec)?;
         let created = self.store.create(id, spec).map_err(intent_status)?;
         Ok(Response::new(self.message(&created.into_stored())))
     }
@@ -98,6 +110,7 @@ impl MeshApi {
         let pb = pb.ok_or_else(|| Status::invalid_argument(format!("{}: required", T::FIELD)))?;
         let id = parse_name(T::name_of(&pb), T::KIND, &format!("{}.name", T::FIELD))?.to_owned();
         let spec = T::from_pb(pb).map_err(invalid)?;
+        check_kernel_tls(&spec)?;
         let expected = match expected_generation {
             0 => None,
             g => Some(u64::try_from(g).map_err(|_| Status::invalid_argument("expected_generation: negative"))?),
@@ -122,6 +135,17 @@ impl MeshApi {
         }
         self.store.delete::<T>(id, r.allow_missing).map_err(intent_status)?;
         Ok(Response::new(pb::DeleteResponse {}))
+    }
+}
+
+/// `require-hardware` kernel TLS is refused up front where no device can offload it (each connection is checked
+/// again against what the kernel actually did).
+fn check_kernel_tls<T: Kind>(spec: &T) -> Result<(), Status> {
+    match spec.kernel_tls() {
+        Some((Policy::RequireHardware, field)) => crate::capabilities::kernel_tls_hardware()
+            .map(drop)
+            .map_err(|missing| Status::failed_precondition(format!("{field}: require-hardware: {missing}"))),
+        _ => Ok(()),
     }
 }
 
