@@ -372,7 +372,13 @@ pub fn ulp_info(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<UlpInf
             }
             return Err(e);
         }
-        return parse_diag_reply(&reply[..n as usize]);
+        return parse_diag_reply(&reply[..n as usize]).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) => io::Error::new(
+                io::ErrorKind::NotFound,
+                "sock_diag: no such socket, or no TCP handler (the tcp_diag module is not loaded)",
+            ),
+            _ => e,
+        });
     }
 }
 

@@ -381,6 +381,7 @@ fn finish<S>(gate: Gate, mut conn: rustls::Connection, params: (Version, Cipher)
         }
     }
     drop(secrets);
+    tracing::debug!(version = version.as_str(), %cipher, "TLS session handed to the kernel");
     let reason = match (io.local_addr(), io.peer_addr()) {
         (Ok(local), Ok(peer)) => placement(local, peer, policy),
         (Err(e), _) | (_, Err(e)) => Reason::Unreported(e.to_string()),
