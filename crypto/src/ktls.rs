@@ -106,7 +106,11 @@ pub struct TrafficKeys<'a> {
 
 impl fmt::Debug for TrafficKeys<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TrafficKeys").field("key", &"<redacted>").field("iv", &"<redacted>").field("seq", &self.seq).finish()
+        f.debug_struct("TrafficKeys")
+            .field("key", &"<redacted>")
+            .field("iv", &"<redacted>")
+            .field("seq", &self.seq)
+            .finish()
     }
 }
 
@@ -129,7 +133,12 @@ pub fn install(
     if keys.key.len() != cipher.key_len() || keys.iv.len() != 12 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{cipher} takes a {}-byte key and a 12-byte IV, got {} and {}", cipher.key_len(), keys.key.len(), keys.iv.len()),
+            format!(
+                "{cipher} takes a {}-byte key and a 12-byte IV, got {} and {}",
+                cipher.key_len(),
+                keys.key.len(),
+                keys.iv.len()
+            ),
         ));
     }
     let info = libc::tls_crypto_info { version: version.wire(), cipher_type: cipher.kernel_id() };
@@ -150,7 +159,8 @@ pub fn install(
             TlsCryptoInfo::Aes256Gcm(c)
         }
         Cipher::Chacha20Poly1305 => {
-            let mut c = libc::tls12_crypto_info_chacha20_poly1305 { info, iv: [0; 12], key: [0; 32], salt: [], rec_seq };
+            let mut c =
+                libc::tls12_crypto_info_chacha20_poly1305 { info, iv: [0; 12], key: [0; 32], salt: [], rec_seq };
             c.iv.copy_from_slice(keys.iv);
             c.key.copy_from_slice(keys.key);
             TlsCryptoInfo::Chacha20Poly1305(c)
@@ -459,7 +469,10 @@ pub fn parse_diag_reply(b: &[u8]) -> io::Result<Option<UlpInfo>> {
     match kind {
         NLMSG_ERROR => {
             let errno = ne_u32(body, 0).ok_or_else(|| DiagError("truncated error".into()))? as i32;
-            return Err(io::Error::from_raw_os_error(-errno));
+            return Err(match errno.checked_neg() {
+                Some(e) if e > 0 => io::Error::from_raw_os_error(e),
+                _ => DiagError(format!("netlink error code {errno}")).into(),
+            });
         }
         NLMSG_DONE => return Err(io::Error::new(io::ErrorKind::NotFound, "sock_diag: no such socket")),
         SOCK_DIAG_BY_FAMILY => {}
@@ -633,6 +646,9 @@ mod tests {
         error.extend_from_slice(&(-libc::ENOENT).to_ne_bytes());
         assert_eq!(parse_diag_reply(&error).unwrap_err().raw_os_error(), Some(libc::ENOENT));
         assert!(parse_diag_reply(&[1, 2, 3]).is_err());
+        let mut odd = error.clone();
+        odd[16..20].copy_from_slice(&i32::MIN.to_ne_bytes());
+        assert_eq!(parse_diag_reply(&odd).unwrap_err().kind(), io::ErrorKind::InvalidData);
         let mut bad = reply(&attr(INET_DIAG_ULP_INFO, b"xxxx"));
         let n = bad.len();
         bad[n - 8..n - 6].copy_from_slice(&200u16.to_ne_bytes());

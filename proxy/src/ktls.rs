@@ -279,9 +279,9 @@ fn session_params(common: &rustls::CommonState) -> Result<(Version, Cipher), Rea
         ) => Cipher::Chacha20Poly1305,
         other => return Err(Reason::Cipher(format!("cipher suite {other:?} has no kernel TLS equivalent"))),
     };
-    kernel_support().check(version, cipher).map_err(|e| {
-        if kernel_support().ulp.is_err() { Reason::NoKernelTls(e) } else { Reason::Cipher(e) }
-    })?;
+    kernel_support()
+        .check(version, cipher)
+        .map_err(|e| if kernel_support().ulp.is_err() { Reason::NoKernelTls(e) } else { Reason::Cipher(e) })?;
     Ok((version, cipher))
 }
 
@@ -389,7 +389,8 @@ fn finish<S>(gate: Gate, mut conn: rustls::Connection, params: (Version, Cipher)
     if policy == Policy::RequireHardware && reason != Reason::KernelHardware {
         return Handover::Closed(Reason::HardwareRequired(reason.text()));
     }
-    let stream = KtlsStream { io, prefix, prefix_at: 0, handshake: Vec::new(), read_closed: peer_closed, close_sent: false };
+    let stream =
+        KtlsStream { io, prefix, prefix_at: 0, handshake: Vec::new(), read_closed: peer_closed, close_sent: false };
     Handover::Kernel(stream, reason)
 }
 

@@ -670,8 +670,12 @@ async fn tls_backend(server: Arc<rustls::ServerConfig>) -> Backend {
 async fn tls_upstream_with_sni_and_alpn() {
     let pki = pki();
     let backend = tls_backend(Arc::clone(&pki.server)).await;
-    let tls =
-        |sni: &str| UpstreamTls { certificate: "backend-client".into(), server_identities: vec![], sni: sni.into(), kernel_tls: None };
+    let tls = |sni: &str| UpstreamTls {
+        certificate: "backend-client".into(),
+        server_identities: vec![],
+        sni: sni.into(),
+        kernel_tls: None,
+    };
 
     let mut s = spec(UpstreamProtocol::Http1, &[backend.addr]);
     s.tls = Some(tls("backend.mesh.test"));
@@ -743,7 +747,12 @@ async fn tls_http_health_check() {
     let pki = pki();
     let backend = tls_backend(Arc::clone(&pki.server)).await;
     let mut s = spec(UpstreamProtocol::Http2, &[backend.addr]);
-    s.tls = Some(UpstreamTls { certificate: "c".into(), server_identities: vec![], sni: "backend.mesh.test".into(), kernel_tls: None });
+    s.tls = Some(UpstreamTls {
+        certificate: "c".into(),
+        server_identities: vec![],
+        sni: "backend.mesh.test".into(),
+        kernel_tls: None,
+    });
     s.health_check = Some(health_check(HealthCheckKind::Http { path: "/healthz".into(), host: "hc.example".into() }));
     let cluster = Cluster::new("web", &s, Some(pki.client));
     backend.state.unhealthy.store(true, Ordering::SeqCst);

@@ -1751,8 +1751,7 @@ async fn curl_speaks_http1_h2c_and_mtls_to_the_proxy() {
         Handler::Http { route_table: "web".into(), codec: HttpCodec::Auto };
     specs.certificates.insert("gateway".into(), ca.spec("gateway"));
     let mut tls_listener = http_listener(secure, "web", HttpCodec::Auto);
-    tls_listener.tls =
-        Some(dpu_proxy::model::DownstreamTls {
+    tls_listener.tls = Some(dpu_proxy::model::DownstreamTls {
         certificate: "gateway".into(),
         require_client_certificate: true,
         kernel_tls: None,
@@ -1846,7 +1845,9 @@ async fn kernel_tls_places_every_connection_and_says_why() {
         )],
     );
     specs.certificates.insert("gateway".into(), ca.spec("gateway"));
-    for (id, address, policy) in [("ktls-prefer", prefer, Policy::PreferHardware), ("ktls-require", require, Policy::RequireHardware)] {
+    for (id, address, policy) in
+        [("ktls-prefer", prefer, Policy::PreferHardware), ("ktls-require", require, Policy::RequireHardware)]
+    {
         let mut listener = http_listener(address, "web", HttpCodec::Http1);
         listener.tls = Some(dpu_proxy::model::DownstreamTls {
             certificate: "gateway".into(),

@@ -104,8 +104,11 @@ async fn mutual_tls_reports_both_identities() {
 async fn any_spiffe_identity_is_accepted_when_none_is_expected() {
     let ca = Ca::new("cluster.local");
     let store = store_with(&[("web", ca.spec(&web())), ("api", ca.spec(&api()))]);
-    let (s, c) =
-        handshake(store.server_config("api", true, &[], false).unwrap(), store.client_config("web", &[], &[], false).unwrap()).await;
+    let (s, c) = handshake(
+        store.server_config("api", true, &[], false).unwrap(),
+        store.client_config("web", &[], &[], false).unwrap(),
+    )
+    .await;
     let (mut s, mut c) = (s.expect("server handshake"), c.expect("client handshake"));
     assert_eq!(peer_identity(&server_chain(&c)), Some(api()));
     exchange(&mut s, &mut c).await;
@@ -134,8 +137,11 @@ async fn server_from_another_ca_is_refused() {
     // The server trusts our CA (so it would accept the client) but presents a certificate of another CA.
     api_spec.trust_bundle_pem = format!("{}{}", ca.cert, rogue.cert);
     let store = store_with(&[("web", ca.spec(&web())), ("api", api_spec)]);
-    let (s, c) =
-        handshake(store.server_config("api", true, &[], false).unwrap(), store.client_config("web", &[], &[], false).unwrap()).await;
+    let (s, c) = handshake(
+        store.server_config("api", true, &[], false).unwrap(),
+        store.client_config("web", &[], &[], false).unwrap(),
+    )
+    .await;
     let err = c.expect_err("client must refuse the server").to_string();
     // Both CAs carry the same name, so the chain fails on the issuer's signature.
     assert!(err.contains("BadSignature") || err.contains("UnknownIssuer"), "{err}");
@@ -149,8 +155,11 @@ async fn client_from_another_ca_is_refused() {
     let mut web_spec = rogue.spec(&web());
     web_spec.trust_bundle_pem = format!("{}{}", rogue.cert, ca.cert);
     let store = store_with(&[("web", web_spec), ("api", ca.spec(&api()))]);
-    let (s, c) =
-        handshake(store.server_config("api", true, &[], false).unwrap(), store.client_config("web", &[], &[], false).unwrap()).await;
+    let (s, c) = handshake(
+        store.server_config("api", true, &[], false).unwrap(),
+        store.client_config("web", &[], &[], false).unwrap(),
+    )
+    .await;
     let err = s.expect_err("server must refuse the client").to_string();
     assert!(err.contains("BadSignature") || err.contains("UnknownIssuer"), "{err}");
     // TLS 1.3: the client finishes first, then learns of the refusal on its first read.
@@ -276,9 +285,11 @@ async fn intermediate_ca_chains_are_served_and_verified() {
         trust_bundle_pem: root.cert.clone(),
     };
     let store = store_with(&[("web", root.spec(&web())), ("api", api_spec)]);
-    let (s, c) =
-        handshake(store.server_config("api", true, &[], false).unwrap(), store.client_config("web", &[api()], &[], false).unwrap())
-            .await;
+    let (s, c) = handshake(
+        store.server_config("api", true, &[], false).unwrap(),
+        store.client_config("web", &[api()], &[], false).unwrap(),
+    )
+    .await;
     let (mut s, mut c) = (s.expect("server handshake"), c.expect("client handshake"));
     assert_eq!(server_chain(&c).len(), 2);
     exchange(&mut s, &mut c).await;

@@ -266,6 +266,7 @@ pub fn crypto_registry() -> Vec<CryptoCapability> {
             ),
         ),
         CryptoCapability::from_probe("ktls", with_tls_stat(ktls(&kernel))),
+        ktls_ciphers(dpu_proxy::ktls::kernel_support()),
         CryptoCapability::from_probe("xfrm", xfrm(&kernel)),
     ];
     for (feature, algorithm) in [("xfrm-gcm-aes", "rfc4106(gcm(aes))"), ("ktls-gcm-aes", "gcm(aes)")] {
@@ -297,10 +298,36 @@ pub fn kernel_tls_hardware() -> Result<Vec<String>, String> {
         return Err(format!(
             "no network device has tls-hw-tx-offload on (checked: {}); on BlueField it is offered by PF and SF \
              netdevs, not by switchdev representors",
-            if names.is_empty() { "none with a device".to_owned() } else { names.into_iter().collect::<Vec<_>>().join(", ") }
+            if names.is_empty() {
+                "none with a device".to_owned()
+            } else {
+                names.into_iter().collect::<Vec<_>>().join(", ")
+            }
         ));
     }
     Ok(offloading)
+}
+
+/// What the kernel's TLS accepted when the proxy exercised it: each version and cipher installed on a loopback
+/// socket in both directions.
+fn ktls_ciphers(support: &dpu_crypto::ktls::KernelSupport) -> CryptoCapability {
+    let (state, detail) = match &support.ulp {
+        Err(e) => (State::Unavailable, format!("no cipher can be handed to the kernel: {e}")),
+        Ok(()) => {
+            let name = |v: &dpu_crypto::ktls::Version, c: &dpu_crypto::ktls::Cipher| format!("{} {c}", v.as_str());
+            let accepted: Vec<String> =
+                support.ciphers.iter().filter(|(_, _, r)| r.is_ok()).map(|(v, c, _)| name(v, c)).collect();
+            let refused: Vec<String> = support
+                .ciphers
+                .iter()
+                .filter_map(|(v, c, r)| r.as_ref().err().map(|e| format!("{} ({e})", name(v, c))))
+                .collect();
+            let state = if accepted.is_empty() { State::Unavailable } else { State::Available };
+            let refused = if refused.is_empty() { "none".to_owned() } else { refused.join(", ") };
+            (state, format!("kernel TLS accepts: {}; refuses: {refused}", accepted.join(", ")))
+        }
+    };
+    CryptoCapability::new("kernel", "ktls-ciphers", state, false, detail)
 }
 
 /// kTLS with the kernel's own counters of software and device TLS connections, when it keeps them.
@@ -488,6 +515,25 @@ mod tests {
         assert_eq!((cap.state, cap.detail.as_str()), (State::Available, "2 switch port(s): p0=p0, pf0vf0=pf0vf0"));
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(sriov(empty.path()).state, State::Unavailable);
+    }
+
+    #[test]
+    fn ktls_ciphers_name_what_the_kernel_accepted_and_refused() {
+        use dpu_crypto::ktls::{Cipher, KernelSupport, Version};
+        let support = KernelSupport {
+            ulp: Ok(()),
+            ciphers: vec![
+                (Version::Tls13, Cipher::AesGcm256, Ok(())),
+                (Version::Tls13, Cipher::Chacha20Poly1305, Err("TLS_TX: Invalid argument".into())),
+            ],
+        };
+        let c = ktls_ciphers(&support);
+        assert_eq!(c.state, State::Available);
+        assert!(c.detail.contains("accepts: TLS1.3 aes-gcm-256;"), "{}", c.detail);
+        assert!(c.detail.contains("refuses: TLS1.3 chacha20-poly1305 (TLS_TX: Invalid argument)"), "{}", c.detail);
+        let none = ktls_ciphers(&KernelSupport { ulp: Err("TCP_ULP \"tls\": No such file".into()), ciphers: vec![] });
+        assert_eq!(none.state, State::Unavailable);
+        assert!(none.detail.contains("TCP_ULP"), "{}", none.detail);
     }
 
     #[test]

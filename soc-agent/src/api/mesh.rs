@@ -4,7 +4,9 @@
 
 use dpu_intent::reconcile::{ObjectKey, StatusBoard};
 use dpu_intent::{Invalid, Resource, Store, Stored};
-use dpu_mesh::{Policy, CertificateSpec, ClusterSpec, ListenerSpec, MeshSpecs, PolicySpec, RouteTableSpec, WorkloadSpec};
+use dpu_mesh::{
+    CertificateSpec, ClusterSpec, ListenerSpec, MeshSpecs, Policy, PolicySpec, RouteTableSpec, WorkloadSpec,
+};
 use dpu_proto::v1 as pb;
 use dpu_proxy::Proxy;
 use tokio::sync::Mutex;
