@@ -199,31 +199,39 @@ impl AsyncRead for Gate {
     }
 }
 
-impl AsyncWrite for Gate {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
+/// AsyncWrite by delegating every call but shutdown to the TcpStream in field `io`.
+macro_rules! write_through {
+    ($type:ty, |$this:ident, $cx:ident| $shutdown:block) => {
+        impl AsyncWrite for $type {
+            fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+            }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+            }
 
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
+            fn is_write_vectored(&self) -> bool {
+                self.io.is_write_vectored()
+            }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.get_mut().io).poll_flush(cx)
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
+            fn poll_shutdown(self: Pin<&mut Self>, $cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                let $this = self.get_mut();
+                $shutdown
+            }
+        }
+    };
 }
+
+write_through!(Gate, |this, cx| { Pin::new(&mut this.io).poll_shutdown(cx) });
 
 /// Where a handshaken session went.
 #[derive(Debug)]
@@ -299,48 +307,61 @@ fn prepare(gate: &Gate, common: &rustls::CommonState) -> Result<(Version, Cipher
     Ok(params)
 }
 
-/// Hands a server-side session to the kernel under `policy`, or keeps it in userspace with the reason.
-pub fn server(
-    mut tls: tokio_rustls::server::TlsStream<Gate>,
-    policy: Option<Policy>,
-) -> Handover<tokio_rustls::server::TlsStream<Gate>> {
-    let Some(policy) = policy else {
-        tls.get_mut().0.open();
-        return Handover::Userspace(tls, Reason::NotRequested);
-    };
-    let (gate, conn) = tls.get_ref();
-    match prepare(gate, conn) {
-        Err(reason) if policy == Policy::RequireHardware => Handover::Closed(Reason::HardwareRequired(reason.text())),
-        Err(reason) => {
-            tls.get_mut().0.open();
-            Handover::Userspace(tls, reason)
-        }
-        Ok(params) => {
-            let (gate, conn) = tls.into_inner();
-            finish(gate, rustls::Connection::Server(conn), params, policy)
-        }
+/// A handshaken tokio-rustls stream over a [`Gate`], client or server side.
+pub trait Session: Sized {
+    fn gate(&self) -> &Gate;
+    fn gate_mut(&mut self) -> &mut Gate;
+    fn common(&self) -> &rustls::CommonState;
+    fn into_parts(self) -> (Gate, rustls::Connection);
+}
+
+impl Session for tokio_rustls::server::TlsStream<Gate> {
+    fn gate(&self) -> &Gate {
+        self.get_ref().0
+    }
+    fn gate_mut(&mut self) -> &mut Gate {
+        self.get_mut().0
+    }
+    fn common(&self) -> &rustls::CommonState {
+        self.get_ref().1
+    }
+    fn into_parts(self) -> (Gate, rustls::Connection) {
+        let (gate, conn) = self.into_inner();
+        (gate, rustls::Connection::Server(conn))
     }
 }
 
-/// Hands a client-side session to the kernel under `policy`, or keeps it in userspace with the reason.
-pub fn client(
-    mut tls: tokio_rustls::client::TlsStream<Gate>,
-    policy: Option<Policy>,
-) -> Handover<tokio_rustls::client::TlsStream<Gate>> {
+impl Session for tokio_rustls::client::TlsStream<Gate> {
+    fn gate(&self) -> &Gate {
+        self.get_ref().0
+    }
+    fn gate_mut(&mut self) -> &mut Gate {
+        self.get_mut().0
+    }
+    fn common(&self) -> &rustls::CommonState {
+        self.get_ref().1
+    }
+    fn into_parts(self) -> (Gate, rustls::Connection) {
+        let (gate, conn) = self.into_inner();
+        (gate, rustls::Connection::Client(conn))
+    }
+}
+
+/// Hands a handshaken session to the kernel under `policy`, or keeps it in userspace with the reason.
+pub fn handover<S: Session>(mut tls: S, policy: Option<Policy>) -> Handover<S> {
     let Some(policy) = policy else {
-        tls.get_mut().0.open();
+        tls.gate_mut().open();
         return Handover::Userspace(tls, Reason::NotRequested);
     };
-    let (gate, conn) = tls.get_ref();
-    match prepare(gate, conn) {
+    match prepare(tls.gate(), tls.common()) {
         Err(reason) if policy == Policy::RequireHardware => Handover::Closed(Reason::HardwareRequired(reason.text())),
         Err(reason) => {
-            tls.get_mut().0.open();
+            tls.gate_mut().open();
             Handover::Userspace(tls, reason)
         }
         Ok(params) => {
-            let (gate, conn) = tls.into_inner();
-            finish(gate, rustls::Connection::Client(conn), params, policy)
+            let (gate, conn) = tls.into_parts();
+            finish(gate, conn, params, policy)
         }
     }
 }
@@ -505,41 +526,18 @@ impl AsyncRead for KtlsStream {
     }
 }
 
-impl AsyncWrite for KtlsStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    /// Sends close_notify, then shuts the write side.
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        while !this.close_sent {
-            ready!(this.io.poll_write_ready(cx))?;
-            let fd = this.io.as_fd();
-            let alert = [kernel::Alert::CLOSE_NOTIFY.level, kernel::Alert::CLOSE_NOTIFY.description];
-            match this.io.try_io(Interest::WRITABLE, || kernel::send_record(fd, kernel::CONTENT_ALERT, &alert)) {
-                Ok(_) => this.close_sent = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // The peer is gone: nothing to notify.
-                Err(_) => this.close_sent = true,
-            }
+// Shutdown sends close_notify, then shuts the write side.
+write_through!(KtlsStream, |this, cx| {
+    while !this.close_sent {
+        ready!(this.io.poll_write_ready(cx))?;
+        let fd = this.io.as_fd();
+        let alert = [kernel::Alert::CLOSE_NOTIFY.level, kernel::Alert::CLOSE_NOTIFY.description];
+        match this.io.try_io(Interest::WRITABLE, || kernel::send_record(fd, kernel::CONTENT_ALERT, &alert)) {
+            Ok(_) => this.close_sent = true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // The peer is gone: nothing to notify.
+            Err(_) => this.close_sent = true,
         }
-        Pin::new(&mut this.io).poll_shutdown(cx)
     }
-}
+    Pin::new(&mut this.io).poll_shutdown(cx)
+});

@@ -354,7 +354,7 @@ async fn connection(
                     let (_, conn) = tls_stream.get_ref();
                     let identity = conn.peer_certificates().and_then(crate::tls::peer_identity);
                     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-                    let handover = crate::ktls::server(tls_stream, kernel_tls);
+                    let handover = crate::ktls::handover(tls_stream, kernel_tls);
                     crate::ktls::record("downstream", &listener.id, handover.engine(), handover.reason());
                     let io: Box<dyn Io> = match handover {
                         Handover::Kernel(s, _) => Box::new(s),

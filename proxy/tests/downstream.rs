@@ -1728,6 +1728,17 @@ async fn curl(args: Vec<String>) -> Option<String> {
     .expect("curl task")
 }
 
+/// The mesh identity `curl` of `ca` as PEM files in `dir`: (certificate chain, key).
+fn client_cert_files(ca: &TestCa, dir: &std::path::Path) -> (String, String) {
+    let client = ca.spec("curl");
+    let write = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).expect("write pem");
+        path.to_string_lossy().into_owned()
+    };
+    (write("cert.pem", &client.certificate_chain_pem), write("key.pem", &client.private_key_pem))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_speaks_http1_h2c_and_mtls_to_the_proxy() {
     if std::process::Command::new("curl").arg("--version").output().is_err() {
@@ -1796,13 +1807,7 @@ async fn curl_speaks_http1_h2c_and_mtls_to_the_proxy() {
 
     // mTLS with a client certificate; ALPN picks HTTP/2.
     let dir = tempfile::tempdir().expect("tempdir");
-    let client = ca.spec("curl");
-    let write = |name: &str, pem: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, pem).expect("write pem");
-        path.to_string_lossy().into_owned()
-    };
-    let (cert, key) = (write("cert.pem", &client.certificate_chain_pem), write("key.pem", &client.private_key_pem));
+    let (cert, key) = client_cert_files(&ca, dir.path());
     let out = curl(vec![
         "--insecure".into(),
         "--cert".into(),
@@ -1861,13 +1866,7 @@ async fn kernel_tls_places_every_connection_and_says_why() {
     apply_ok(&proxy, "intent", specs).await;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let client = ca.spec("curl");
-    let write = |name: &str, pem: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, pem).expect("write pem");
-        path.to_string_lossy().into_owned()
-    };
-    let (cert, key) = (write("cert.pem", &client.certificate_chain_pem), write("key.pem", &client.private_key_pem));
+    let (cert, key) = client_cert_files(&ca, dir.path());
     let request = |address: SocketAddr, path: &str| {
         vec![
             "--insecure".into(),

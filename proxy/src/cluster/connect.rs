@@ -126,7 +126,7 @@ impl UpstreamStream {
         policy: Option<dpu_crypto::policy::Policy>,
     ) -> Result<UpstreamStream, UpstreamError> {
         let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-        let handover = crate::ktls::client(stream, policy);
+        let handover = crate::ktls::handover(stream, policy);
         crate::ktls::record("upstream", cluster, handover.engine(), handover.reason());
         let io = match handover {
             Handover::Kernel(s, _) => Io::Kernel(Box::new(s), alpn),
