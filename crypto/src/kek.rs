@@ -9,8 +9,8 @@ use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 
-use aes_kw::KwAes256;
 use aes_kw::cipher::{Array, KeyInit};
+use aes_kw::{KwAes256, KwpAes256};
 use zeroize::Zeroizing;
 
 use crate::{CryptoError, Secret};
@@ -23,6 +23,8 @@ const WRAP_OVERHEAD: usize = 8;
 /// The key-encryption key. Its key schedule is zeroized when dropped; `Debug` shows only its id.
 pub struct Kek {
     wrap: KwAes256,
+    /// RFC 5649 (key wrap with padding) under the same key, for material that is not a multiple of 8 bytes.
+    wrap_padded: KwpAes256,
     id: String,
 }
 
@@ -105,7 +107,7 @@ impl Kek {
         context.update(key.expose());
         let digest = context.finish();
         let id = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Self { wrap: KwAes256::new(bytes), id })
+        Ok(Self { wrap: KwAes256::new(bytes), wrap_padded: KwpAes256::new(bytes), id })
     }
 
     /// 16 hex digits identifying the key (a hash of it), stored beside what it wraps.
@@ -125,6 +127,36 @@ impl Kek {
         self.wrap
             .wrap_key(key.expose(), &mut out)
             .map_err(|e| CryptoError::WrapLength(format!("wrapping a {}-byte key: {e}", key.len())))?;
+        Ok(out)
+    }
+
+    /// Wraps `key` of any length from 1 byte with padding (RFC 5649), for material that is not a multiple of 8
+    /// bytes (ESP keys with their 4-byte salt).
+    pub fn wrap_padded(&self, key: &Secret) -> Result<Vec<u8>, CryptoError> {
+        if key.is_empty() {
+            return Err(CryptoError::WrapLength("an empty key cannot be wrapped".into()));
+        }
+        let mut out = vec![0; key.len().next_multiple_of(8) + WRAP_OVERHEAD];
+        let n = self
+            .wrap_padded
+            .wrap_key(key.expose(), &mut out)
+            .map_err(|e| CryptoError::WrapLength(format!("wrapping a {}-byte key: {e}", key.len())))?
+            .len();
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Unwraps a key wrapped by [`Kek::wrap_padded`] with this key; anything else fails the integrity check.
+    pub fn unwrap_padded(&self, wrapped: &[u8]) -> Result<Secret, CryptoError> {
+        if wrapped.len() < 2 * WRAP_OVERHEAD || !wrapped.len().is_multiple_of(8) {
+            return Err(CryptoError::WrapLength(format!(
+                "a padded wrapped key is a multiple of 8 bytes and at least 16, got {}",
+                wrapped.len()
+            )));
+        }
+        let mut out = Secret::new(vec![0; wrapped.len() - WRAP_OVERHEAD]);
+        let n = self.wrap_padded.unwrap_key(wrapped, out.expose_mut()).map_err(|_| CryptoError::Unwrap)?.len();
+        out.truncate(n);
         Ok(out)
     }
 

@@ -20,6 +20,11 @@ pub enum KeyAlgorithm {
     Aes256Xts,
     Aes128Gcm,
     Aes256Gcm,
+    /// ESP's AES-GCM keying material (RFC 4106): a 16-byte key and the 4-byte salt, as `ip xfrm state … aead
+    /// 'rfc4106(gcm(aes))' 0x<40 hex digits> 128` takes it.
+    Aes128GcmEsp,
+    /// As [`KeyAlgorithm::Aes128GcmEsp`] with a 32-byte key: 36 bytes.
+    Aes256GcmEsp,
 }
 
 impl KeyAlgorithm {
@@ -29,7 +34,14 @@ impl KeyAlgorithm {
             Self::Aes256Xts => 64,
             Self::Aes128Gcm => 16,
             Self::Aes256Gcm => 32,
+            Self::Aes128GcmEsp => 20,
+            Self::Aes256GcmEsp => 36,
         }
+    }
+
+    /// Material that is not a multiple of 8 bytes is wrapped with padding (RFC 5649), the rest with RFC 3394.
+    pub fn padded_wrap(self) -> bool {
+        !self.key_len().is_multiple_of(8)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -37,8 +49,15 @@ impl KeyAlgorithm {
             Self::Aes256Xts => "aes-256-xts",
             Self::Aes128Gcm => "aes-128-gcm",
             Self::Aes256Gcm => "aes-256-gcm",
+            Self::Aes128GcmEsp => "aes-128-gcm-esp",
+            Self::Aes256GcmEsp => "aes-256-gcm-esp",
         }
     }
+}
+
+impl KeyAlgorithm {
+    pub const ALL: [KeyAlgorithm; 5] =
+        [Self::Aes256Xts, Self::Aes128Gcm, Self::Aes256Gcm, Self::Aes128GcmEsp, Self::Aes256GcmEsp];
 }
 
 impl std::fmt::Display for KeyAlgorithm {
@@ -51,10 +70,7 @@ impl std::str::FromStr for KeyAlgorithm {
     type Err = KeyError;
 
     fn from_str(s: &str) -> Result<Self, KeyError> {
-        [Self::Aes256Xts, Self::Aes128Gcm, Self::Aes256Gcm]
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| KeyError::Algorithm(s.chars().take(64).collect()))
+        Self::ALL.into_iter().find(|a| a.as_str() == s).ok_or_else(|| KeyError::Algorithm(s.chars().take(64).collect()))
     }
 }
 
@@ -86,7 +102,7 @@ impl Resource for KeySpec {
 /// Why a key cannot be imported or used.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("unknown key algorithm {0:?} (aes-256-xts, aes-128-gcm, aes-256-gcm)")]
+    #[error("unknown key algorithm {0:?} (aes-256-xts, aes-128-gcm, aes-256-gcm, aes-128-gcm-esp, aes-256-gcm-esp)")]
     Algorithm(String),
     #[error("{algorithm} keys are {want} bytes, got {len}")]
     Length { algorithm: KeyAlgorithm, len: usize, want: usize },
@@ -95,7 +111,7 @@ pub enum KeyError {
     #[error("cryptoKeys/{0} does not exist")]
     Missing(String),
     #[error("cryptoKeys/{id} is an {is} key, not {want}")]
-    WrongAlgorithm { id: String, is: KeyAlgorithm, want: KeyAlgorithm },
+    WrongAlgorithm { id: String, is: KeyAlgorithm, want: String },
     #[error(
         "the key was wrapped with key-encryption key {stored}, the agent has {ours}: restore the agent's \
          key-encryption key file"
@@ -181,7 +197,8 @@ impl Keys {
     pub fn seal(&self, algorithm: KeyAlgorithm, material: &Secret) -> Result<KeySpec, KeyError> {
         check_material(algorithm, material.expose())?;
         let kek = self.kek_for_sealing()?;
-        Ok(KeySpec { algorithm, wrapped: kek.wrap(material)?, kek: kek.id() })
+        let wrapped = if algorithm.padded_wrap() { kek.wrap_padded(material)? } else { kek.wrap(material)? };
+        Ok(KeySpec { algorithm, wrapped, kek: kek.id() })
     }
 
     /// New random material for `algorithm`, sealed (it never leaves the agent).
@@ -202,26 +219,34 @@ impl Keys {
         if spec.kek != ours {
             return Err(KeyError::WrongKek { stored: spec.kek.clone(), ours });
         }
-        let material = kek.unwrap(&spec.wrapped)?;
+        let material =
+            if spec.algorithm.padded_wrap() { kek.unwrap_padded(&spec.wrapped)? } else { kek.unwrap(&spec.wrapped)? };
         check_material(spec.algorithm, material.expose())?;
         Ok(material)
     }
 
     /// The material of `cryptoKeys/{id}`, which must be an AES-256-XTS key.
     pub fn xts_key(&self, store: &Store, id: &str) -> Result<Secret, KeyError> {
+        self.material(store, id, &[KeyAlgorithm::Aes256Xts]).map(|(_, m)| m)
+    }
+
+    /// The algorithm and material of `cryptoKeys/{id}`, whose algorithm must be one of `accepted`.
+    pub fn material(
+        &self,
+        store: &Store,
+        id: &str,
+        accepted: &[KeyAlgorithm],
+    ) -> Result<(KeyAlgorithm, Secret), KeyError> {
         let spec = match store.get::<KeySpec>(id) {
             Ok(stored) => stored.spec,
             Err(dpu_intent::Error::NotFound { .. }) => return Err(KeyError::Missing(id.to_owned())),
             Err(e) => return Err(KeyError::Store(e)),
         };
-        if spec.algorithm != KeyAlgorithm::Aes256Xts {
-            return Err(KeyError::WrongAlgorithm {
-                id: id.to_owned(),
-                is: spec.algorithm,
-                want: KeyAlgorithm::Aes256Xts,
-            });
+        if !accepted.contains(&spec.algorithm) {
+            let want = accepted.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(" or ");
+            return Err(KeyError::WrongAlgorithm { id: id.to_owned(), is: spec.algorithm, want });
         }
-        self.unseal(&spec)
+        Ok((spec.algorithm, self.unseal(&spec)?))
     }
 }
 
@@ -285,6 +310,18 @@ mod tests {
         assert!(!format!("{spec:?}").contains(&hex[..16]));
         let back: KeySpec = serde_json::from_str(&stored).unwrap();
         assert_eq!(keys.unseal(&back).unwrap().expose(), material.expose());
+    }
+
+    #[test]
+    fn esp_keys_of_every_length_round_trip() {
+        let keys = keys();
+        for algorithm in KeyAlgorithm::ALL {
+            let material = Secret::new((0..algorithm.key_len()).map(|i| i as u8 ^ 0x5a).collect());
+            let spec = keys.seal(algorithm, &material).unwrap();
+            assert_eq!(keys.unseal(&spec).unwrap().expose(), material.expose(), "{algorithm}");
+            assert_eq!(algorithm.padded_wrap(), algorithm.key_len() % 8 != 0);
+        }
+        assert_eq!("aes-256-gcm-esp".parse::<KeyAlgorithm>().unwrap(), KeyAlgorithm::Aes256GcmEsp);
     }
 
     #[test]

@@ -32,6 +32,14 @@ impl Secret {
         &mut self.0
     }
 
+    /// Shortens the material to `len` bytes, clearing the bytes cut off.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        if len < self.0.len() {
+            self.0[len..].zeroize();
+            self.0.truncate(len);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }

@@ -77,3 +77,40 @@ fn python_cryptography_reads_ours_and_we_read_theirs() {
         assert_eq!(back, plain, "round {round}: we cannot read the peer's");
     }
 }
+
+const KEY_WRAP_PEER: &str = r#"
+import sys
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap, aes_key_wrap_with_padding
+data = sys.stdin.buffer.read()
+kek, key = data[:32], data[32:]
+wrap = aes_key_wrap_with_padding if len(key) % 8 else aes_key_wrap
+sys.stdout.buffer.write(wrap(kek, key))
+"#;
+
+/// Key wrapping against the same peer: RFC 3394 for material in 8-byte blocks, RFC 5649 (with padding) for the
+/// ESP keys (key and 4-byte salt: 20 and 36 bytes); our wrapped bytes equal theirs and unwrap again.
+#[test]
+fn python_cryptography_wraps_keys_as_we_do() {
+    use dpu_crypto::kek::Kek;
+    for len in [16, 20, 32, 36, 64] {
+        let kek_bytes = Secret::generate(32).unwrap();
+        let key = Secret::generate(len).unwrap();
+        let kek = Kek::from_secret(Secret::new(kek_bytes.expose().to_vec())).unwrap();
+        let ours = if len % 8 == 0 { kek.wrap(&key).unwrap() } else { kek.wrap_padded(&key).unwrap() };
+        let mut child = Command::new("python3")
+            .args(["-c", KEY_WRAP_PEER])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 must be installed");
+        let mut input = kek_bytes.expose().to_vec();
+        input.extend_from_slice(key.expose());
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "the Python peer failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(ours, out.stdout, "{len}-byte key wrapped differently");
+        let back = if len % 8 == 0 { kek.unwrap(&ours).unwrap() } else { kek.unwrap_padded(&ours).unwrap() };
+        assert_eq!(back.expose(), key.expose());
+    }
+}

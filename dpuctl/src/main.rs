@@ -366,10 +366,13 @@ fn volume_json(v: pb::Volume) -> Value {
     let mut out = json!({ "name": v.name, "block_size": v.block_size, "size_bytes": v.size_bytes, "backend": backend,
             "generation": generation, "status": status });
     if let Some(p) = v.crypto {
-        out["crypto"] = json!({ "policy": policy_name(p.policy), "hardware": p.hardware, "engine": p.engine,
-                                "reason": p.reason });
+        out["crypto"] = placement_json(&p);
     }
     out
+}
+
+fn placement_json(p: &pb::CryptoPlacement) -> Value {
+    json!({ "policy": policy_name(p.policy), "hardware": p.hardware, "engine": p.engine, "reason": p.reason })
 }
 
 fn policy_name(value: i32) -> &'static str {

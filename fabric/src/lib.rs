@@ -8,9 +8,11 @@
 //! - [`rules`]: compiles the intent against the inventory into the flower rules each port needs;
 //! - [`switch`]: the [`switch::Switch`] trait with the netlink implementation and the simulated twin;
 //! - [`netlink`]: rtnetlink framing plus the flower / action attribute encoders and decoders;
+//! - [`ipsec`]: IPsec tunnels as xfrm states and policies, with their own reconciler;
 //! - [`reconcile`]: [`reconcile::FabricReconciler`], which converges the kernel towards the intent and repairs
 //!   drift, writing nothing when nothing differs.
 
+pub mod ipsec;
 pub mod model;
 pub mod netlink;
 pub mod ports;

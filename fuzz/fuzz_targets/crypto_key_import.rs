@@ -12,7 +12,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else { return };
     let keys = Keys::with_kek(Kek::from_secret(Secret::new(vec![0x5a; 32])).unwrap());
-    let algorithm = [KeyAlgorithm::Aes256Xts, KeyAlgorithm::Aes128Gcm, KeyAlgorithm::Aes256Gcm][usize::from(selector % 3)];
+    let algorithm = KeyAlgorithm::ALL[usize::from(selector) % KeyAlgorithm::ALL.len()];
     if let Ok(spec) = keys.seal(algorithm, &Secret::new(rest.to_vec())) {
         assert_eq!(keys.unseal(&spec).unwrap().expose(), rest);
     }

@@ -140,6 +140,19 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
     let _ = image_retry.set(image_controller.trigger());
     reconcilers.push(image_controller.spawn(shutdown_rx.clone()));
 
+    // IPsec tunnels: xfrm states and policies, before the fabric's first pass (NICs that offload IPsec want
+    // them in place before the tc rules that steer into them).
+    let ipsec_tunnels = dpu_fabric::ipsec::Tunnels::default();
+    reconcilers.push(
+        Controller::new(
+            dpu_fabric::ipsec::IpsecReconciler::new(keys.clone(), ipsec_tunnels.clone()),
+            store.clone(),
+            status_board.clone(),
+            controller_config,
+        )
+        .spawn(shutdown_rx.clone()),
+    );
+
     // Fabric: the representor ports over rtnetlink; link events (representors appearing or going) trigger a pass.
     let fabric_switch: Arc<dyn dpu_fabric::switch::Switch> = Arc::new(
         dpu_fabric::switch::NetlinkSwitch::open(dpu_fabric::ports::InventoryConfig {
@@ -196,7 +209,13 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         dpu_storage::image::convert::LayerOptions::new(config.images.work_dir(&config.data_dir)),
         storage_api.subsystem_writes(),
     );
-    let crypto_api = CryptoApi::new(store.clone(), keys, storage_api.subsystem_writes());
+    let crypto_api = CryptoApi::new(
+        store.clone(),
+        keys,
+        storage_api.subsystem_writes(),
+        status_board.clone(),
+        ipsec_tunnels.clone(),
+    );
     let mesh_api = MeshApi::new(store.clone(), status_board.clone(), proxy.clone());
     let fabric_api = FabricApi::new(store.clone(), status_board.clone(), fabric_switch);
 
@@ -229,6 +248,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         let storage_stats = target.stats().clone();
         let (scrape_images, scrape_cache) = (images.clone(), chunk_cache.clone());
         let scrape_encrypted = encrypted_volumes.clone();
+        let scrape_tunnels = ipsec_tunnels.clone();
         let dump_proxy = proxy.clone();
         let state = crate::admin::AdminState {
             metrics: metrics.clone(),
@@ -242,6 +262,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
                     scrape_metrics.storage_volume(&volume, &stats);
                 }
                 scrape_metrics.crypto_volumes(&scrape_encrypted);
+                scrape_metrics.ipsec_tunnels(&scrape_tunnels);
                 scrape_metrics.image_cache(&scrape_cache);
                 for (id, image) in scrape_images.all() {
                     scrape_metrics.image_fetches(&id, &image.layers);

@@ -344,6 +344,15 @@ fn with_tls_stat(mut probe: Capability) -> Capability {
     probe
 }
 
+/// Whether ethtool reports `feature` active on `device`; `Err` says why it cannot tell. Blocking (netlink).
+pub fn netdev_feature(device: &str, feature: &str) -> Result<bool, String> {
+    if !Path::new("/sys/class/net").join(device).exists() {
+        return Err(format!("network device {device:?} does not exist"));
+    }
+    let mut ethtool = dpu_fabric::netlink::socket::Ethtool::open().map_err(|e| format!("ethtool netlink: {e}"))?;
+    ethtool.feature_active(device, feature).map_err(|e| format!("reading {feature} of {device}: {e}"))
+}
+
 /// Per network device (physical functions, representors, SFs; not loopback or virtual devices), the crypto
 /// offload features ethtool reports active.
 fn netdev_crypto(class_net: &Path) -> Vec<CryptoCapability> {

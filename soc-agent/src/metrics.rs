@@ -57,6 +57,16 @@ struct Inner {
     image_fetch_seconds: Family<Image, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Bytes each encrypted volume's cipher processed, labelled with the engine that did it.
     crypto_volume_bytes: Family<CryptoVolume, Gauge>,
+    ipsec_bytes: Family<IpsecSa, Gauge>,
+    ipsec_packets: Family<IpsecSa, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IpsecSa {
+    tunnel: String,
+    direction: &'static str,
+    engine: String,
+    hardware: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -138,6 +148,18 @@ impl Metrics {
             "Bytes encrypted or decrypted per encrypted volume, by the engine that did it (hardware: an offload engine)",
             crypto_volume_bytes.clone(),
         );
+        let ipsec_bytes = Family::<IpsecSa, Gauge>::default();
+        registry.register(
+            "ipsec_sa_bytes",
+            "Bytes through each IPsec tunnel's ESP state per direction, as the kernel counts them, by the engine",
+            ipsec_bytes.clone(),
+        );
+        let ipsec_packets = Family::<IpsecSa, Gauge>::default();
+        registry.register(
+            "ipsec_sa_packets",
+            "Packets through each IPsec tunnel's ESP state per direction, as the kernel counts them",
+            ipsec_packets.clone(),
+        );
         let volume_errors = Family::<Volume, Gauge>::default();
         registry.register("storage_volume_errors", "Failed I/O commands per volume since start", volume_errors.clone());
         let image_cache = Family::<CacheCounter, Gauge>::default();
@@ -169,6 +191,8 @@ impl Metrics {
             volume_bytes,
             volume_errors,
             crypto_volume_bytes,
+            ipsec_bytes,
+            ipsec_packets,
             image_cache,
             image_fetch,
             image_fetch_seconds,
@@ -220,6 +244,29 @@ impl Metrics {
                     CryptoVolume { volume: volume.clone(), engine: engine.name(), hardware: "false", direction };
                 self.0.crypto_volume_bytes.get_or_create(&labels).set(i64::try_from(bytes).unwrap_or(i64::MAX));
             }
+        }
+    }
+
+    /// Publishes the IPsec tunnels' ESP state counters (an xfrm dump; blocking).
+    pub fn ipsec_tunnels(&self, tunnels: &dpu_fabric::ipsec::Tunnels) {
+        let counters = match tunnels.counters() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the xfrm states for metrics failed");
+                return;
+            }
+        };
+        for (tunnel, direction, bytes, packets) in counters {
+            let placement = tunnels.get(&tunnel).map(|t| t.placement);
+            let labels = IpsecSa {
+                tunnel,
+                direction,
+                engine: placement.as_ref().map(|p| p.engine.clone()).unwrap_or_default(),
+                hardware: if placement.is_some_and(|p| p.hardware) { "true" } else { "false" },
+            };
+            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.0.ipsec_bytes.get_or_create(&labels).set(gauge(bytes));
+            self.0.ipsec_packets.get_or_create(&labels).set(gauge(packets));
         }
     }
 

@@ -8,13 +8,16 @@ use dpu_crypto::CryptoError;
 use dpu_crypto::Secret;
 use dpu_crypto::keys::{KeyAlgorithm, KeyError, KeySpec, Keys};
 use dpu_crypto::policy::{Placement, Policy};
+use dpu_fabric::ipsec::{TunnelSpec, Tunnels};
+use dpu_intent::reconcile::{ObjectKey, StatusBoard};
 use dpu_intent::{Resource, Store, Stored};
 use dpu_proto::v1 as pb;
 use dpu_storage::model::{Backend, VolumeSpec};
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-use super::{generation, intent_status, page, parse_name};
+use super::agent::resource_status;
+use super::{generation, intent_status, invalid, page, parse_name};
 use crate::capabilities;
 
 /// Implementation of `CryptoService`.
@@ -24,23 +27,88 @@ pub struct CryptoApi {
     keys: Keys,
     /// The storage API's write lock: a key is not deleted while a volume that uses it is being created.
     writes: Arc<Mutex<()>>,
+    status: StatusBoard,
+    tunnels: Tunnels,
 }
 
 impl CryptoApi {
-    pub fn new(store: Store, keys: Keys, writes: Arc<Mutex<()>>) -> Self {
-        Self { store, keys, writes }
+    pub fn new(store: Store, keys: Keys, writes: Arc<Mutex<()>>, status: StatusBoard, tunnels: Tunnels) -> Self {
+        Self { store, keys, writes, status, tunnels }
     }
 
     /// The resources that refer to `cryptoKeys/{id}`.
     fn users(&self, id: &str) -> Result<Vec<String>, Status> {
-        Ok(self
+        let volumes = self
             .store
             .list_all::<VolumeSpec>()
             .map_err(intent_status)?
             .into_iter()
             .filter(|v| matches!(&v.spec.backend, Backend::Encrypted(e) if e.key == id))
-            .map(|v| format!("{}/{}", VolumeSpec::KIND, v.id))
-            .collect())
+            .map(|v| format!("{}/{}", VolumeSpec::KIND, v.id));
+        let tunnels = self
+            .store
+            .list_all::<TunnelSpec>()
+            .map_err(intent_status)?
+            .into_iter()
+            .filter(|t| t.spec.key_out == id || t.spec.key_in == id)
+            .map(|t| format!("{}/{}", TunnelSpec::KIND, t.id));
+        Ok(volumes.chain(tunnels).collect())
+    }
+
+    fn tunnel_message(&self, stored: &Stored<TunnelSpec>) -> pb::IpsecTunnel {
+        let t = &stored.spec;
+        let key = ObjectKey { kind: TunnelSpec::KIND.into(), id: stored.id.clone() };
+        let state = self.tunnels.get(&stored.id);
+        pb::IpsecTunnel {
+            name: format!("{}/{}", TunnelSpec::KIND, stored.id),
+            local_address: t.local.to_string(),
+            remote_address: t.remote.to_string(),
+            local_subnet: t.local_subnet.to_string(),
+            remote_subnet: t.remote_subnet.to_string(),
+            spi_out: t.spi_out,
+            spi_in: t.spi_in,
+            key_out: t.key_out.clone(),
+            key_in: t.key_in.clone(),
+            policy: policy_message(t.policy) as i32,
+            device: t.device.clone(),
+            generation: generation(stored.meta.generation),
+            status: Some(resource_status(self.status.get(IPSEC_SUBSYSTEM, &key), stored.meta.generation)),
+            crypto: state.as_ref().map(|s| placement_message(t.policy, &s.placement)),
+            request_id: dpu_fabric::ipsec::reqid(&stored.id),
+        }
+    }
+
+    /// Checks a tunnel's keys (present, ESP algorithms) and, for require-hardware, its device's offload, so a
+    /// tunnel that cannot work is refused rather than stored.
+    fn check_tunnel(&self, t: &TunnelSpec) -> Result<(), Status> {
+        for (field, id) in [("tunnel.key_out", &t.key_out), ("tunnel.key_in", &t.key_in)] {
+            let key = match self.store.get::<KeySpec>(id) {
+                Ok(k) => k.spec,
+                Err(dpu_intent::Error::NotFound { .. }) => {
+                    return Err(Status::failed_precondition(format!("{field}: cryptoKeys/{id} does not exist")));
+                }
+                Err(e) => return Err(intent_status(e)),
+            };
+            if !dpu_fabric::ipsec::KEY_ALGORITHMS.contains(&key.algorithm) {
+                return Err(Status::failed_precondition(format!(
+                    "{field}: cryptoKeys/{id} is an {} key; ESP takes aes-128-gcm-esp or aes-256-gcm-esp",
+                    key.algorithm
+                )));
+            }
+        }
+        if t.policy == Policy::RequireHardware {
+            match capabilities::netdev_feature(&t.device, "esp-hw-offload") {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(Status::failed_precondition(format!(
+                        "tunnel.policy: require-hardware: {} has no esp-hw-offload (off, or not offered by its driver)",
+                        t.device
+                    )));
+                }
+                Err(e) => return Err(Status::failed_precondition(format!("tunnel.device: {e}"))),
+            }
+        }
+        Ok(())
     }
 
     fn key_message(&self, stored: Stored<KeySpec>) -> Result<pb::CryptoKey, Status> {
@@ -61,6 +129,8 @@ fn algorithm_message(a: KeyAlgorithm) -> pb::KeyAlgorithm {
         KeyAlgorithm::Aes256Xts => pb::KeyAlgorithm::Aes256Xts,
         KeyAlgorithm::Aes128Gcm => pb::KeyAlgorithm::Aes128Gcm,
         KeyAlgorithm::Aes256Gcm => pb::KeyAlgorithm::Aes256Gcm,
+        KeyAlgorithm::Aes128GcmEsp => pb::KeyAlgorithm::Aes128GcmEsp,
+        KeyAlgorithm::Aes256GcmEsp => pb::KeyAlgorithm::Aes256GcmEsp,
     }
 }
 
@@ -69,6 +139,8 @@ fn algorithm_from(value: i32) -> Result<KeyAlgorithm, Status> {
         Ok(pb::KeyAlgorithm::Aes256Xts) => Ok(KeyAlgorithm::Aes256Xts),
         Ok(pb::KeyAlgorithm::Aes128Gcm) => Ok(KeyAlgorithm::Aes128Gcm),
         Ok(pb::KeyAlgorithm::Aes256Gcm) => Ok(KeyAlgorithm::Aes256Gcm),
+        Ok(pb::KeyAlgorithm::Aes128GcmEsp) => Ok(KeyAlgorithm::Aes128GcmEsp),
+        Ok(pb::KeyAlgorithm::Aes256GcmEsp) => Ok(KeyAlgorithm::Aes256GcmEsp),
         Ok(pb::KeyAlgorithm::Unspecified) => Err(Status::invalid_argument("key.algorithm: required")),
         Err(_) => Err(Status::invalid_argument(format!("key.algorithm: unknown value {value}"))),
     }
@@ -119,8 +191,89 @@ fn state_message(s: capabilities::State) -> pb::CapabilityState {
     }
 }
 
+/// Status-board name of the IPsec reconciler.
+pub const IPSEC_SUBSYSTEM: &str = dpu_fabric::ipsec::SUBSYSTEM;
+
+fn tunnel_from(t: pb::IpsecTunnel) -> Result<TunnelSpec, Status> {
+    let parse = |field: &str, v: &str, what: &str| -> Result<String, Status> {
+        if v.is_empty() {
+            Err(Status::invalid_argument(format!("{field}: required ({what})")))
+        } else {
+            Ok(v.to_owned())
+        }
+    };
+    let ip = |field: &str, v: &str| -> Result<std::net::IpAddr, Status> {
+        parse(field, v, "an IP address")?
+            .parse()
+            .map_err(|_| Status::invalid_argument(format!("{field}: {v:?} is not an IP address")))
+    };
+    let net = |field: &str, v: &str| -> Result<dpu_fabric::model::IpNet, Status> {
+        parse(field, v, "a prefix such as 10.1.0.0/24")?
+            .parse()
+            .map_err(|e: String| Status::invalid_argument(format!("{field}: {e}")))
+    };
+    let spec = TunnelSpec {
+        local: ip("tunnel.local_address", &t.local_address)?,
+        remote: ip("tunnel.remote_address", &t.remote_address)?,
+        local_subnet: net("tunnel.local_subnet", &t.local_subnet)?,
+        remote_subnet: net("tunnel.remote_subnet", &t.remote_subnet)?,
+        spi_out: t.spi_out,
+        spi_in: t.spi_in,
+        key_out: t.key_out,
+        key_in: t.key_in,
+        policy: policy_from(t.policy, "tunnel.policy")?,
+        device: t.device,
+    };
+    spec.validate().map_err(invalid)?;
+    Ok(spec)
+}
+
 #[tonic::async_trait]
 impl pb::crypto_service_server::CryptoService for CryptoApi {
+    async fn create_ipsec_tunnel(
+        &self,
+        r: Request<pb::CreateIpsecTunnelRequest>,
+    ) -> Result<Response<pb::IpsecTunnel>, Status> {
+        let r = r.into_inner();
+        let spec = tunnel_from(r.tunnel.ok_or_else(|| Status::invalid_argument("tunnel: required"))?)?;
+        let _guard = self.writes.lock().await;
+        self.check_tunnel(&spec)?;
+        let created = self.store.create(&r.tunnel_id, spec).map_err(intent_status)?;
+        Ok(Response::new(self.tunnel_message(&created.into_stored())))
+    }
+
+    async fn get_ipsec_tunnel(
+        &self,
+        r: Request<pb::GetIpsecTunnelRequest>,
+    ) -> Result<Response<pb::IpsecTunnel>, Status> {
+        let id = parse_name(&r.get_ref().name, TunnelSpec::KIND, "name")?;
+        let stored = self.store.get::<TunnelSpec>(id).map_err(intent_status)?;
+        Ok(Response::new(self.tunnel_message(&stored)))
+    }
+
+    async fn list_ipsec_tunnels(
+        &self,
+        r: Request<pb::ListIpsecTunnelsRequest>,
+    ) -> Result<Response<pb::ListIpsecTunnelsResponse>, Status> {
+        let r = r.into_inner();
+        let (size, token) = page(r.page_size, &r.page_token)?;
+        let page = self.store.list::<TunnelSpec>(size, token).map_err(intent_status)?;
+        Ok(Response::new(pb::ListIpsecTunnelsResponse {
+            tunnels: page.items.iter().map(|t| self.tunnel_message(t)).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_ipsec_tunnel(
+        &self,
+        r: Request<pb::DeleteIpsecTunnelRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let r = r.into_inner();
+        let id = parse_name(&r.name, TunnelSpec::KIND, "name")?;
+        self.store.delete::<TunnelSpec>(id, r.allow_missing).map_err(intent_status)?;
+        Ok(Response::new(pb::DeleteResponse {}))
+    }
+
     async fn get_crypto_capabilities(
         &self,
         _: Request<pb::GetCryptoCapabilitiesRequest>,
