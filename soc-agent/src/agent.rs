@@ -140,8 +140,8 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
     let _ = image_retry.set(image_controller.trigger());
     reconcilers.push(image_controller.spawn(shutdown_rx.clone()));
 
-    // IPsec tunnels: xfrm states and policies, before the fabric's first pass (NICs that offload IPsec want
-    // them in place before the tc rules that steer into them).
+    // IPsec tunnels: xfrm states and policies, spawned before the fabric (NICs that offload IPsec want them in
+    // place before the tc rules that steer into them).
     let ipsec_tunnels = dpu_fabric::ipsec::Tunnels::default();
     reconcilers.push(
         Controller::new(

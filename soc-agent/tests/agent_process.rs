@@ -179,6 +179,21 @@ async fn mtls_refuses_strangers_and_enforces_roles() {
     let mut operator = AgentServiceClient::new(tls(agent.addr, &pki, Some("operator")).await.unwrap());
     let updated = operator.update_agent_settings(settings_update("debug")).await.unwrap().into_inner();
     assert_eq!(updated.generation, 1);
+
+    // Keys and tunnels: viewers list them, only operators create.
+    use dpu_proto::v1::crypto_service_client::CryptoServiceClient;
+    let mut viewer = CryptoServiceClient::new(tls(agent.addr, &pki, Some("viewer")).await.unwrap());
+    viewer.list_crypto_keys(pb::ListCryptoKeysRequest::default()).await.unwrap();
+    viewer.list_ipsec_tunnels(pb::ListIpsecTunnelsRequest::default()).await.unwrap();
+    let key = pb::CryptoKey { algorithm: pb::KeyAlgorithm::Aes256GcmEsp as i32, generate: true, ..Default::default() };
+    let create = pb::CreateCryptoKeyRequest { key_id: "k".into(), key: Some(key) };
+    let err = viewer.create_crypto_key(create.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let tunnel = pb::CreateIpsecTunnelRequest { tunnel_id: "t".into(), tunnel: Some(pb::IpsecTunnel::default()) };
+    let err = viewer.create_ipsec_tunnel(tunnel).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let mut operator = CryptoServiceClient::new(tls(agent.addr, &pki, Some("operator")).await.unwrap());
+    operator.create_crypto_key(create).await.unwrap();
     assert_eq!(agent.stop().await.code(), Some(0));
 }
 

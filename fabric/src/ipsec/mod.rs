@@ -11,8 +11,9 @@
 //! states (and, for packet offload, the policies) carry `XFRMA_OFFLOAD_DEV`; packet offload is tried first,
 //! then crypto offload; `prefer-hardware` falls back to the kernel's software ESP and says why,
 //! `require-hardware` leaves the tunnel in error instead. NICs that offload IPsec want its states and policies
-//! in place before the tc rules that steer into them: the agent starts this reconciler's first pass before the
-//! fabric's (see `soc-agent`'s wiring) and IPsec never removes a state a rule may still use before its policy.
+//! in place before the tc rules that steer into them: the agent spawns this reconciler before the fabric's, and
+//! within a pass states go in before policies and policies leave before states. The fabric installs no rule that
+//! steers into an SA yet, so nothing makes it wait for a tunnel.
 
 pub mod xfrm;
 
@@ -480,7 +481,8 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         assert!(spec().validate().is_ok());
-        let cases: [(fn(&mut TunnelSpec), &str); 6] = [
+        type Change = fn(&mut TunnelSpec);
+        let cases: [(Change, &str); 6] = [
             (|s| s.remote = "2001:db8::1".parse().unwrap(), "tunnel.remote"),
             (|s| s.remote = s.local, "tunnel.remote"),
             (|s| s.spi_in = 7, "tunnel.spi_in"),
