@@ -60,6 +60,22 @@ pub enum TunnelCommand {
         #[arg(long, value_parser = ["require-hardware", "prefer-hardware", "software"])]
         policy: Option<String>,
     },
+    /// Rekey (new SPIs and keys; the previous states keep working for the overlap) or change a tunnel.
+    Update {
+        #[arg(value_name = "ID", value_parser = tunnel_id)]
+        id: String,
+        #[arg(long, value_parser = spi)]
+        spi_out: Option<u32>,
+        #[arg(long, value_parser = spi)]
+        spi_in: Option<u32>,
+        #[arg(long)]
+        key_out: Option<String>,
+        #[arg(long)]
+        key_in: Option<String>,
+        /// Seconds the replaced states keep working (default 30).
+        #[arg(long)]
+        overlap_seconds: Option<u32>,
+    },
     /// One tunnel: its settings, status, placement and request id.
     Get {
         #[arg(value_name = "ID", value_parser = tunnel_id)]
@@ -98,7 +114,8 @@ fn tunnel_json(t: pb::IpsecTunnel) -> Value {
         "local_subnet": t.local_subnet, "remote_subnet": t.remote_subnet,
         "spi_out": format!("{:#x}", t.spi_out), "spi_in": format!("{:#x}", t.spi_in),
         "key_out": t.key_out, "key_in": t.key_in, "policy": crate::policy_name(t.policy), "device": t.device,
-        "request_id": format!("{:#x}", t.request_id), "generation": generation, "status": status });
+        "rekey_overlap_seconds": t.rekey_overlap_seconds, "request_id": format!("{:#x}", t.request_id),
+        "generation": generation, "status": status });
     if let Some(p) = t.crypto {
         out["crypto"] = crate::placement_json(&p);
     }
@@ -284,6 +301,18 @@ pub async fn crypto(channel: Channel, command: &CryptoCommand) -> anyhow::Result
             };
             let request = pb::CreateIpsecTunnelRequest { tunnel_id: id.clone(), tunnel: Some(tunnel) };
             tunnel_json(c.create_ipsec_tunnel(request).await?.into_inner())
+        }
+        CryptoCommand::Tunnel(TunnelCommand::Update { id, spi_out, spi_in, key_out, key_in, overlap_seconds }) => {
+            let name = format!("ipsecTunnels/{id}");
+            let mut t = c.get_ipsec_tunnel(pb::GetIpsecTunnelRequest { name }).await?.into_inner();
+            let generation = t.generation;
+            t.spi_out = spi_out.unwrap_or(t.spi_out);
+            t.spi_in = spi_in.unwrap_or(t.spi_in);
+            t.key_out = key_out.clone().unwrap_or(t.key_out);
+            t.key_in = key_in.clone().unwrap_or(t.key_in);
+            t.rekey_overlap_seconds = overlap_seconds.unwrap_or(t.rekey_overlap_seconds);
+            let request = pb::UpdateIpsecTunnelRequest { tunnel: Some(t), expected_generation: generation };
+            tunnel_json(c.update_ipsec_tunnel(request).await?.into_inner())
         }
         CryptoCommand::Tunnel(TunnelCommand::Get { id }) => tunnel_json(
             c.get_ipsec_tunnel(pb::GetIpsecTunnelRequest { name: format!("ipsecTunnels/{id}") }).await?.into_inner(),

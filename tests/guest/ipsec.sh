@@ -15,6 +15,9 @@
 #   metrics     dpu_ipsec_sa_packets for both directions of the tunnel
 #   drift       the agent's outbound state deleted with `ip xfrm state delete` comes back (drift_seconds = 2), and
 #               traffic flows again
+#   rekey       `dpuctl crypto tunnel update` to new SPIs and keys during a ping every 0.2 s: no packet lost, the
+#               replaced states carry the kernel's expiry and are gone after the overlap, the new ones carry
+#               the traffic
 #   keys        neither key's hex appears in the data directory, the agent's log or the API's answers
 #   delete      deleting the tunnel leaves no state or policy of the agent's, and traffic stops
 #
@@ -47,7 +50,7 @@ guest_prepare() {
 		(cd "$REPO_ROOT" && cargo build --locked --release --bin dpu-agent --bin dpuctl) >&2 || return 1
 	fi
 	local name
-	for name in out in; do
+	for name in out in out2 in2; do
 		head -c 36 /dev/urandom | od -An -v -tx1 | tr -d ' \n' >"$GUEST_WORK/key-$name.hex"
 	done
 	head -c 32 /dev/urandom | od -An -v -tx1 | tr -d ' \n' >"$GUEST_WORK/key-gcm.hex"
@@ -64,7 +67,8 @@ listen = "127.0.0.1:9100"
 drift_seconds = 2
 TOML
 	GUEST_FILES+=("$GUEST_WORK/agent.toml:/etc/ipsec/agent.toml" "$GUEST_WORK/key-out.hex:/etc/ipsec/key-out.hex"
-		"$GUEST_WORK/key-in.hex:/etc/ipsec/key-in.hex" "$GUEST_WORK/key-gcm.hex:/etc/ipsec/key-gcm.hex")
+		"$GUEST_WORK/key-in.hex:/etc/ipsec/key-in.hex" "$GUEST_WORK/key-gcm.hex:/etc/ipsec/key-gcm.hex"
+		"$GUEST_WORK/key-out2.hex:/etc/ipsec/key-out2.hex" "$GUEST_WORK/key-in2.hex:/etc/ipsec/key-in2.hex")
 }
 
 guest_script() {
@@ -87,6 +91,8 @@ step() { STEP=$1; echo "GUEST-STEP: $1"; }
 dpuctl() { "$BIN/dpuctl" --addr http://127.0.0.1:50051 "$@"; }
 KEY_OUT=$(cat /etc/ipsec/key-out.hex)
 KEY_IN=$(cat /etc/ipsec/key-in.hex)
+KEY_OUT2=$(cat /etc/ipsec/key-out2.hex)
+KEY_IN2=$(cat /etc/ipsec/key-in2.hex)
 # ping through the tunnel from the agent's inner address; 0 when an answer came back.
 through() { ping -c "${1:-2}" -W 2 -I 10.1.0.1 10.2.0.1 >/tmp/ping.txt 2>&1; }
 wait_for() { # seconds, command...: polls every 0.2 s
@@ -205,8 +211,38 @@ wait_for 15 sh -c '"$IP" xfrm state | grep -q "spi 0x00001001"' || fail "the del
 through 2 || fail "no traffic after the state came back: $(cat /tmp/ping.txt)"
 say "ok: the deleted outbound state was restored by the agent"
 
+step rekey
+# New SPIs and keys while a ping runs every 0.2 s. The order loses nothing: the peer first accepts the new
+# outbound SPI, the agent then adds its new states (its outbound switches at once, the old states retire after
+# the overlap), and only then does the peer send with its new key.
+dpuctl crypto key create k-out2 --algorithm aes-256-gcm-esp --hex --material-file /etc/ipsec/key-out2.hex >>/tmp/api.txt \
+	|| fail "importing k-out2"
+dpuctl crypto key create k-in2 --algorithm aes-256-gcm-esp --hex --material-file /etc/ipsec/key-in2.hex >>/tmp/api.txt \
+	|| fail "importing k-in2"
+ping -i 0.2 -c 50 -W 2 -I 10.1.0.1 10.2.0.1 >/tmp/ping-rekey.txt 2>&1 &
+pinger=$!
+sleep 1
+ip -n peer xfrm state add src 192.168.77.1 dst 192.168.77.2 proto esp spi 0x2001 reqid 7 mode tunnel \
+	aead 'rfc4106(gcm(aes))' "0x$KEY_OUT2" 128 || fail "peer: new state in"
+dpuctl crypto tunnel update east --spi-out 0x2001 --spi-in 0x2002 --key-out k-out2 --key-in k-in2 \
+	--overlap-seconds 6 >>/tmp/api.txt || fail "dpuctl crypto tunnel update"
+wait_for 10 sh -c '"$IP" xfrm state | grep -q "spi 0x00002002"' || fail "the new inbound state did not appear"
+ip -n peer xfrm state add src 192.168.77.2 dst 192.168.77.1 proto esp spi 0x2002 reqid 7 mode tunnel \
+	aead 'rfc4106(gcm(aes))' "0x$KEY_IN2" 128 || fail "peer: new state out"
+ip -s xfrm state | grep -A12 "spi 0x00001001" | grep "expire add" | sed 's/^/retiring: /'
+ip -s xfrm state | grep -A12 "spi 0x00001001" | grep -q "expire add: soft 0(sec), hard [1-9]" \
+	|| fail "the replaced outbound state carries no expiry"
+wait_for 20 sh -c '! "$IP" xfrm state | grep -q "spi 0x0000100[12]"' || fail "the replaced states did not retire"
+wait "$pinger"
+tail -n 2 /tmp/ping-rekey.txt | sed 's/^/ping: /'
+grep -q " 0% packet loss" /tmp/ping-rekey.txt || fail "packets were lost during the rekey"
+new=$(ip -n peer -s xfrm state | grep -A14 "spi 0x00002001" | grep -o '[0-9]*(packets)' | tr -d '(packets)')
+[ "${new:-0}" -gt 0 ] || fail "the peer's new inbound state counted no packets"
+[ "$(ip xfrm state | grep -c "spi 0x0000200[12]")" -eq 2 ] || fail "the new states are not both in place"
+say "ok: rekeyed to SPIs 0x2001/0x2002 with no packet lost; the old states retired after the overlap"
+
 step keys
-for k in "$KEY_OUT" "$KEY_IN"; do
+for k in "$KEY_OUT" "$KEY_IN" "$KEY_OUT2" "$KEY_IN2"; do
 	if grep -rqai "$k" /var/lib/dpu-agent /tmp/agent.log /tmp/api.txt; then
 		fail "a key's hex shows in the data directory, the log or an API answer"
 	fi
@@ -215,7 +251,7 @@ say "ok: no key material in the data directory, the log or the API's answers"
 
 step delete
 dpuctl crypto tunnel delete east >/dev/null || fail "deleting the tunnel"
-wait_for 10 sh -c '! "$IP" xfrm state | grep -q "spi 0x0000100[12]"' || fail "the agent's states stayed"
+wait_for 10 sh -c '! "$IP" xfrm state | grep -q "spi 0x0000[12]00[12]"' || fail "the agent's states stayed"
 wait_for 10 sh -c '[ "$("$IP" xfrm policy | grep -c "tmpl src")" -eq 0 ]' || fail "the agent's policies stayed"
 ! through 1 || fail "traffic still flows with the tunnel deleted on this side"
 say "ok: deleting the tunnel removed its states and policies"

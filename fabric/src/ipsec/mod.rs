@@ -62,6 +62,16 @@ pub struct TunnelSpec {
     /// The netdev that may offload ESP (`esp-hw-offload`); empty: none.
     #[serde(default)]
     pub device: String,
+    /// After a rekey (new SPIs), how long the previous states stay: the new outbound state is used at once
+    /// (the kernel picks the newest), the old inbound one still accepts what the peer sends before it switches.
+    #[serde(default = "default_overlap")]
+    pub rekey_overlap_seconds: u32,
+}
+
+pub const DEFAULT_REKEY_OVERLAP_SECONDS: u32 = 30;
+
+fn default_overlap() -> u32 {
+    DEFAULT_REKEY_OVERLAP_SECONDS
 }
 
 impl Resource for TunnelSpec {
@@ -96,6 +106,9 @@ impl TunnelSpec {
         }
         if self.device.len() > 15 || self.device.contains(['/', ' ']) {
             return invalid("tunnel.device", format!("{:?} is not a network device name", self.device));
+        }
+        if self.rekey_overlap_seconds > 3600 {
+            return invalid("tunnel.rekey_overlap_seconds", "at most 3600");
         }
         if self.policy == Policy::RequireHardware && self.device.is_empty() {
             return invalid("tunnel.device", "require-hardware needs the device that offloads ESP");
@@ -248,8 +261,10 @@ impl IpsecReconciler {
                 reqid,
                 key: key("tunnel.key_out", &spec.key_out)?,
                 offload: offload.map(|o| (o, false)),
+                expires_after: 0,
                 bytes: 0,
                 packets: 0,
+                added: 0,
             },
             State {
                 src: spec.remote,
@@ -258,8 +273,10 @@ impl IpsecReconciler {
                 reqid,
                 key: key("tunnel.key_in", &spec.key_in)?,
                 offload: offload.map(|o| (o, true)),
+                expires_after: 0,
                 bytes: 0,
                 packets: 0,
+                added: 0,
             },
         ];
         let policy =
@@ -334,11 +351,29 @@ impl IpsecReconciler {
                 outcome.changes += 1;
             }
         }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         for s in actual_states.iter().filter(|s| owned(s.reqid)) {
-            if !wanted_states.contains(&(s.dst, s.spi)) {
-                tracing::debug!(state = ?s, "stale xfrm state");
-                socket.request(xfrm::XFRM_MSG_DELSA, 0, &s.id(), "removing a stale xfrm state")?;
-                outcome.changes += 1;
+            if wanted_states.contains(&(s.dst, s.spi)) {
+                continue;
+            }
+            // A state of a tunnel that is still installed was replaced by a rekey: it retires after the
+            // tunnel's overlap, timed by the kernel itself; states of tunnels that are gone leave now.
+            let rekeyed = tunnels.iter().find(|(id, _)| reqid(id) == s.reqid && outcome.placed.contains_key(id));
+            match rekeyed {
+                Some(_) if s.expires_after != 0 => {}
+                Some((id, spec)) => {
+                    let mut retiring = s.clone();
+                    retiring.expires_after = now.saturating_sub(s.added) + u64::from(spec.rekey_overlap_seconds);
+                    let what = format!("retiring xfrm state spi {:#x} of tunnel {id}", s.spi);
+                    socket.request(xfrm::XFRM_MSG_UPDSA, 0, &retiring.encode(), &what)?;
+                    tracing::info!(tunnel = %id, spi = format_args!("{:#x}", s.spi), overlap_s = spec.rekey_overlap_seconds, "rekeyed: the previous ESP state retires");
+                    outcome.changes += 1;
+                }
+                None => {
+                    tracing::debug!(state = ?s, "stale xfrm state");
+                    socket.request(xfrm::XFRM_MSG_DELSA, 0, &s.id(), "removing a stale xfrm state")?;
+                    outcome.changes += 1;
+                }
             }
         }
         Ok(outcome)
@@ -363,7 +398,9 @@ impl IpsecReconciler {
                         want.spi, want.dst, a.reqid
                     ));
                 }
-                if a.same_config(want) || (want.offload.is_some() && a.same_config(&crypto_only(want))) {
+                let same = a.same_config(want) || (want.offload.is_some() && a.same_config(&crypto_only(want)));
+                // A retiring state wanted again (a rekey rolled back) is replaced, so it stops expiring.
+                if same && a.expires_after == 0 {
                     continue;
                 }
                 tracing::debug!(spi = want.spi, have = ?a, want = ?want, "xfrm state differs");
@@ -475,6 +512,7 @@ mod tests {
             key_in: "k-in".into(),
             policy: Policy::PreferHardware,
             device: String::new(),
+            rekey_overlap_seconds: DEFAULT_REKEY_OVERLAP_SECONDS,
         }
     }
 

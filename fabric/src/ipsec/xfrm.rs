@@ -16,6 +16,7 @@ pub const XFRM_MSG_GETSA: u16 = 0x12;
 pub const XFRM_MSG_DELPOLICY: u16 = 0x14;
 pub const XFRM_MSG_GETPOLICY: u16 = 0x15;
 pub const XFRM_MSG_UPDPOLICY: u16 = 0x19;
+pub const XFRM_MSG_UPDSA: u16 = 0x1a;
 const XFRMA_TMPL: u16 = 5;
 const XFRMA_ALG_AEAD: u16 = 18;
 const XFRMA_OFFLOAD_DEV: u16 = 28;
@@ -164,9 +165,14 @@ pub struct State {
     pub key: Vec<u8>,
     /// `Some`: offloaded to this device; the state is inbound when `dst` is local.
     pub offload: Option<(Offload, bool)>,
-    /// Bytes and packets the kernel counted (from dumps; ignored when encoding).
+    /// Seconds after it was added at which the kernel removes the state (`hard_add_expires_seconds`); 0: never.
+    /// A state being retired after a rekey carries one.
+    pub expires_after: u64,
+    /// Bytes and packets the kernel counted, and when it added the state (Unix seconds; from dumps, ignored
+    /// when encoding).
     pub bytes: u64,
     pub packets: u64,
+    pub added: u64,
 }
 
 impl std::fmt::Debug for State {
@@ -178,6 +184,7 @@ impl std::fmt::Debug for State {
             .field("reqid", &format_args!("{:#010x}", self.reqid))
             .field("key", &"<redacted>")
             .field("offload", &self.offload)
+            .field("expires_after", &self.expires_after)
             .finish()
     }
 }
@@ -203,6 +210,7 @@ impl State {
         info[76] = IPPROTO_ESP;
         put(&mut info, 80, &address(self.src));
         infinite_lifetimes(&mut info, 96);
+        put(&mut info, 136, &self.expires_after.to_ne_bytes());
         put(&mut info, 208, &self.reqid.to_ne_bytes());
         put(&mut info, 212, &fam.to_ne_bytes());
         info[214] = XFRM_MODE_TUNNEL;
@@ -265,6 +273,8 @@ impl State {
         let reqid = ne_u32(info, 208).ok_or_else(|| bad("reqid"))?;
         let bytes = ne_u64(info, 160).ok_or_else(|| bad("lifetime"))?;
         let packets = ne_u64(info, 168).ok_or_else(|| bad("lifetime"))?;
+        let added = ne_u64(info, 176).ok_or_else(|| bad("lifetime"))?;
+        let expires_after = ne_u64(info, 136).ok_or_else(|| bad("lifetime"))?;
         let attrs = Attrs::parse(&b[USERSA_INFO_LEN..])?;
         let Some(aead) = attrs.get(XFRMA_ALG_AEAD) else { return Ok(None) };
         let name = aead.get(..64).ok_or_else(|| bad("AEAD name"))?;
@@ -282,7 +292,7 @@ impl State {
             }
             None => None,
         };
-        Ok(Some(State { src, dst, spi, reqid, key, offload, bytes, packets }))
+        Ok(Some(State { src, dst, spi, reqid, key, offload, expires_after, bytes, packets, added }))
     }
 }
 
@@ -369,8 +379,10 @@ mod tests {
             reqid: 0xd900_0042,
             key: (0..36).collect(),
             offload: None,
+            expires_after: 0,
             bytes: 0,
             packets: 0,
+            added: 0,
         }
     }
 
@@ -382,6 +394,9 @@ mod tests {
         // Byte and packet limits infinite, time limits none (0).
         assert_eq!(&bytes[96..104], &u64::MAX.to_ne_bytes());
         assert_eq!(&bytes[128..160], &[0; 32]);
+        let mut retiring = state();
+        retiring.expires_after = 95;
+        assert_eq!(State::decode(&retiring.encode()).unwrap().unwrap().expires_after, 95);
         let back = State::decode(&bytes).unwrap().unwrap();
         assert!(back.same_config(&s), "{back:?}");
         assert!(!format!("{back:?}").contains("35"), "Debug shows key bytes");

@@ -71,6 +71,7 @@ impl CryptoApi {
             key_in: t.key_in.clone(),
             policy: policy_message(t.policy) as i32,
             device: t.device.clone(),
+            rekey_overlap_seconds: t.rekey_overlap_seconds,
             generation: generation(stored.meta.generation),
             status: Some(resource_status(self.status.get(IPSEC_SUBSYSTEM, &key), stored.meta.generation)),
             crypto: state.as_ref().map(|s| placement_message(t.policy, &s.placement)),
@@ -223,6 +224,10 @@ fn tunnel_from(t: pb::IpsecTunnel) -> Result<TunnelSpec, Status> {
         key_in: t.key_in,
         policy: policy_from(t.policy, "tunnel.policy")?,
         device: t.device,
+        rekey_overlap_seconds: match t.rekey_overlap_seconds {
+            0 => dpu_fabric::ipsec::DEFAULT_REKEY_OVERLAP_SECONDS,
+            s => s,
+        },
     };
     spec.validate().map_err(invalid)?;
     Ok(spec)
@@ -240,6 +245,24 @@ impl pb::crypto_service_server::CryptoService for CryptoApi {
         self.check_tunnel(&spec)?;
         let created = self.store.create(&r.tunnel_id, spec).map_err(intent_status)?;
         Ok(Response::new(self.tunnel_message(&created.into_stored())))
+    }
+
+    async fn update_ipsec_tunnel(
+        &self,
+        r: Request<pb::UpdateIpsecTunnelRequest>,
+    ) -> Result<Response<pb::IpsecTunnel>, Status> {
+        let r = r.into_inner();
+        let t = r.tunnel.ok_or_else(|| Status::invalid_argument("tunnel: required"))?;
+        let id = parse_name(&t.name, TunnelSpec::KIND, "tunnel.name")?.to_owned();
+        let spec = tunnel_from(t)?;
+        let expected = match r.expected_generation {
+            0 => None,
+            g => Some(u64::try_from(g).map_err(|_| Status::invalid_argument("expected_generation: negative"))?),
+        };
+        let _guard = self.writes.lock().await;
+        self.check_tunnel(&spec)?;
+        let updated = self.store.update(&id, spec, expected).map_err(intent_status)?;
+        Ok(Response::new(self.tunnel_message(&updated)))
     }
 
     async fn get_ipsec_tunnel(
