@@ -315,37 +315,28 @@ pub trait Session: Sized {
     fn into_parts(self) -> (Gate, rustls::Connection);
 }
 
-impl Session for tokio_rustls::server::TlsStream<Gate> {
-    fn gate(&self) -> &Gate {
-        self.get_ref().0
-    }
-    fn gate_mut(&mut self) -> &mut Gate {
-        self.get_mut().0
-    }
-    fn common(&self) -> &rustls::CommonState {
-        self.get_ref().1
-    }
-    fn into_parts(self) -> (Gate, rustls::Connection) {
-        let (gate, conn) = self.into_inner();
-        (gate, rustls::Connection::Server(conn))
-    }
+macro_rules! session {
+    ($stream:ty, $variant:ident) => {
+        impl Session for $stream {
+            fn gate(&self) -> &Gate {
+                self.get_ref().0
+            }
+            fn gate_mut(&mut self) -> &mut Gate {
+                self.get_mut().0
+            }
+            fn common(&self) -> &rustls::CommonState {
+                self.get_ref().1
+            }
+            fn into_parts(self) -> (Gate, rustls::Connection) {
+                let (gate, conn) = self.into_inner();
+                (gate, rustls::Connection::$variant(conn))
+            }
+        }
+    };
 }
 
-impl Session for tokio_rustls::client::TlsStream<Gate> {
-    fn gate(&self) -> &Gate {
-        self.get_ref().0
-    }
-    fn gate_mut(&mut self) -> &mut Gate {
-        self.get_mut().0
-    }
-    fn common(&self) -> &rustls::CommonState {
-        self.get_ref().1
-    }
-    fn into_parts(self) -> (Gate, rustls::Connection) {
-        let (gate, conn) = self.into_inner();
-        (gate, rustls::Connection::Client(conn))
-    }
-}
+session!(tokio_rustls::server::TlsStream<Gate>, Server);
+session!(tokio_rustls::client::TlsStream<Gate>, Client);
 
 /// Hands a handshaken session to the kernel under `policy`, or keeps it in userspace with the reason.
 pub fn handover<S: Session>(mut tls: S, policy: Option<Policy>) -> Handover<S> {

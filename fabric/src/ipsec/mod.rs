@@ -253,31 +253,23 @@ impl IpsecReconciler {
         };
         let reqid = reqid(id);
         let offload = ifindex.map(|ifindex| Offload { ifindex, packet: true });
+        let state = |src, dst, spi, field: &str, key_id: &str, inbound| -> Result<State, String> {
+            Ok(State {
+                src,
+                dst,
+                spi,
+                reqid,
+                key: key(field, key_id)?,
+                offload: offload.map(|o| (o, inbound)),
+                expires_after: 0,
+                bytes: 0,
+                packets: 0,
+                added: 0,
+            })
+        };
         let states = vec![
-            State {
-                src: spec.local,
-                dst: spec.remote,
-                spi: spec.spi_out,
-                reqid,
-                key: key("tunnel.key_out", &spec.key_out)?,
-                offload: offload.map(|o| (o, false)),
-                expires_after: 0,
-                bytes: 0,
-                packets: 0,
-                added: 0,
-            },
-            State {
-                src: spec.remote,
-                dst: spec.local,
-                spi: spec.spi_in,
-                reqid,
-                key: key("tunnel.key_in", &spec.key_in)?,
-                offload: offload.map(|o| (o, true)),
-                expires_after: 0,
-                bytes: 0,
-                packets: 0,
-                added: 0,
-            },
+            state(spec.local, spec.remote, spec.spi_out, "tunnel.key_out", &spec.key_out, false)?,
+            state(spec.remote, spec.local, spec.spi_in, "tunnel.key_in", &spec.key_in, true)?,
         ];
         let policy =
             |selector, dir, tmpl_src, tmpl_dst| xfrm::Policy { selector, dir, tmpl_src, tmpl_dst, reqid, priority: 0 };
