@@ -62,6 +62,23 @@ pub fn kernel_support() -> &'static KernelSupport {
     })
 }
 
+/// What a `kernel_tls` setting comes to on this kernel, for the status of the listener or cluster that carries
+/// it; where each connection's records went is counted per connection.
+pub fn status_text(policy: Policy) -> String {
+    let support = kernel_support();
+    match (&support.ulp, policy) {
+        (Err(e), Policy::RequireHardware) => {
+            format!("kernel TLS (require-hardware) unavailable, connections are refused: {e}")
+        }
+        (Err(e), _) => format!("kernel TLS ({policy}) unavailable, connections stay in userspace TLS: {e}"),
+        (Ok(()), _) => format!(
+            "kernel TLS ({policy}) for {}; each connection's placement (software or NIC) and why: \
+             dpu_proxy_tls_connections_total",
+            accepted(support).join(", ")
+        ),
+    }
+}
+
 fn accepted(support: &KernelSupport) -> Vec<String> {
     support.ciphers.iter().filter(|(_, _, r)| r.is_ok()).map(|(v, c, _)| format!("{} {c}", v.as_str())).collect()
 }

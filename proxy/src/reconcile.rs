@@ -81,7 +81,13 @@ impl Reconciler for MeshReconciler {
                 1
             }
         };
-        let (_, report) = last.as_ref().expect("set above");
+        let (applied, report) = last.as_ref().expect("set above");
+        // A listener's or cluster's kernel TLS setting: what this kernel makes of it, in the object's status.
+        let kernel_tls = |kind: &str, id: &str| match kind {
+            ListenerSpec::KIND => applied.listeners.get(id)?.tls.as_ref()?.kernel_tls,
+            ClusterSpec::KIND => applied.clusters.get(id)?.tls.as_ref()?.kernel_tls,
+            _ => None,
+        };
         let statuses = generations
             .into_iter()
             .map(|((kind, id), generation)| {
@@ -89,7 +95,7 @@ impl Reconciler for MeshReconciler {
                 let status = match error {
                     None => ObjectStatus {
                         state: ObjectState::Ready,
-                        reason: String::new(),
+                        reason: kernel_tls(kind, &id).map(crate::ktls::status_text).unwrap_or_default(),
                         observed_generation: generation,
                     },
                     Some(e) => ObjectStatus {

@@ -1903,4 +1903,15 @@ async fn kernel_tls_places_every_connection_and_says_why() {
     assert!(count("ktls-require", "none", "hardware_required") >= 1, "{}", metrics_text(&registry));
     let text = metrics_text(&registry);
     assert!(text.contains("dpu_proxy_tls_connections_total{"), "{text}");
+
+    // What the listeners' status says of the setting on this kernel.
+    let status = dpu_proxy::ktls::status_text(Policy::PreferHardware);
+    match &kernel_support().ulp {
+        Ok(()) => assert!(status.contains("aes-gcm") && status.contains("dpu_proxy_tls_connections_total"), "{status}"),
+        Err(_) => assert!(status.contains("unavailable, connections stay in userspace TLS"), "{status}"),
+    }
+    if kernel_support().ulp.is_err() {
+        let status = dpu_proxy::ktls::status_text(Policy::RequireHardware);
+        assert!(status.contains("connections are refused"), "{status}");
+    }
 }

@@ -14,7 +14,8 @@
 #                /proc/net/tls_stat counts them (TlsCurrTxSw, TlsCurrRxSw >= 2)
 #   chacha20     openssl s_client offering only TLS_CHACHA20_POLY1305_SHA256 gets its answer over kernel TLS
 #   metrics      dpu_proxy_tls_connections_total counts the downstream and upstream connections as ktls-sw with
-#                reason no_offload (virtio-net offers no tls-hw-tx-offload)
+#                reason no_offload (virtio-net offers no tls-hw-tx-offload); the listener's and the cluster's
+#                status say what kernel TLS does on this kernel
 #   refusal      a listener with kernel_tls require-hardware is refused with FAILED_PRECONDITION naming
 #                tls-hw-tx-offload
 #
@@ -179,6 +180,14 @@ for side in 'side="downstream",name="ktls"' 'side="upstream",name="envoy"'; do
 	grep -q "^dpu_proxy_tls_connections_total{$side,engine=\"ktls-sw\",reason=\"no_offload\"} [1-9]" /tmp/metrics.txt \
 		|| fail "no ktls-sw/no_offload count for $side"
 done
+
+for object in "listener ktls" "cluster envoy"; do
+	# shellcheck disable=SC2086 # kind and id
+	dpuctl --json mesh get $object >/tmp/object.json || fail "dpuctl mesh get $object"
+	grep -q "kernel TLS (prefer-hardware) for .*TLS1.3 aes-gcm" /tmp/object.json \
+		|| fail "the $object status does not say what kernel TLS does here: $(cat /tmp/object.json)"
+done
+say "ok: the listener's and the cluster's status name the kernel's TLS ciphers"
 
 step refusal
 if dpuctl mesh apply -f /etc/ktls/require.json >/tmp/refusal.txt 2>&1; then
