@@ -455,10 +455,19 @@ impl Reconciler for IpsecReconciler {
         let input: Vec<(String, TunnelSpec)> = tunnels.iter().map(|t| (t.id.clone(), t.spec.clone())).collect();
         let this = self.clone();
         let owned_store = store.clone();
-        let outcome = tokio::task::spawn_blocking(move || this.converge(&owned_store, &input))
+        let outcome = match tokio::task::spawn_blocking(move || this.converge(&owned_store, &input))
             .await
             .map_err(|e| ReconcileError::Failed(format!("ipsec pass panicked: {e}")))?
-            .map_err(|e| ReconcileError::Failed(e.to_string()))?;
+        {
+            Ok(outcome) => outcome,
+            // The kernel's xfrm tables cannot be read or written at all (no NETLINK_XFRM here): every tunnel
+            // says so in its status; the next drift pass tries again.
+            Err(e) if !tunnels.is_empty() => Outcome {
+                failed: tunnels.iter().map(|t| (t.id.clone(), format!("xfrm: {e}"))).collect(),
+                ..Outcome::default()
+            },
+            Err(e) => return Err(ReconcileError::Failed(format!("xfrm: {e}"))),
+        };
         let statuses = tunnels
             .iter()
             .map(|t| {
