@@ -349,9 +349,7 @@ pub fn netdev_feature(device: &str, feature: &str) -> Result<bool, String> {
     if !Path::new("/sys/class/net").join(device).exists() {
         return Err(format!("network device {device:?} does not exist"));
     }
-    let mut ethtool = dpu_fabric::netlink::socket::Ethtool::open()
-        .map_err(|e| format!("cannot read {feature} of {device}: ethtool netlink: {e}"))?;
-    ethtool.feature_active(device, feature).map_err(|e| format!("reading {feature} of {device}: {e}"))
+    dpu_fabric::netlink::socket::netdev_feature(device, feature)
 }
 
 /// Per network device (physical functions, representors, SFs; not loopback or virtual devices), the crypto

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::FabricError;
 use crate::model::IpNet;
-use crate::netlink::socket::{Ethtool, NlSocket};
+use crate::netlink::socket::NlSocket;
 use xfrm::{Dir, Offload, Selector, State};
 
 /// Status-board name of the IPsec reconciler.
@@ -153,6 +153,8 @@ pub struct Tunnels(Arc<RwLock<BTreeMap<String, TunnelState>>>);
 pub struct TunnelState {
     pub placement: Placement,
     pub reqid: u32,
+    /// This end's outer address: a state from it is outbound.
+    pub local: IpAddr,
 }
 
 impl Tunnels {
@@ -167,24 +169,29 @@ impl Tunnels {
     /// Bytes and packets per tunnel and direction (`out`, `in`) as the kernel counts them on the agent's states.
     /// Blocking (an xfrm dump).
     pub fn counters(&self) -> Result<Vec<(String, &'static str, u64, u64)>, FabricError> {
-        let by_reqid: HashMap<u32, String> =
-            self.0.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(id, t)| (t.reqid, id.clone())).collect();
+        let by_reqid: HashMap<u32, (String, IpAddr)> = self
+            .0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, t)| (t.reqid, (id.clone(), t.local)))
+            .collect();
+        if by_reqid.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut socket = NlSocket::open(xfrm::NETLINK_XFRM)?;
-        let mut out = Vec::new();
+        // During a rekey's overlap a direction has two states: their counts add up.
+        let mut sums: BTreeMap<(String, &'static str), (u64, u64)> = BTreeMap::new();
         for state in dump_states(&mut socket)? {
-            if let Some(id) = by_reqid.get(&state.reqid) {
-                let direction =
-                    if state.offload.is_some_and(|(_, inbound)| inbound) || is_local(state.dst) { "in" } else { "out" };
-                out.push((id.clone(), direction, state.bytes, state.packets));
+            if let Some((id, local)) = by_reqid.get(&state.reqid) {
+                let direction = if state.src == *local { "out" } else { "in" };
+                let sum = sums.entry((id.clone(), direction)).or_default();
+                sum.0 += state.bytes;
+                sum.1 += state.packets;
             }
         }
-        Ok(out)
+        Ok(sums.into_iter().map(|((id, direction), (bytes, packets))| (id, direction, bytes, packets)).collect())
     }
-}
-
-/// Whether an address is one of this host's (the inbound state's destination).
-fn is_local(ip: IpAddr) -> bool {
-    std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 fn dump_states(socket: &mut NlSocket) -> Result<Vec<State>, FabricError> {
@@ -313,7 +320,7 @@ impl IpsecReconciler {
                     if let Some(note) = placement_note {
                         placement = note;
                     }
-                    outcome.placed.insert(id.clone(), TunnelState { placement, reqid });
+                    outcome.placed.insert(id.clone(), TunnelState { placement, reqid, local: spec.local });
                 }
                 Err(reason) => {
                     outcome.failed.insert(id.clone(), reason);
@@ -430,11 +437,9 @@ fn crypto_only(state: &State) -> State {
 /// The interface index of a device with `esp-hw-offload` on, or why it cannot offload.
 fn offload_device(device: &str) -> Result<u32, String> {
     let ifindex = nix::net::if_::if_nametoindex(device).map_err(|e| format!("network device {device:?}: {e}"))?;
-    let mut ethtool = Ethtool::open().map_err(|e| format!("ethtool netlink: {e}"))?;
-    match ethtool.feature_active(device, "esp-hw-offload") {
-        Ok(true) => Ok(ifindex),
-        Ok(false) => Err(format!("{device} has no esp-hw-offload (off, or not offered by its driver)")),
-        Err(e) => Err(format!("reading the features of {device}: {e}")),
+    match crate::netlink::socket::netdev_feature(device, "esp-hw-offload")? {
+        true => Ok(ifindex),
+        false => Err(format!("{device} has no esp-hw-offload (off, or not offered by its driver)")),
     }
 }
 

@@ -321,6 +321,13 @@ impl Ethtool {
     }
 }
 
+/// Whether ethtool reports `feature` active on `device`; `Err` says, naming both, why it cannot tell.
+pub fn netdev_feature(device: &str, feature: &str) -> Result<bool, String> {
+    let mut ethtool =
+        Ethtool::open().map_err(|e| format!("cannot read {feature} of {device}: ethtool netlink: {e}"))?;
+    ethtool.feature_active(device, feature).map_err(|e| format!("reading {feature} of {device}: {e}"))
+}
+
 /// Looks for `name` among the set bits of `ETHTOOL_A_FEATURES_ACTIVE` (verbose bitset without mask: only
 /// set bits are listed, each with its name).
 pub fn active_feature(attrs: &[u8], name: &str) -> Result<bool, FabricError> {
