@@ -24,6 +24,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod listen;
 mod log;
 pub mod reconcile;
 mod store;
@@ -164,6 +165,13 @@ pub enum Error {
     /// Another process holds the data directory.
     #[error("the data directory {} is locked by another agent process", dir.display())]
     Locked {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// The store was released to the agent process taking over (an upgrade): writes go to that process once it
+    /// serves (gRPC UNAVAILABLE: retry).
+    #[error("the data directory {} is being handed over to a new agent process; retry shortly", dir.display())]
+    Released {
         /// The data directory.
         dir: PathBuf,
     },

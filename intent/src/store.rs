@@ -45,11 +45,12 @@ struct Inner {
     store_id: u64,
     state: Mutex<State>,
     revision: watch::Sender<u64>,
-    _lock: File,
 }
 
 #[derive(Default)]
 struct State {
+    /// The `flock`ed `LOCK` file; `None` once the store was released to another process.
+    lock: Option<File>,
     /// Append handle; `None` when the log must be rewritten from memory before the next append.
     file: Option<File>,
     revision: u64,
@@ -121,48 +122,58 @@ impl Store {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, Error> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock =
-            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(Error::Locked { dir }),
-            Err(TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
-        }
-
+        let lock = lock_dir(&dir)?;
         let log_path = dir.join(LOG_FILE);
-        let mut st = State::default();
-        let (store_id, rewrite) =
-            match fs::read(&log_path) {
-                Ok(bytes) => {
-                    let replayed = log::replay(&bytes, |rec| st.apply(rec))
-                        .map_err(|(offset, reason)| Error::Corrupt { path: log_path.clone(), offset, reason })?;
-                    st.log_len = replayed.valid_len;
-                    if replayed.torn {
-                        let torn = dir.join("intent.log.torn");
-                        tracing::warn!(
-                            path = %log_path.display(), offset = replayed.valid_len,
-                            dropped_bytes = bytes.len() as u64 - replayed.valid_len,
-                            "intent log ends in an incomplete record from an interrupted write; dropping it \
-                             and keeping the original as {}", torn.display()
-                        );
-                        write_synced(&torn, &bytes)?;
-                    }
-                    (replayed.store_id, replayed.torn)
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => (new_store_id(), true),
-                Err(e) => return Err(io_err(&log_path)(e)),
-            };
-        let tmp = dir.join("intent.log.tmp");
-        match fs::remove_file(&tmp) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&tmp)(e)),
-            _ => {}
-        }
+        let (mut st, store_id, rewrite) = load(&dir, &log_path)?;
+        st.lock = Some(lock);
         let revision = watch::Sender::new(st.revision);
-        let inner = Inner { dir, log_path, store_id, state: Mutex::new(State::default()), revision, _lock: lock };
+        let inner = Inner { dir, log_path, store_id, state: Mutex::new(State::default()), revision };
         st.file = Some(if rewrite { inner.rewrite(&mut st)? } else { inner.open_append()? });
         *inner.lock() = st;
         Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Gives the data directory up to another process (the agent that takes over at an upgrade): closes the log
+    /// and unlocks `LOCK`. Reads keep answering from memory; every write fails with [`Error::Released`] until
+    /// [`Store::reacquire`].
+    pub fn release(&self) {
+        let mut st = self.inner.lock();
+        st.file = None;
+        st.lock = None;
+        tracing::info!(revision = st.revision, "intent store released");
+    }
+
+    /// Whether [`Store::release`] gave the data directory up.
+    pub fn is_released(&self) -> bool {
+        self.inner.lock().lock.is_none()
+    }
+
+    /// Takes the data directory back after [`Store::release`] (the other process went away): locks it again and
+    /// replays the log, so whatever the other process committed meanwhile is in memory; subscribers see the new
+    /// revision when it changed. A no-op on a store that holds its lock.
+    pub fn reacquire(&self) -> Result<(), Error> {
+        let mut st = self.inner.lock();
+        if st.lock.is_some() {
+            return Ok(());
+        }
+        let lock = lock_dir(&self.inner.dir)?;
+        let (mut fresh, store_id, rewrite) = load(&self.inner.dir, &self.inner.log_path)?;
+        if store_id != self.inner.store_id {
+            return Err(Error::Corrupt {
+                path: self.inner.log_path.clone(),
+                offset: 0,
+                reason: format!("it now belongs to store {store_id:016x}, not {:016x}", self.inner.store_id),
+            });
+        }
+        fresh.lock = Some(lock);
+        fresh.file = Some(if rewrite { self.inner.rewrite(&mut fresh)? } else { self.inner.open_append()? });
+        let changed = fresh.revision != st.revision;
+        *st = fresh;
+        if changed {
+            self.inner.revision.send_replace(st.revision);
+        }
+        tracing::info!(revision = st.revision, changed, "intent store reacquired");
+        Ok(())
     }
 
     /// The data directory.
@@ -184,6 +195,9 @@ impl Store {
     /// log exceeds 1 MiB and twice the size of the live data.
     pub fn compact(&self) -> Result<(), Error> {
         let mut st = self.inner.lock();
+        if st.lock.is_none() {
+            return Err(Error::Released { dir: self.inner.dir.clone() });
+        }
         st.file = None;
         st.file = Some(self.inner.rewrite(&mut st)?);
         Ok(())
@@ -355,6 +369,9 @@ impl Inner {
         if ops.is_empty() {
             return Ok(st.revision);
         }
+        if st.lock.is_none() {
+            return Err(Error::Released { dir: self.dir.clone() });
+        }
         let record = Record { rev, ops };
         let bytes = log::encode(&record)?;
         let mut file = match st.file.take() {
@@ -440,6 +457,54 @@ impl State {
     fn meta<T: Resource>(&self, id: &str) -> Result<Meta, Error> {
         self.get(T::KIND, id).map(|e| e.meta).ok_or_else(|| not_found::<T>(id))
     }
+}
+
+/// Opens `<dir>/LOCK` and takes its exclusive `flock`.
+fn lock_dir(dir: &Path) -> Result<File, Error> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock =
+        OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(TryLockError::WouldBlock) => Err(Error::Locked { dir: dir.to_path_buf() }),
+        Err(TryLockError::Error(e)) => Err(io_err(&lock_path)(e)),
+    }
+}
+
+/// Replays `log_path` into a fresh index (the caller holds the lock). Returns the index, the store id and whether
+/// the log must be rewritten before appending (new store, or a torn tail dropped: the original is kept as
+/// `intent.log.torn`).
+fn load(dir: &Path, log_path: &Path) -> Result<(State, u64, bool), Error> {
+    let mut st = State::default();
+    let (store_id, rewrite) = match fs::read(log_path) {
+        Ok(bytes) => {
+            let replayed = log::replay(&bytes, |rec| st.apply(rec)).map_err(|(offset, reason)| Error::Corrupt {
+                path: log_path.to_path_buf(),
+                offset,
+                reason,
+            })?;
+            st.log_len = replayed.valid_len;
+            if replayed.torn {
+                let torn = dir.join("intent.log.torn");
+                tracing::warn!(
+                    path = %log_path.display(), offset = replayed.valid_len,
+                    dropped_bytes = bytes.len() as u64 - replayed.valid_len,
+                    "intent log ends in an incomplete record from an interrupted write; dropping it \
+                     and keeping the original as {}", torn.display()
+                );
+                write_synced(&torn, &bytes)?;
+            }
+            (replayed.store_id, replayed.torn)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => (new_store_id(), true),
+        Err(e) => return Err(io_err(log_path)(e)),
+    };
+    let tmp = dir.join("intent.log.tmp");
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&tmp)(e)),
+        _ => {}
+    }
+    Ok((st, store_id, rewrite))
 }
 
 fn to_json<T: Resource>(id: &str, spec: &T) -> Result<Value, Error> {
@@ -698,5 +763,25 @@ mod tests {
         assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
         drop(s);
         Store::open(dir.path()).expect("free again");
+    }
+
+    #[test]
+    fn release_hands_the_directory_over_and_reacquire_takes_it_back() {
+        let (dir, s) = open();
+        s.create("a", vol(1)).expect("create");
+        s.release();
+        assert!(s.is_released());
+        assert!(matches!(s.create("b", vol(2)), Err(Error::Released { .. })));
+        assert_eq!(s.get::<Vol>("a").expect("reads still answer").spec, vol(1), "reads keep answering");
+        let next = Store::open(dir.path()).expect("the next process opens it");
+        next.create("c", vol(3)).expect("the next process writes");
+        assert!(matches!(s.reacquire(), Err(Error::Locked { .. })), "still held by the next process");
+        drop(next);
+        let mut revisions = s.subscribe();
+        s.reacquire().expect("reacquire");
+        assert!(revisions.has_changed().expect("sender alive"), "subscribers learn of the other process's write");
+        assert_eq!(s.get::<Vol>("c").expect("its write is replayed").spec, vol(3));
+        s.create("d", vol(4)).expect("writes again");
+        assert!(matches!(Store::open(dir.path()), Err(Error::Locked { .. })));
     }
 }

@@ -140,6 +140,8 @@ pub struct ListenerHandle {
     stop: Option<oneshot::Sender<Duration>>,
     stopped: Option<oneshot::Receiver<()>>,
     task: JoinHandle<()>,
+    /// Lists the socket for a hand-over to the next agent process while it is served.
+    _registration: Option<dpu_intent::listen::Registration>,
 }
 
 impl ListenerHandle {
@@ -156,18 +158,33 @@ impl ListenerHandle {
     }
 }
 
-/// Binds `address` (SO_REUSEADDR; IP_TRANSPARENT / IPV6_TRANSPARENT when `transparent`) and listens.
+/// Binds `address` (SO_REUSEADDR; IP_TRANSPARENT / IPV6_TRANSPARENT when `transparent`) and listens, or takes
+/// the socket the previous agent process listened on there (an upgrade: its queued connections carry over).
 pub fn bind(address: SocketAddr, transparent: bool) -> Result<TcpListener, BindError> {
     let bind_err = |source| BindError::Bind { address, source };
-    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP)).map_err(bind_err)?;
-    socket.set_reuse_address(true).map_err(bind_err)?;
-    if transparent {
-        let r = if address.is_ipv4() { socket.set_ip_transparent_v4(true) } else { socket.set_ip_transparent_v6(true) };
+    let (socket, inherited) = match dpu_intent::listen::take(address) {
+        Some(listener) => (Socket::from(std::os::fd::OwnedFd::from(listener)), true),
+        None => {
+            (Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP)).map_err(bind_err)?, false)
+        }
+    };
+    if !inherited {
+        socket.set_reuse_address(true).map_err(bind_err)?;
+    }
+    // Set on an inherited socket too: the option may have changed with the configuration.
+    if transparent || inherited {
+        let r = if address.is_ipv4() {
+            socket.set_ip_transparent_v4(transparent)
+        } else {
+            socket.set_ip_transparent_v6(transparent)
+        };
         r.map_err(|source| BindError::Transparent { address, source })?;
     }
     socket.set_nonblocking(true).map_err(bind_err)?;
-    socket.bind(&address.into()).map_err(bind_err)?;
-    socket.listen(1024).map_err(bind_err)?;
+    if !inherited {
+        socket.bind(&address.into()).map_err(bind_err)?;
+        socket.listen(1024).map_err(bind_err)?;
+    }
     TcpListener::from_std(socket.into()).map_err(bind_err)
 }
 
@@ -180,11 +197,21 @@ pub fn spawn(
     socket: TcpListener,
 ) -> ListenerHandle {
     let address = socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let registration = dpu_intent::listen::register(&socket)
+        .inspect_err(|e| tracing::warn!(%address, error = %e, "listener not listed for a hand-over"))
+        .ok();
     let (stop_tx, stop_rx) = oneshot::channel();
     let (stopped_tx, stopped_rx) = oneshot::channel();
     let span = tracing::info_span!("listener", source = %source, id = %id, %address);
     let task = tokio::spawn(accept_loop(runtime, source, id, socket, stop_rx, stopped_tx).instrument(span));
-    ListenerHandle { address, transparent, stop: Some(stop_tx), stopped: Some(stopped_rx), task }
+    ListenerHandle {
+        address,
+        transparent,
+        stop: Some(stop_tx),
+        stopped: Some(stopped_rx),
+        task,
+        _registration: registration,
+    }
 }
 
 async fn accept_loop(

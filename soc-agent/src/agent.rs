@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use dpu_intent::Store;
-use dpu_intent::reconcile::{Controller, ControllerConfig, StatusBoard};
+use dpu_intent::reconcile::{Controller, ControllerConfig, StatusBoard, Trigger};
 use dpu_proto::v1::agent_service_server::AgentServiceServer;
 use dpu_proto::v1::crypto_service_server::CryptoServiceServer;
 use dpu_proto::v1::fabric_service_server::FabricServiceServer;
@@ -30,8 +30,21 @@ use crate::logging::LogControl;
 use crate::metrics::Metrics;
 use crate::settings::SettingsReconciler;
 
-/// Runs the agent until SIGTERM or SIGINT, then drains and returns.
-pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> anyhow::Result<()> {
+/// How this process came to run, for upgrades.
+#[derive(Debug, Default)]
+pub struct Launch {
+    /// The agent process this one takes over from (`--takeover`): its sockets are inherited, and it stops once
+    /// this one serves.
+    pub predecessor: Option<crate::upgrade::Predecessor>,
+    /// The binary this process was started from (its path, which a package upgrade fills with the new binary)
+    /// and its arguments: SIGHUP starts it with `--takeover`.
+    pub exe: Option<std::path::PathBuf>,
+    pub args: Vec<std::ffi::OsString>,
+}
+
+/// Runs the agent until SIGTERM or SIGINT (drains and returns) or until a new agent process took over (SIGHUP
+/// starts one; see [`crate::upgrade`]).
+pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, launch: Launch) -> anyhow::Result<()> {
     let started = SystemTime::now() - started_at.elapsed();
     tracing::info!(
         version = crate::VERSION,
@@ -44,7 +57,10 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         tracing::warn!(listen = %config.api.listen, "control API is plaintext on a non-loopback address (insecure_plaintext)");
     }
 
-    let mut signals = StopSignals::install().context("installing the SIGTERM/SIGINT handlers")?;
+    let mut signals = Signals::install().context("installing the SIGTERM/SIGINT/SIGHUP handlers")?;
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        crate::systemd::spawn_watchdog(interval);
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir)?;
@@ -105,6 +121,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         controller_config,
     );
     let storage_trigger = storage_controller.trigger();
+    let storage_retrigger = storage_trigger.clone();
     reconcilers.push(storage_controller.spawn(shutdown_rx.clone()));
 
     // Images: converted images resolved in their registries; their layers are lazy volumes over one chunk cache.
@@ -237,12 +254,16 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
 
     let listener = bind(config.api.listen).await.context("binding the gRPC API")?;
     let api_addr = listener.local_addr()?;
+    // Listed for a hand-over while served; dropped when this process stops serving.
+    let mut registrations = vec![dpu_intent::listen::register(&listener).context("listing the API socket")?];
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     health_reporter.set_serving::<AgentServiceServer<AgentApi>>().await;
 
     let ready = Arc::new(AtomicBool::new(false));
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let admin = if config.admin.enabled {
         let listener = bind(config.admin.listen).await.context("binding the admin listener")?;
+        registrations.push(dpu_intent::listen::register(&listener).context("listing the admin socket")?);
         let board = status_board.clone();
         let scrape_metrics = metrics.clone();
         let storage_stats = target.stats().clone();
@@ -271,7 +292,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
             config_dump: Arc::new(move || dump_proxy.config_dump()),
         };
         tracing::info!(addr = %listener.local_addr()?, "admin listener (metrics, healthz, readyz)");
-        Some(tokio::spawn(crate::admin::serve(listener, state, shutdown_rx.clone())))
+        Some(tokio::spawn(crate::admin::serve(listener, state, admin_stop_rx)))
     } else {
         None
     };
@@ -288,19 +309,112 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant) -> a
         "serving the control API"
     );
 
-    let signal = signals.recv().await;
-    tracing::info!(signal, "shutting down: refusing new requests, draining in-flight ones");
+    if let Some(predecessor) = launch.predecessor {
+        let subsystems = [
+            crate::settings::SETTINGS_SUBSYSTEM,
+            crate::api::storage::STORAGE_SUBSYSTEM,
+            "images",
+            dpu_fabric::ipsec::SUBSYSTEM,
+            dpu_fabric::reconcile::SUBSYSTEM,
+            dpu_proxy::reconcile::SUBSYSTEM,
+        ];
+        let served = first_passes(&status_board, &subsystems, &storage_retrigger, crate::upgrade::READY_TIMEOUT).await;
+        if !served {
+            tracing::warn!("not every data path finished its first pass in time: taking over regardless");
+        }
+        predecessor.ready().context("telling the previous agent process that this one serves")?;
+        tracing::info!(
+            predecessor = predecessor.pid,
+            sockets = predecessor.sockets.len(),
+            takeover_ms = started_at.elapsed().as_secs_f64() * 1000.0,
+            "took over from the previous agent process"
+        );
+        drop(predecessor);
+    } else {
+        crate::systemd::notify("READY=1\nSTATUS=serving");
+    }
+    for addr in dpu_intent::listen::close_unclaimed() {
+        tracing::info!(%addr, "inherited socket closed: the configuration no longer listens there");
+    }
+    let handover_path = crate::upgrade::socket_path(&config.data_dir);
+    let mut handover = match crate::upgrade::Server::bind(&handover_path) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            tracing::warn!(path = %handover_path.display(), error = %e, "no hand-over socket: upgrades will interrupt service");
+            None
+        }
+    };
+
+    let stop = loop {
+        tokio::select! {
+            signal = signals.recv() => match signal {
+                Signal::Hangup => {
+                    crate::systemd::notify(&format!(
+                        "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=starting the new agent process",
+                        crate::systemd::monotonic_usec()
+                    ));
+                    match (&launch.exe, handover.is_some()) {
+                        (Some(exe), true) => match crate::upgrade::spawn_successor(exe, &launch.args) {
+                            Ok(pid) => tracing::info!(pid, exe = %exe.display(), "SIGHUP: started the new agent process"),
+                            Err(e) => {
+                                tracing::error!(exe = %exe.display(), error = %e, "SIGHUP: cannot start the new agent process");
+                                crate::systemd::notify(&format!("READY=1\nSTATUS=upgrade failed: {e}"));
+                            }
+                        },
+                        _ => {
+                            tracing::error!("SIGHUP: no binary path or hand-over socket: cannot hand over");
+                            crate::systemd::notify("READY=1\nSTATUS=upgrade failed: no hand-over socket");
+                        }
+                    }
+                }
+                other => break Stop::Signal(other.name()),
+            },
+            Some(request) = next_request(handover.as_mut()) => {
+                tracing::info!(pid = request.pid, version = %request.version, "a new agent process takes over");
+                match request.hand_over(store.clone()).await {
+                    Ok(pid) => break Stop::HandedOver(pid),
+                    Err(reason) => {
+                        tracing::error!(%reason, "hand-over failed: serving on");
+                        crate::systemd::notify(&format!("READY=1\nSTATUS=upgrade failed: {reason}"));
+                    }
+                }
+            }
+        }
+    };
+    let drain = Duration::from_secs(config.api.drain_seconds);
+    let handed_over = match stop {
+        Stop::Signal(signal) => {
+            tracing::info!(signal, "shutting down: refusing new requests, draining in-flight ones");
+            crate::systemd::notify("STOPPING=1");
+            false
+        }
+        Stop::HandedOver(pid) => {
+            tracing::info!(pid, "the new agent process serves: this one stops accepting and drains");
+            crate::systemd::notify(&format!("MAINPID={pid}\nREADY=1\nSTATUS=handed over to process {pid}"));
+            true
+        }
+    };
     ready.store(false, Ordering::Release);
     health_reporter.set_not_serving::<AgentServiceServer<AgentApi>>().await;
+    drop(registrations);
+    let _ = admin_stop_tx.send(true);
     let _ = drain_tx.send(());
-    let drain = Duration::from_secs(config.api.drain_seconds);
-    match tokio::time::timeout(drain, serve).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server ended with an error"),
-        Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
-        Err(_) => tracing::warn!(seconds = drain.as_secs(), "in-flight requests did not finish in time"),
-    }
-    proxy.shutdown(drain).await;
+    let api = async {
+        match tokio::time::timeout(drain, serve).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server ended with an error"),
+            Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
+            Err(_) => tracing::warn!(seconds = drain.as_secs(), "in-flight requests did not finish in time"),
+        }
+    };
+    // After a hand-over the hosts' NVMe/TCP connections move to the new process: each closes once its running
+    // commands completed. On a plain stop they end with the process.
+    let nvme = async {
+        if handed_over {
+            target.hand_over(drain).await;
+        }
+    };
+    tokio::join!(api, proxy.shutdown(drain), nvme);
     let _ = shutdown_tx.send(true);
     for reconciler in reconcilers {
         if let Err(e) = reconciler.await {
@@ -399,27 +513,95 @@ fn server_tls(tls: &crate::config::TlsConfig) -> anyhow::Result<ServerTlsConfig>
         .timeout(Duration::from_secs(10)))
 }
 
+/// Binds `addr`, or takes the socket the previous agent process served on there.
 async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("{addr}: {e}")))
+    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{addr}: {e}"));
+    match dpu_intent::listen::take(addr) {
+        Some(listener) => {
+            listener.set_nonblocking(true).map_err(named)?;
+            tokio::net::TcpListener::from_std(listener).map_err(named)
+        }
+        None => tokio::net::TcpListener::bind(addr).await.map_err(named),
+    }
 }
 
-/// SIGTERM and SIGINT handlers. Installed before the agent announces that it serves, so a stop request that
-/// arrives right after start-up is a graceful stop rather than the default (immediate) termination.
-struct StopSignals {
+/// Waits until every one of `subsystems` finished a pass, then for one more storage pass (image layers resolved
+/// in the images' first pass are served from the next storage pass). `false` when `limit` passed first.
+async fn first_passes(board: &StatusBoard, subsystems: &[&str], storage: &Trigger, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !subsystems.iter().all(|s| board.counters(s).passes > 0) {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let storage_name = crate::api::storage::STORAGE_SUBSYSTEM;
+    let before = board.counters(storage_name).passes;
+    storage.fire("a new agent process takes over");
+    while board.counters(storage_name).passes <= before {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+async fn next_request(server: Option<&mut crate::upgrade::Server>) -> Option<crate::upgrade::Request> {
+    match server {
+        Some(server) => server.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Why the agent stops.
+enum Stop {
+    Signal(&'static str),
+    /// A new agent process (this pid) serves.
+    HandedOver(u32),
+}
+
+/// SIGTERM, SIGINT and SIGHUP handlers. Installed before the agent announces that it serves, so a stop request
+/// that arrives right after start-up is a graceful stop rather than the default (immediate) termination.
+struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
-impl StopSignals {
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    Terminate,
+    Interrupt,
+    /// Start the binary at this process's path and hand over to it.
+    Hangup,
+}
+
+impl Signal {
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Terminate => "SIGTERM",
+            Signal::Interrupt => "SIGINT",
+            Signal::Hangup => "SIGHUP",
+        }
+    }
+}
+
+impl Signals {
     fn install() -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
 
-    async fn recv(&mut self) -> &'static str {
+    async fn recv(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => Signal::Terminate,
+            _ = self.int.recv() => Signal::Interrupt,
+            _ = self.hup.recv() => Signal::Hangup,
         }
     }
 }

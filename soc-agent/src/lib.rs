@@ -3,7 +3,8 @@
 //! Module map: [`config`] (TOML, validated once) → [`agent`] (wiring and shutdown) → [`api`] (gRPC services,
 //! authentication and roles) over the intent store and reconcilers of `dpu-intent`. [`capabilities`] and
 //! [`platform`] describe the machine; [`admin`] and [`metrics`] expose it to Prometheus; [`pki`] makes a
-//! development CA.
+//! development CA. [`upgrade`] hands a running agent's sockets and store to its successor; [`systemd`] speaks
+//! the service manager's notification protocol.
 
 pub mod admin;
 pub mod agent;
@@ -16,6 +17,8 @@ pub mod pki;
 pub mod platform;
 pub mod settings;
 mod sys;
+pub mod systemd;
+pub mod upgrade;
 
 /// Version of this build.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

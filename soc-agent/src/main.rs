@@ -41,6 +41,11 @@ struct Cli {
     /// Override `log.format`.
     #[arg(long, value_parser = parse_format)]
     log_format: Option<LogFormat>,
+    /// Take over from the agent running on the same data directory without interrupting service: its listening
+    /// sockets and intent store pass to this process, which serves before the old one drains and exits. Starts
+    /// normally when no agent runs there. The running agent does this itself on SIGHUP (`systemctl reload`).
+    #[arg(long, env = "DPU_AGENT_TAKEOVER", value_parser = clap::builder::FalseyValueParser::new())]
+    takeover: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -113,6 +118,9 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     let started_at = Instant::now();
+    // Where this process was started from, before a package upgrade puts another binary there: SIGHUP starts that.
+    let exe = std::env::current_exe().ok();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let cli = Cli::parse();
 
     if let Some(Command::Certs { out, sans }) = &cli.command {
@@ -157,6 +165,26 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut launch = dpu_agent::agent::Launch { predecessor: None, exe, args };
+    if cli.takeover {
+        let path = dpu_agent::upgrade::socket_path(&config.data_dir);
+        match dpu_agent::upgrade::take_over(&path) {
+            Ok(Some(predecessor)) => {
+                tracing::info!(
+                    predecessor = predecessor.pid,
+                    sockets = predecessor.sockets.len(),
+                    "the running agent handed its sockets and intent store over"
+                );
+                launch.predecessor = Some(predecessor);
+            }
+            Ok(None) => tracing::info!(path = %path.display(), "no running agent to take over from: starting"),
+            Err(e) => {
+                tracing::error!(error = %e, "taking over from the running agent failed");
+                eprintln!("dpu-agent: taking over from the running agent: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("dpu-agent").build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -164,7 +192,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dpu_agent::agent::run(config, log, started_at)) {
+    match runtime.block_on(dpu_agent::agent::run(config, log, started_at, launch)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "agent failed");

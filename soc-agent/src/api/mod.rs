@@ -76,6 +76,8 @@ pub fn intent_status(e: dpu_intent::Error) -> Status {
         E::AlreadyExists { .. } => Status::already_exists(message),
         E::InvalidId { .. } | E::InvalidPageToken { .. } => Status::invalid_argument(message),
         E::Conflict { .. } => Status::aborted(message),
+        // An upgrade in progress: the new process takes writes in a moment.
+        E::Released { .. } => Status::unavailable(message),
         _ => {
             tracing::error!(error = %message, "intent store failure");
             Status::unavailable(message)

@@ -92,16 +92,14 @@ const FOUND_RANKS: u64 = 1 << 40;
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 impl ChunkCache {
-    /// Opens (creating) the cache directory and clears unfinished writes. The chunks already there are indexed
+    /// Opens (creating) the cache directory and clears unfinished writes of processes no longer running. The chunks already there are indexed
     /// by a thread of their own (a large cache holds hundreds of thousands of files, and the agent serves
     /// meanwhile): until [`ChunkCache::wait_indexed`] returns, a chunk not indexed yet reads as a miss.
     pub fn open(config: CacheConfig) -> io::Result<Arc<Self>> {
         let tmp = config.dir.join("tmp");
         std::fs::create_dir_all(config.dir.join("chunks"))?;
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
         std::fs::create_dir_all(&tmp)?;
+        clear_unfinished(&tmp)?;
         // Chunks found on disk rank below every use from now on: their ranks are their mtime order, under this.
         let state = State { clock: FOUND_RANKS, ..State::default() };
         let cache = Arc::new(Self {
@@ -373,8 +371,11 @@ impl ChunkCache {
             return Ok(());
         }
         let path = self.path(digest);
+        // Named by process: during an upgrade's overlap the agent taking over clears only what no live process
+        // is writing.
         let tmp = self.config.dir.join("tmp").join(format!(
-            "{}.{}",
+            "{}.{}.{}",
+            std::process::id(),
             digest.hex(),
             self.tmp_seq.fetch_add(1, Ordering::Relaxed)
         ));
@@ -451,6 +452,27 @@ impl ChunkCache {
     }
 }
 
+/// Removes the chunk writes a crash interrupted from `tmp`: every file not named after a live process
+/// (`<pid>.<digest>.<seq>`; another agent process may be writing its own during an upgrade).
+fn clear_unfinished(tmp: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(tmp)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let writer = name.to_str().and_then(|n| n.split('.').next()).and_then(|pid| pid.parse::<u32>().ok());
+        let live = writer.is_some_and(|pid| pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists());
+        if !live {
+            let path = entry.path();
+            let removed =
+                if entry.file_type()?.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            match removed {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,10 +496,13 @@ mod tests {
         assert_eq!(cache.used_bytes(), 8192);
         // A write interrupted before its rename is discarded at start.
         std::fs::write(dir.path().join("tmp").join("partial"), b"torn").unwrap();
+        // ... but not a write of another live process (the agent being replaced at an upgrade).
+        std::fs::write(dir.path().join("tmp").join("1.ab.0"), b"busy").unwrap();
         drop(cache);
         let cache = ChunkCache::open(CacheConfig::new(dir.path(), 1 << 20)).unwrap();
         cache.wait_indexed();
         assert!(!dir.path().join("tmp").join("partial").exists());
+        assert!(dir.path().join("tmp").join("1.ab.0").exists());
         assert_eq!(cache.len(), 1);
         assert!(cache.read_at(&d, 0, &mut buf).unwrap());
         assert_eq!(buf, data[..100]);

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use controller::Controller;
@@ -31,9 +32,21 @@ pub struct Target {
 struct Inner {
     registry: Registry,
     stats: StatsSource,
-    listeners: Mutex<BTreeMap<SocketAddr, JoinHandle<()>>>,
+    listeners: Mutex<BTreeMap<SocketAddr, Listening>>,
     controllers: Mutex<HashMap<u16, Weak<Controller>>>,
     discovery_generation: AtomicU64,
+    /// `true` once the target hands its hosts over to another process: connections finish what they run, then
+    /// close.
+    closing: watch::Sender<bool>,
+    /// Open connections.
+    connections: watch::Sender<usize>,
+}
+
+/// A listener's accept loop and its listing for a hand-over.
+#[derive(Debug)]
+struct Listening {
+    task: JoinHandle<()>,
+    _registration: Option<dpu_intent::listen::Registration>,
 }
 
 impl Default for Target {
@@ -51,6 +64,8 @@ impl Target {
                 listeners: Mutex::new(BTreeMap::new()),
                 controllers: Mutex::new(HashMap::new()),
                 discovery_generation: AtomicU64::new(1),
+                closing: watch::Sender::new(false),
+                connections: watch::Sender::new(0),
             }),
         }
     }
@@ -103,10 +118,10 @@ impl Target {
         let mut failed = BTreeMap::new();
         let missing: Vec<SocketAddr> = {
             let mut bound = self.inner.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            bound.retain(|addr, task| {
-                let keep = wanted.contains(addr) && !task.is_finished();
+            bound.retain(|addr, listening| {
+                let keep = wanted.contains(addr) && !listening.task.is_finished();
                 if !keep {
-                    task.abort();
+                    listening.task.abort();
                     changes += 1;
                     tracing::info!(%addr, "NVMe/TCP listener closed");
                 }
@@ -115,19 +130,68 @@ impl Target {
             wanted.iter().filter(|a| !bound.contains_key(a)).copied().collect()
         };
         for addr in missing {
-            match TcpListener::bind(addr).await {
+            // The socket the previous agent process listened on, if this is an upgrade: hosts reconnecting
+            // meanwhile wait in its accept queue.
+            let inherited = dpu_intent::listen::take(addr)
+                .map(|l| l.set_nonblocking(true).and_then(|()| TcpListener::from_std(l)).map_err(|e| (true, e)));
+            let bound = match inherited {
+                Some(result) => result,
+                None => TcpListener::bind(addr).await.map_err(|e| (false, e)),
+            };
+            match bound {
                 Ok(listener) => {
                     tracing::info!(%addr, "NVMe/TCP listener open");
+                    let registration = dpu_intent::listen::register(&listener)
+                        .inspect_err(|e| tracing::warn!(%addr, error = %e, "listener not listed for a hand-over"))
+                        .ok();
                     let task = tokio::spawn(self.clone().accept(listener, addr));
-                    self.inner.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(addr, task);
+                    let listening = Listening { task, _registration: registration };
+                    self.inner
+                        .listeners
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(addr, listening);
                     changes += 1;
                 }
-                Err(e) => {
+                Err((true, e)) => {
+                    failed.insert(addr, format!("the socket inherited from the previous agent process: {e}"));
+                }
+                Err((false, e)) => {
                     failed.insert(addr, e.to_string());
                 }
             }
         }
         (changes, failed)
+    }
+
+    /// Hands the hosts over to the agent process taking over: closes every listener (the other process holds the
+    /// same sockets), then lets each connection finish the commands it is running, send their completions and
+    /// close, without reading more. Commands a host sent but that were not started are retried by the host on
+    /// its reconnection to the other process (Linux: after `reconnect_delay`). Returns once every connection is
+    /// closed, or after `deadline` with the number still open.
+    pub async fn hand_over(&self, deadline: std::time::Duration) -> usize {
+        {
+            let mut bound = self.inner.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (addr, listening) in std::mem::take(&mut *bound) {
+                listening.task.abort();
+                tracing::info!(%addr, "NVMe/TCP listener handed over");
+            }
+        }
+        self.inner.closing.send_replace(true);
+        let mut open = self.inner.connections.subscribe();
+        let closed = tokio::time::timeout(deadline, open.wait_for(|n| *n == 0)).await.is_ok();
+        let left = *open.borrow();
+        if closed {
+            tracing::info!("NVMe/TCP connections closed for the hand-over");
+        } else {
+            tracing::warn!(open = left, "NVMe/TCP connections still open at the hand-over deadline");
+        }
+        left
+    }
+
+    /// A receiver that turns `true` when the target hands its hosts over.
+    pub(crate) fn closing(&self) -> watch::Receiver<bool> {
+        self.inner.closing.subscribe()
     }
 
     async fn accept(self, listener: TcpListener, addr: SocketAddr) {
@@ -136,7 +200,12 @@ impl Target {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let local = stream.local_addr().unwrap_or(addr);
-                    tokio::spawn(connection::serve(stream, self.clone(), local, peer));
+                    let target = self.clone();
+                    target.inner.connections.send_modify(|n| *n += 1);
+                    tokio::spawn(async move {
+                        connection::serve(stream, target.clone(), local, peer).await;
+                        target.inner.connections.send_modify(|n| *n = n.saturating_sub(1));
+                    });
                 }
                 Err(e) => tracing::warn!(%addr, error = %e, "NVMe/TCP accept failed"),
             }
