@@ -8,6 +8,7 @@ mod crypto;
 mod fabric;
 mod image;
 mod mesh;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,12 +78,15 @@ enum Command {
     /// Crypto: the capability registry (hardware offloads) and keys (write-only).
     #[command(subcommand)]
     Crypto(crypto::CryptoCommand),
+    /// Follow every change of intent and status as it happens (a line per event) until interrupted; reconnects
+    /// and resumes where it stopped when the agent restarts or is upgraded.
+    Watch(watch::WatchArgs),
 }
 
 impl Command {
     /// Whether the command streams for as long as the agent works, which may be minutes.
     fn is_streaming(&self) -> bool {
-        matches!(self, Command::Image(command) if command.is_streaming())
+        matches!(self, Command::Watch(_)) || matches!(self, Command::Image(command) if command.is_streaming())
     }
 }
 
@@ -642,6 +646,11 @@ async fn execute(cli: &Cli) -> anyhow::Result<Value> {
         Command::Fabric(command) => fabric::fabric(channel, command).await?,
         Command::Image(command) => image::image(channel, command).await?,
         Command::Crypto(command) => crypto::crypto(channel, command).await?,
+        Command::Watch(args) => {
+            let reconnect = || connect(cli);
+            watch::watch(channel, reconnect, args, cli.json).await?;
+            Value::Null
+        }
         Command::Settings(SettingsCommand::Get) => settings_json(
             agent.get_agent_settings(pb::GetAgentSettingsRequest { name: "settings".into() }).await?.into_inner(),
         ),
@@ -683,6 +692,8 @@ fn main() -> ExitCode {
     match runtime.block_on(execute(&cli)) {
         Ok(value) => {
             let text = match &cli.command {
+                // Printed as it streamed.
+                Command::Watch(_) => String::new(),
                 _ if cli.json => serde_json::to_string_pretty(&value).unwrap_or_default() + "\n",
                 Command::Image(command) => image::text(command, &value),
                 _ => table(&value),

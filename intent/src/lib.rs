@@ -24,6 +24,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod events;
 pub mod listen;
 mod log;
 pub mod reconcile;

@@ -113,12 +113,18 @@ struct Subsystem {
 #[derive(Debug, Clone, Default)]
 pub struct StatusBoard {
     inner: Arc<RwLock<HashMap<&'static str, Subsystem>>>,
+    events: Option<crate::events::Events>,
 }
 
 impl StatusBoard {
     /// An empty board.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty board that publishes every change of an object's status to `events`.
+    pub fn with_events(events: crate::events::Events) -> Self {
+        Self { events: Some(events), ..Self::default() }
     }
 
     /// Status of one object as last reported by `subsystem`.
@@ -148,7 +154,13 @@ impl StatusBoard {
         self.inner.read().unwrap_or_else(PoisonError::into_inner).get(subsystem).map(f)
     }
 
-    fn record(&self, subsystem: &'static str, duration: Duration, result: &Result<Pass, ReconcileError>) {
+    fn record(
+        &self,
+        subsystem: &'static str,
+        duration: Duration,
+        result: &Result<Pass, ReconcileError>,
+        revision: u64,
+    ) {
         let mut map = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         let s = map.entry(subsystem).or_default();
         s.counters.passes += 1;
@@ -157,6 +169,21 @@ impl StatusBoard {
             Ok(pass) => {
                 s.counters.changes += pass.changes as u64;
                 s.counters.last_error = None;
+                if let Some(events) = &self.events {
+                    for (key, status) in &pass.statuses {
+                        if s.objects.get(key) != Some(status) {
+                            let generation = status.observed_generation;
+                            let change = crate::events::Change::Status;
+                            events.publish(
+                                change,
+                                key.clone(),
+                                generation,
+                                revision,
+                                Some((subsystem, status.clone())),
+                            );
+                        }
+                    }
+                }
                 s.objects = pass.statuses.iter().cloned().collect();
             }
             Err(e) => {
@@ -252,7 +279,7 @@ impl<R: Reconciler> Controller<R> {
                 let started = Instant::now();
                 let result = self.reconciler.reconcile(&self.store).await;
                 let duration = started.elapsed();
-                self.board.record(name, duration, &result);
+                self.board.record(name, duration, &result, self.store.revision());
                 let wait = match &result {
                     Ok(pass) => {
                         failures = 0;
@@ -456,19 +483,28 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failed_pass_keeps_previous_statuses() {
-        let board = StatusBoard::new();
+        let events = crate::events::Events::new(16, 0);
+        let mut watcher = events.watch(None, 0);
+        let board = StatusBoard::with_events(events);
         let key = ObjectKey { kind: "volumes".into(), id: "v1".into() };
         let ready = ObjectStatus { state: ObjectState::Ready, reason: String::new(), observed_generation: 1 };
-        board.record(
-            "x",
-            Duration::from_millis(5),
-            &Ok(Pass { changes: 1, statuses: vec![(key.clone(), ready.clone())] }),
-        );
-        board.record("x", Duration::from_millis(7), &Err(ReconcileError::Failed("device gone".into())));
-        assert_eq!(board.get("x", &key), Some(ready));
+        let pass = || Ok(Pass { changes: 1, statuses: vec![(key.clone(), ready.clone())] });
+        board.record("x", Duration::from_millis(5), &pass(), 3);
+        board.record("x", Duration::from_millis(7), &Err(ReconcileError::Failed("device gone".into())), 3);
+        assert_eq!(board.get("x", &key), Some(ready.clone()));
         let c = board.counters("x");
         assert_eq!((c.passes, c.errors, c.last_pass_duration), (2, 1, Duration::from_millis(7)));
         assert_eq!(c.last_error.as_deref(), Some("device gone"));
         assert_eq!(board.counters("unknown"), PassCounters::default());
+        // The same status again is no change: one status event in all.
+        board.record("x", Duration::from_millis(5), &pass(), 3);
+        match watcher.next().await {
+            crate::events::Item::Event(e) => {
+                assert_eq!((e.change, e.status.as_ref(), e.revision), (crate::events::Change::Status, Some(&ready), 3));
+            }
+            other => panic!("{other:?}"),
+        }
+        let pending = tokio::time::timeout(Duration::from_millis(10), watcher.next()).await;
+        assert!(pending.is_err(), "no second event: {pending:?}");
     }
 }

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::watch;
 
+use crate::events::Change as Feed;
 use crate::log::{self, Op, Record};
+use crate::reconcile::ObjectKey;
 use crate::{Created, Error, Meta, Page, Resource, Stored, validate_id};
 
 const LOG_FILE: &str = "intent.log";
@@ -45,6 +47,8 @@ struct Inner {
     store_id: u64,
     state: Mutex<State>,
     revision: watch::Sender<u64>,
+    /// The change feed every commit is published to, once attached.
+    events: std::sync::OnceLock<crate::events::Events>,
 }
 
 #[derive(Default)]
@@ -127,7 +131,14 @@ impl Store {
         let (mut st, store_id, rewrite) = load(&dir, &log_path)?;
         st.lock = Some(lock);
         let revision = watch::Sender::new(st.revision);
-        let inner = Inner { dir, log_path, store_id, state: Mutex::new(State::default()), revision };
+        let inner = Inner {
+            dir,
+            log_path,
+            store_id,
+            state: Mutex::new(State::default()),
+            revision,
+            events: std::sync::OnceLock::new(),
+        };
         st.file = Some(if rewrite { inner.rewrite(&mut st)? } else { inner.open_append()? });
         *inner.lock() = st;
         Ok(Self { inner: Arc::new(inner) })
@@ -174,6 +185,11 @@ impl Store {
         }
         tracing::info!(revision = st.revision, changed, "intent store reacquired");
         Ok(())
+    }
+
+    /// Publishes every commit from now on to `events` (created / updated / deleted per object). Once.
+    pub fn attach_events(&self, events: crate::events::Events) {
+        let _ = self.inner.events.set(events);
     }
 
     /// The data directory.
@@ -382,7 +398,29 @@ impl Inner {
         file.write_all(&bytes).and_then(|()| file.sync_data()).map_err(io_err(&self.log_path))?;
         st.file = Some(file);
         st.log_len += bytes.len() as u64;
+        let published: Vec<_> = match self.events.get() {
+            Some(_) => record
+                .ops
+                .iter()
+                .map(|op| match op {
+                    Op::Put { kind, id, meta, .. } => {
+                        let change = if meta.generation == 1 { Feed::Created } else { Feed::Updated };
+                        (change, kind.clone(), id.clone(), meta.generation)
+                    }
+                    Op::Delete { kind, id } => {
+                        let last = st.get(kind, id).map_or(0, |e| e.meta.generation);
+                        (Feed::Deleted, kind.clone(), id.clone(), last)
+                    }
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         st.apply(record);
+        if let Some(events) = self.events.get() {
+            for (change, kind, id, generation) in published {
+                events.publish(change, ObjectKey { kind, id }, generation, rev, None);
+            }
+        }
         self.revision.send_replace(rev);
         if st.log_len > COMPACT_MIN_BYTES && st.log_len > COMPACT_RATIO * st.live_len {
             st.file = None;
@@ -765,6 +803,35 @@ mod tests {
         Store::open(dir.path()).expect("free again");
     }
 
+    #[tokio::test]
+    async fn commits_are_published_to_the_change_feed() {
+        use crate::events::{Change as Feed, Events, Item};
+        let (_dir, s) = open();
+        s.create("early", vol(1)).expect("before the feed");
+        let events = Events::new(16, s.revision());
+        s.attach_events(events.clone());
+        let mut watcher = events.watch(None, s.revision());
+        s.create("a", vol(1)).expect("create");
+        s.create("a", vol(1)).expect("an identical create writes nothing");
+        s.update("a", vol(2), None).expect("update");
+        s.delete::<Vol>("a", false).expect("delete");
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            match watcher.next().await {
+                Item::Event(e) => seen.push((e.change, e.key.to_string(), e.generation, e.revision)),
+                Item::Relist { reason, .. } => panic!("{reason}"),
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (Feed::Created, "volumes/a".to_string(), 1, 2),
+                (Feed::Updated, "volumes/a".to_string(), 2, 3),
+                (Feed::Deleted, "volumes/a".to_string(), 2, 4),
+            ]
+        );
+    }
+
     #[test]
     fn release_hands_the_directory_over_and_reacquire_takes_it_back() {
         let (dir, s) = open();
@@ -777,7 +844,7 @@ mod tests {
         next.create("c", vol(3)).expect("the next process writes");
         assert!(matches!(s.reacquire(), Err(Error::Locked { .. })), "still held by the next process");
         drop(next);
-        let mut revisions = s.subscribe();
+        let revisions = s.subscribe();
         s.reacquire().expect("reacquire");
         assert!(revisions.has_changed().expect("sender alive"), "subscribers learn of the other process's write");
         assert_eq!(s.get::<Vol>("c").expect("its write is replayed").spec, vol(3));

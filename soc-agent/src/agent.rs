@@ -30,6 +30,9 @@ use crate::logging::LogControl;
 use crate::metrics::Metrics;
 use crate::settings::SettingsReconciler;
 
+/// Events of the change feed kept for watchers that reconnect (at ~300 bytes each, ~20 MiB at most).
+const WATCH_EVENTS_KEPT: usize = 65_536;
+
 /// How this process came to run, for upgrades.
 #[derive(Debug, Default)]
 pub struct Launch {
@@ -77,7 +80,10 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let drift = Duration::from_secs(config.reconcile.drift_seconds);
 
-    let status_board = StatusBoard::new();
+    // One feed of intent and status changes for WatchEvents.
+    let events = dpu_intent::events::Events::new(WATCH_EVENTS_KEPT, store.revision());
+    store.attach_events(events.clone());
+    let status_board = StatusBoard::with_events(events.clone());
     let controller_config = ControllerConfig { resync_interval: drift, ..ControllerConfig::default() };
     let mut reconcilers = vec![
         Controller::new(
@@ -215,7 +221,9 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("building the reflection service")?;
-    let agent_api = AgentApi::new(store.clone(), status_board.clone(), started, started_at);
+    let (stopping_tx, stopping_rx) = watch::channel(false);
+    let agent_api =
+        AgentApi::new(store.clone(), status_board.clone(), events.clone(), stopping_rx.clone(), started, started_at);
     let storage_api = StorageApi::new(store.clone(), status_board.clone(), target.stats().clone());
     let image_api = ImageApi::new(
         store.clone(),
@@ -260,7 +268,6 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
     health_reporter.set_serving::<AgentServiceServer<AgentApi>>().await;
 
     let ready = Arc::new(AtomicBool::new(false));
-    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let admin = if config.admin.enabled {
         let listener = bind(config.admin.listen).await.context("binding the admin listener")?;
         registrations.push(dpu_intent::listen::register(&listener).context("listing the admin socket")?);
@@ -292,7 +299,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
             config_dump: Arc::new(move || dump_proxy.config_dump()),
         };
         tracing::info!(addr = %listener.local_addr()?, "admin listener (metrics, healthz, readyz)");
-        Some(tokio::spawn(crate::admin::serve(listener, state, admin_stop_rx)))
+        Some(tokio::spawn(crate::admin::serve(listener, state, stopping_rx.clone())))
     } else {
         None
     };
@@ -397,7 +404,8 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
     ready.store(false, Ordering::Release);
     health_reporter.set_not_serving::<AgentServiceServer<AgentApi>>().await;
     drop(registrations);
-    let _ = admin_stop_tx.send(true);
+    // The admin listener stops, watch streams end with a bookmark.
+    let _ = stopping_tx.send(true);
     let _ = drain_tx.send(());
     let api = async {
         match tokio::time::timeout(drain, serve).await {

@@ -1,8 +1,11 @@
 //! `dpu.v1.AgentService`: build and platform facts, probed capabilities, and the agent settings resource.
 
+use std::collections::BTreeSet;
+use std::pin::Pin;
 use std::time::{Instant, SystemTime};
 
 use dpu_intent::Store;
+use dpu_intent::events::{Change, Cursor, Events, Item};
 use dpu_intent::reconcile::{ObjectKey, ObjectState, StatusBoard};
 use dpu_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -20,13 +23,29 @@ const SETTINGS_NAME: &str = "settings";
 pub struct AgentApi {
     store: Store,
     status: StatusBoard,
+    events: Events,
+    /// Turns `true` when this process stops serving: watch streams end (after a bookmark) so clients resume on
+    /// the process taking over.
+    stopping: tokio::sync::watch::Receiver<bool>,
     started: SystemTime,
     started_at: Instant,
 }
 
+/// Messages a watch stream may hold for a slow client before it waits (the feed itself never waits).
+const WATCH_BUFFER: usize = 64;
+
+type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
 impl AgentApi {
-    pub fn new(store: Store, status: StatusBoard, started: SystemTime, started_at: Instant) -> Self {
-        Self { store, status, started, started_at }
+    pub fn new(
+        store: Store,
+        status: StatusBoard,
+        events: Events,
+        stopping: tokio::sync::watch::Receiver<bool>,
+        started: SystemTime,
+        started_at: Instant,
+    ) -> Self {
+        Self { store, status, events, stopping, started, started_at }
     }
 
     fn settings_response(&self, stored: Option<dpu_intent::Stored<AgentSettings>>) -> pb::AgentSettings {
@@ -119,8 +138,107 @@ impl TryFrom<pb::AgentSettings> for AgentSettings {
     }
 }
 
+fn watch_message(item: Item, events: &Events) -> pb::WatchEvent {
+    match item {
+        Item::Relist { cursor, reason } => pb::WatchEvent {
+            r#type: pb::WatchEventType::Relist.into(),
+            cursor: cursor.to_string(),
+            reason,
+            ..pb::WatchEvent::default()
+        },
+        Item::Event(e) => {
+            let kind = match e.change {
+                Change::Created => pb::WatchEventType::Created,
+                Change::Updated => pb::WatchEventType::Updated,
+                Change::Deleted => pb::WatchEventType::Deleted,
+                Change::Status => pb::WatchEventType::Status,
+            };
+            let generation = e.generation;
+            pb::WatchEvent {
+                r#type: kind.into(),
+                cursor: events.cursor(&e).to_string(),
+                name: e.key.to_string(),
+                kind: e.key.kind.clone(),
+                id: e.key.id.clone(),
+                generation: super::generation(generation),
+                revision: super::generation(e.revision),
+                status: e.status.clone().map(|s| resource_status(Some(s), generation)),
+                subsystem: e.subsystem.unwrap_or_default().into(),
+                time: Some(prost_types::Timestamp::from(
+                    SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(e.time_ms),
+                )),
+                reason: String::new(),
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentApi {
+    type WatchEventsStream = WatchStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let request = request.into_inner();
+        let from = match request.resume_after.as_str() {
+            "" => None,
+            token => Some(token.parse::<Cursor>().map_err(|e| Status::invalid_argument(format!("resume_after: {e}")))?),
+        };
+        let kinds: BTreeSet<String> = request.kinds.into_iter().collect();
+        let revision = self.store.revision();
+        let mut watcher = self.events.watch(from, revision);
+        let events = self.events.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let opened = pb::WatchEvent {
+            r#type: pb::WatchEventType::Opened.into(),
+            cursor: watcher.cursor(revision).to_string(),
+            revision: super::generation(revision),
+            ..pb::WatchEvent::default()
+        };
+        let mut stopping = self.stopping.clone();
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if tx.send(Ok(opened)).await.is_err() {
+                return;
+            }
+            // Events filtered out since the last message sent: a bookmark carries the stream past them at the end.
+            let mut skipped = false;
+            loop {
+                let item = tokio::select! {
+                    item = watcher.next() => item,
+                    () = tx.closed() => return,
+                    () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+                        if skipped {
+                            let bookmark = pb::WatchEvent {
+                                r#type: pb::WatchEventType::Bookmark.into(),
+                                cursor: watcher.cursor(store.revision()).to_string(),
+                                revision: super::generation(store.revision()),
+                                ..pb::WatchEvent::default()
+                            };
+                            let _ = tx.send(Ok(bookmark)).await;
+                        }
+                        let _ = tx.send(Err(Status::unavailable("the agent stops serving here: resume after the last cursor"))).await;
+                        return;
+                    }
+                };
+                if let Item::Event(e) = &item
+                    && !kinds.is_empty()
+                    && !kinds.contains(&e.key.kind)
+                {
+                    skipped = true;
+                    continue;
+                }
+                skipped = false;
+                if tx.send(Ok(watch_message(item, &events))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     async fn get_agent_info(&self, _: Request<pb::GetAgentInfoRequest>) -> Result<Response<pb::AgentInfo>, Status> {
         let (capabilities, board) = tokio::task::spawn_blocking(|| (capabilities::probe_all(), platform::board()))
             .await
