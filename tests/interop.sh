@@ -45,6 +45,15 @@ curl -fsS "http://127.0.0.1:$admin_port/metrics" | grep -q '^dpu_api_requests_to
 curl -fsS "http://127.0.0.1:$admin_port/readyz" | grep -qx ready
 echo "metrics and readiness served"
 
+echo "== WatchEvents (grpcio): resume after a dropped stream and across an upgrade (SIGHUP)"
+start_agent watch --data-dir "$work/watch"
+watch_pid=${pids[-1]}
+"$py" "$repo/tests/interop/watch_client.py" --addr "127.0.0.1:$port" --upgrade-pid "$watch_pid"
+# The process that took over is a child of the one started here, not in pids: stop whoever serves the port.
+for pid in $(ss -Htlnp "sport = :$port" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do
+    kill "$pid" 2>/dev/null || true
+done
+
 echo "== mTLS (grpcio): operator, viewer, no certificate"
 "$bin/dpu-agent" certs --out "$work/pki" 2>/dev/null
 cat >"$work/tls.toml" <<TOML
