@@ -1,6 +1,6 @@
 //! `dpuctl`: drive a dpu-agent from the host.
 //!
-//! Exit codes: 0 success, 1 the agent answered with an error or could not be reached, 2 bad arguments.
+//! Exit codes: see [`output::exit`] (0 success, 2 bad arguments, 3–8 by the agent's gRPC status).
 
 #![allow(clippy::print_stdout)] // Printing results is this program's job.
 
@@ -8,6 +8,7 @@ mod crypto;
 mod fabric;
 mod image;
 mod mesh;
+mod output;
 mod watch;
 
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ use serde_json::{Value, json};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 #[derive(Debug, Parser)]
-#[command(name = "dpuctl", version, about = "Control a dpu-agent from the host")]
+#[command(name = "dpuctl", version, about = "Control a dpu-agent from the host", after_help = output::exit::HELP)]
 struct Cli {
     /// Agent address: http://HOST:PORT for loopback plaintext, https://HOST:PORT for mTLS.
     #[arg(long, env = "DPUCTL_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
@@ -43,7 +44,10 @@ struct Cli {
     /// Seconds to wait for the agent.
     #[arg(long, default_value_t = 10, global = true)]
     timeout: u64,
-    /// Print JSON instead of a table.
+    /// Output format: table (lists with a header; one object as fields), wide (every field), json, yaml.
+    #[arg(long, short = 'o', value_enum, default_value_t = output::Format::Table, global = true)]
+    output: output::Format,
+    /// Same as `-o json`.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -78,6 +82,12 @@ enum Command {
     /// Crypto: the capability registry (hardware offloads) and keys (write-only).
     #[command(subcommand)]
     Crypto(crypto::CryptoCommand),
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell), e.g.
+    /// `dpuctl completion bash > /usr/share/bash-completion/completions/dpuctl`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Follow every change of intent and status as it happens (a line per event) until interrupted; reconnects
     /// and resumes where it stopped when the agent restarts or is upgraded.
     Watch(watch::WatchArgs),
@@ -560,10 +570,27 @@ async fn storage(channel: Channel, command: &StorageCommand) -> anyhow::Result<V
             json!({ "volumes": stats.volumes.into_iter().map(|v| json!({
                 "volume": v.volume, "reads": v.reads, "writes": v.writes, "read_bytes": v.read_bytes,
                 "written_bytes": v.written_bytes, "flushes": v.flushes, "discards": v.discards, "errors": v.errors,
+                "latency_p50_us": latency_quantile(&v.latency_us_buckets, 0.5),
+                "latency_p99_us": latency_quantile(&v.latency_us_buckets, 0.99),
                 "latency_us_buckets": v.latency_us_buckets,
             })).collect::<Vec<_>>() })
         }
     })
+}
+
+/// The upper bound in µs of the bucket holding quantile `q` (bucket i: under 2^i µs); `None` without I/O.
+fn latency_quantile(buckets: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = buckets.iter().sum();
+    let rank = (total as f64 * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    (total > 0).then_some(())?;
+    buckets
+        .iter()
+        .position(|&n| {
+            seen += n;
+            seen >= rank
+        })
+        .map(|i| 1u64 << i.min(63))
 }
 
 fn settings_json(s: pb::AgentSettings) -> Value {
@@ -576,45 +603,9 @@ fn settings_json(s: pb::AgentSettings) -> Value {
     })
 }
 
-/// A JSON value as table text: strings without quotes.
-fn plain(value: &Value) -> String {
-    value.as_str().map_or_else(|| value.to_string(), str::to_owned)
-}
-
-/// Renders a JSON object as aligned `key  value` lines; nested arrays of objects become indented rows.
+/// A JSON answer as the default table text.
 fn table(value: &Value) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let Value::Object(map) = value else {
-        return format!("{value}\n");
-    };
-    let width = map.keys().map(String::len).max().unwrap_or(0);
-    for (key, v) in map {
-        match v {
-            Value::Array(rows) if rows.iter().all(Value::is_object) => {
-                _ = writeln!(out, "{key}:");
-                let cell = |row: &Value, k: &str| row.get(k).map_or_else(String::new, plain);
-                for row in rows {
-                    let rest: Vec<String> = row
-                        .as_object()
-                        .into_iter()
-                        .flatten()
-                        .filter(|(k, _)| !matches!(k.as_str(), "name" | "state"))
-                        .map(|(_, c)| plain(c))
-                        .collect();
-                    _ = writeln!(out, "  {:<12} {:<12} {}", cell(row, "name"), cell(row, "state"), rest.join(" "));
-                }
-            }
-            Value::Object(inner) => {
-                let text: Vec<String> = inner.iter().map(|(k, c)| format!("{k}={}", plain(c))).collect();
-                _ = writeln!(out, "{key:<width$}  {}", text.join(" "));
-            }
-            Value::String(s) => _ = writeln!(out, "{key:<width$}  {s}"),
-            Value::Null => _ = writeln!(out, "{key:<width$}  -"),
-            other => _ = writeln!(out, "{key:<width$}  {other}"),
-        }
-    }
-    out
+    output::render(value, output::Format::Table)
 }
 
 fn parse_labels(labels: &[String]) -> anyhow::Result<std::collections::HashMap<String, String>> {
@@ -646,9 +637,11 @@ async fn execute(cli: &Cli) -> anyhow::Result<Value> {
         Command::Fabric(command) => fabric::fabric(channel, command).await?,
         Command::Image(command) => image::image(channel, command).await?,
         Command::Crypto(command) => crypto::crypto(channel, command).await?,
+        // Printed by main without the agent.
+        Command::Completion { .. } => Value::Null,
         Command::Watch(args) => {
             let reconnect = || connect(cli);
-            watch::watch(channel, reconnect, args, cli.json).await?;
+            watch::watch(channel, reconnect, args, cli.format() == output::Format::Json).await?;
             Value::Null
         }
         Command::Settings(SettingsCommand::Get) => settings_json(
@@ -680,8 +673,19 @@ async fn execute(cli: &Cli) -> anyhow::Result<Value> {
     })
 }
 
+impl Cli {
+    fn format(&self) -> output::Format {
+        if self.json { output::Format::Json } else { self.output }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completion { shell } = &cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(*shell, &mut command, "dpuctl", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -691,12 +695,12 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(execute(&cli)) {
         Ok(value) => {
+            let format = cli.format();
             let text = match &cli.command {
                 // Printed as it streamed.
                 Command::Watch(_) => String::new(),
-                _ if cli.json => serde_json::to_string_pretty(&value).unwrap_or_default() + "\n",
-                Command::Image(command) => image::text(command, &value),
-                _ => table(&value),
+                Command::Image(command) if format == output::Format::Table => image::text(command, &value),
+                _ => output::render(&value, format),
             };
             // A reader that stops early (`| grep -q`, `| head`) is not an error of the command.
             match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
@@ -708,11 +712,21 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            match e.downcast_ref::<tonic::Status>() {
-                Some(status) => eprintln!("dpuctl: {:?}: {}", status.code(), status.message()),
-                None => eprintln!("dpuctl: {e:#}"),
-            }
-            ExitCode::FAILURE
+            let code = match e.downcast_ref::<tonic::Status>() {
+                Some(status) => {
+                    eprintln!("dpuctl: {:?}: {}", status.code(), status.message());
+                    output::exit::of(status.code())
+                }
+                None if e.chain().any(|c| c.downcast_ref::<tonic::transport::Error>().is_some()) => {
+                    eprintln!("dpuctl: cannot reach the agent at {}: {e:#}", cli.addr);
+                    output::exit::UNAVAILABLE
+                }
+                None => {
+                    eprintln!("dpuctl: {e:#}");
+                    output::exit::FAILURE
+                }
+            };
+            ExitCode::from(code)
         }
     }
 }
@@ -721,7 +735,7 @@ fn main() -> ExitCode {
 mod tests {
     use clap::{CommandFactory as _, Parser as _};
 
-    use super::{Cli, Command, StorageCommand, VolumeCommand, parse_size};
+    use super::{Cli, Command, StorageCommand, VolumeCommand, latency_quantile, parse_size};
 
     #[test]
     fn encrypted_volumes_parse_beside_the_global_tls_options() {
@@ -773,6 +787,17 @@ mod tests {
             "/k",
         ]);
         assert!(cli.is_ok(), "{cli:?}");
+    }
+
+    #[test]
+    fn latency_quantiles_come_from_the_buckets() {
+        assert_eq!(latency_quantile(&[0, 0, 0], 0.5), None);
+        // 90 I/Os under 8 µs (bucket 3), 10 under 1024 µs (bucket 10).
+        let mut buckets = vec![0u64; 12];
+        buckets[3] = 90;
+        buckets[10] = 10;
+        assert_eq!(latency_quantile(&buckets, 0.5), Some(8));
+        assert_eq!(latency_quantile(&buckets, 0.99), Some(1024));
     }
 
     #[test]
