@@ -9,6 +9,7 @@ mod fabric;
 mod image;
 mod mesh;
 mod output;
+mod verbs;
 mod watch;
 
 use std::path::PathBuf;
@@ -56,6 +57,66 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Show one object, or every object of KIND: `dpuctl get volumes`, `dpuctl get volume db -o yaml`.
+    #[command(next_help_heading = "Objects", display_order = 1)]
+    Get {
+        /// volume, subsystem, namespace, nvme-listener, image, registry-credential, crypto-key, ipsec-tunnel,
+        /// attachment, service, port, fabric, settings, mesh-workload, mesh-certificate, mesh-cluster,
+        /// mesh-route-table, mesh-listener, mesh-policy (plurals and the API's collection names work too).
+        kind: String,
+        /// ID (namespaces and nvme-listeners: SUBSYSTEM/ID); without it, every object of KIND.
+        name: Option<String>,
+        /// After the objects, follow their changes as they happen.
+        #[arg(long, short = 'w')]
+        watch: bool,
+    },
+    /// Every object of KIND (namespaces and nvme-listeners: those of SUBSYSTEM).
+    #[command(display_order = 2)]
+    List {
+        kind: String,
+        /// The subsystem, for namespaces and nvme-listeners.
+        subsystem: Option<String>,
+        /// After the objects, follow their changes as they happen.
+        #[arg(long, short = 'w')]
+        watch: bool,
+    },
+    /// One object in full: its spec, its status and its recent events.
+    #[command(display_order = 3)]
+    Describe { kind: String, name: String },
+    /// Create an object: KIND, NAME, then the kind's flags (`dpuctl create volume db --malloc --size 1GiB`;
+    /// `dpuctl create volume -- --help` lists them).
+    #[command(display_order = 4)]
+    Create {
+        kind: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "NAME AND FLAGS")]
+        args: Vec<String>,
+    },
+    /// Change an object: KIND, NAME, then the flags to change (`dpuctl update service web --backend …`).
+    #[command(display_order = 5)]
+    Update {
+        kind: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "NAME AND FLAGS")]
+        args: Vec<String>,
+    },
+    /// Delete objects of KIND.
+    #[command(display_order = 6)]
+    Delete {
+        kind: String,
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Succeed when an object does not exist.
+        #[arg(long)]
+        allow_missing: bool,
+    },
+    /// Create or update every mesh object in FILE (JSON, the MeshSpecs shape; see `dpuctl mesh apply`).
+    #[command(display_order = 7)]
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Also delete the mesh objects the file does not name.
+        #[arg(long)]
+        prune: bool,
+    },
     /// Agent build, platform and probed capabilities.
     Info,
     /// gRPC health of the agent (or of one service).
@@ -96,7 +157,35 @@ enum Command {
 impl Command {
     /// Whether the command streams for as long as the agent works, which may be minutes.
     fn is_streaming(&self) -> bool {
-        matches!(self, Command::Watch(_)) || matches!(self, Command::Image(command) if command.is_streaming())
+        matches!(self, Command::Watch(_) | Command::Get { watch: true, .. } | Command::List { watch: true, .. })
+            || matches!(self, Command::Image(command) if command.is_streaming())
+    }
+}
+
+/// A verb of the one grammar as the data path's command, parsed with its own flags; `None` for the other
+/// commands. A wrong flag prints clap's message and exits 2, as for any command.
+fn resolve(command: &Command) -> Result<Option<Command>, String> {
+    use verbs::Verb;
+    let (verb, kind, args): (Verb, &str, Vec<String>) = match command {
+        Command::Get { kind, name: Some(name), .. } => (Verb::Get, kind, vec![name.clone()]),
+        Command::Get { kind, name: None, .. } => {
+            let k = verbs::kind(kind)?;
+            (if k.singleton() { Verb::Get } else { Verb::List }, kind, vec![])
+        }
+        Command::List { kind, subsystem, .. } => (Verb::List, kind, subsystem.iter().cloned().collect()),
+        Command::Describe { kind, name } => (Verb::Get, kind, vec![name.clone()]),
+        Command::Create { kind, args } => (Verb::Create, kind, args.clone()),
+        Command::Update { kind, args } => (Verb::Update, kind, args.clone()),
+        Command::Apply { file, prune } => {
+            return Ok(Some(Command::Mesh(mesh::MeshCommand::Apply { file: file.clone(), prune: *prune })));
+        }
+        _ => return Ok(None),
+    };
+    let words = verbs::command_line(verb, verbs::kind(kind)?, &args)?;
+    let argv = std::iter::once("dpuctl".to_string()).chain(words);
+    match Cli::try_parse_from(argv) {
+        Ok(parsed) => Ok(Some(parsed.command)),
+        Err(e) => e.exit(),
     }
 }
 
@@ -621,8 +710,78 @@ fn parse_labels(labels: &[String]) -> anyhow::Result<std::collections::HashMap<S
 
 async fn execute(cli: &Cli) -> anyhow::Result<Value> {
     let channel = connect(cli).await?;
+    match &cli.command {
+        Command::Delete { kind, names, allow_missing } => {
+            let kind = verbs::kind(kind).map_err(usage)?;
+            let mut deleted = Vec::new();
+            for name in names {
+                let mut args = vec![name.clone()];
+                if *allow_missing {
+                    args.push("--allow-missing".into());
+                }
+                let words = verbs::command_line(verbs::Verb::Delete, kind, &args).map_err(usage)?;
+                let command = match Cli::try_parse_from(std::iter::once("dpuctl".to_string()).chain(words)) {
+                    Ok(parsed) => parsed.command,
+                    Err(e) => e.exit(),
+                };
+                deleted.push(run(cli, channel.clone(), &command).await?);
+            }
+            return Ok(
+                json!({ "deleted": deleted.iter().map(|d| d.get("deleted").cloned().unwrap_or_else(|| d.clone())).collect::<Vec<_>>() }),
+            );
+        }
+        Command::Describe { kind, name } => {
+            let kind = verbs::kind(kind).map_err(usage)?;
+            let command = resolve(&cli.command).map_err(usage)?.context("describe resolves to get")?;
+            let object = run(cli, channel.clone(), &command).await?;
+            let events = watch::history(channel, &verbs::feed_name(kind, name)).await?;
+            return Ok(json!({ "object": object, "events": events }));
+        }
+        _ => {}
+    }
+    let resolved = resolve(&cli.command).map_err(usage)?;
+    let command = resolved.as_ref().unwrap_or(&cli.command);
+    let value = run(cli, channel.clone(), command).await?;
+    if let Command::Get { kind, watch: true, .. } | Command::List { kind, watch: true, .. } = &cli.command {
+        let kind = verbs::kind(kind).map_err(usage)?;
+        print!("{}", render(cli, command, &value));
+        let args = watch::WatchArgs::of_kind(kind.collection);
+        watch::watch(channel, || connect(cli), &args, cli.format() == output::Format::Json).await?;
+        return Ok(Value::Null);
+    }
+    Ok(value)
+}
+
+/// A command line the agent was never asked about: an unknown kind, a verb the kind does not have.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+fn usage(message: String) -> anyhow::Error {
+    anyhow::Error::new(Usage(message))
+}
+
+/// The text of a command's answer in the format asked for.
+fn render(cli: &Cli, command: &Command, value: &Value) -> String {
+    let format = cli.format();
+    match command {
+        Command::Watch(_) => String::new(),
+        Command::Image(command) if format == output::Format::Table => image::text(command, value),
+        _ => output::render(value, format),
+    }
+}
+
+/// Runs one command of a data path (or of the agent) and returns its answer.
+async fn run(cli: &Cli, channel: Channel, command: &Command) -> anyhow::Result<Value> {
     let mut agent = AgentServiceClient::new(channel.clone());
-    Ok(match &cli.command {
+    Ok(match command {
         Command::Info => info_json(agent.get_agent_info(pb::GetAgentInfoRequest {}).await?.into_inner()),
         Command::Health { service } => {
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
@@ -637,8 +796,15 @@ async fn execute(cli: &Cli) -> anyhow::Result<Value> {
         Command::Fabric(command) => fabric::fabric(channel, command).await?,
         Command::Image(command) => image::image(channel, command).await?,
         Command::Crypto(command) => crypto::crypto(channel, command).await?,
-        // Printed by main without the agent.
-        Command::Completion { .. } => Value::Null,
+        // Printed by main without the agent; the verbs of the one grammar are resolved by execute.
+        Command::Completion { .. }
+        | Command::Get { .. }
+        | Command::List { .. }
+        | Command::Describe { .. }
+        | Command::Create { .. }
+        | Command::Update { .. }
+        | Command::Delete { .. }
+        | Command::Apply { .. } => Value::Null,
         Command::Watch(args) => {
             let reconnect = || connect(cli);
             watch::watch(channel, reconnect, args, cli.format() == output::Format::Json).await?;
@@ -679,6 +845,35 @@ impl Cli {
     }
 }
 
+/// `describe` as text: the object's fields, then its recent events as a table.
+fn describe_text(value: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut text = output::render(&value["object"], output::Format::Table);
+    text.push_str("\nevents:\n");
+    let events = value["events"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if events.is_empty() {
+        text.push_str("  none kept since the agent started\n");
+        return text;
+    }
+    let cell = |e: &Value, k: &str| {
+        e.get(k).map_or_else(String::new, |v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+    };
+    let _ = writeln!(text, "  {:<12}  {:<8}  {:>4}  {:<8}  REASON", "TIME", "EVENT", "GEN", "STATE");
+    for e in events {
+        let line = format!(
+            "  {:<12}  {:<8}  {:>4}  {:<8}  {}",
+            cell(e, "time"),
+            cell(e, "event"),
+            cell(e, "generation"),
+            cell(e, "state"),
+            cell(e, "reason")
+        );
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
+    text
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Completion { shell } = &cli.command {
@@ -698,9 +893,14 @@ fn main() -> ExitCode {
             let format = cli.format();
             let text = match &cli.command {
                 // Printed as it streamed.
-                Command::Watch(_) => String::new(),
-                Command::Image(command) if format == output::Format::Table => image::text(command, &value),
-                _ => output::render(&value, format),
+                Command::Watch(_) | Command::Get { watch: true, .. } | Command::List { watch: true, .. } => {
+                    String::new()
+                }
+                Command::Describe { .. } if format == output::Format::Table => describe_text(&value),
+                command => match resolve(command) {
+                    Ok(Some(resolved)) => render(&cli, &resolved, &value),
+                    _ => render(&cli, command, &value),
+                },
             };
             // A reader that stops early (`| grep -q`, `| head`) is not an error of the command.
             match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
@@ -716,6 +916,10 @@ fn main() -> ExitCode {
                 Some(status) => {
                     eprintln!("dpuctl: {:?}: {}", status.code(), status.message());
                     output::exit::of(status.code())
+                }
+                None if e.downcast_ref::<Usage>().is_some() => {
+                    eprintln!("dpuctl: {e}");
+                    output::exit::USAGE
                 }
                 None if e.chain().any(|c| c.downcast_ref::<tonic::transport::Error>().is_some()) => {
                     eprintln!("dpuctl: cannot reach the agent at {}: {e:#}", cli.addr);

@@ -21,6 +21,8 @@ pub enum Format {
 pub mod exit {
     /// The agent answered with an error the codes below do not name, or the output could not be written.
     pub const FAILURE: u8 = 1;
+    /// Bad arguments (clap's own code), an unknown kind, a verb the kind does not have.
+    pub const USAGE: u8 = 2;
     /// NOT_FOUND.
     pub const NOT_FOUND: u8 = 3;
     /// ALREADY_EXISTS, or ABORTED (the object changed since it was read: expected generation).
@@ -68,6 +70,9 @@ pub fn render(value: &Value, format: Format) -> String {
 
 /// The rows of a list answer: an object whose only array holds objects (`{"volumes": [...], ...}`).
 fn list_rows(value: &Value) -> Option<(&str, &[Value])> {
+    if let Value::Array(rows) = value {
+        return rows.iter().all(Value::is_object).then_some(("", rows.as_slice()));
+    }
     let map = value.as_object()?;
     let mut arrays = map.iter().filter(|(_, v)| v.is_array());
     let (key, rows) = arrays.next()?;
@@ -149,6 +154,22 @@ fn list_table(rows: &[Value], wide: bool, colors: Colors) -> String {
     if rows.is_empty() {
         return "No resources.\n".into();
     }
+    // A row's spec (mesh objects) is one level down: its fields are the row's.
+    let lifted: Vec<Value> = rows
+        .iter()
+        .map(|row| match (row.as_object(), row.get("spec").and_then(Value::as_object)) {
+            (Some(map), Some(spec)) => {
+                let mut flat = map.clone();
+                flat.remove("spec");
+                for (k, v) in spec {
+                    flat.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                Value::Object(flat)
+            }
+            _ => row.clone(),
+        })
+        .collect();
+    let rows = lifted.as_slice();
     // The row's name: its resource name, else the object it describes (stats rows).
     let name_key = ["name", "id", "volume", "image", "port", "tunnel", "listener", "cluster"]
         .into_iter()
@@ -190,7 +211,14 @@ fn list_table(rows: &[Value], wide: bool, colors: Colors) -> String {
             if has_state {
                 cells.push(state_of(row));
             }
-            cells.extend(fields.iter().map(|f| row.get(f).map_or_else(|| "-".into(), |v| cell(f, v))));
+            cells.extend(fields.iter().map(|f| match row.get(f) {
+                None => "-".into(),
+                // A list of objects (endpoints, routes, ...) counts in a table; -o wide/yaml/json show them.
+                Some(Value::Array(items)) if !wide && !items.is_empty() && items.iter().all(Value::is_object) => {
+                    items.len().to_string()
+                }
+                Some(v) => cell(f, v),
+            }));
             cells
         })
         .collect();

@@ -21,6 +21,42 @@ pub struct WatchArgs {
     /// Print each event's cursor.
     #[arg(long)]
     cursors: bool,
+    /// Following a list just printed: no OPENED or BOOKMARK lines.
+    #[arg(skip)]
+    changes_only: bool,
+}
+
+impl WatchArgs {
+    /// Every change of objects of `collection`, from now.
+    pub fn of_kind(collection: &str) -> Self {
+        Self { kinds: vec![collection.to_string()], resume_after: None, cursors: false, changes_only: true }
+    }
+}
+
+/// The recent events of the object the feed calls `name` (what the agent still keeps), oldest first, as rows for
+/// a table: time, event, generation, state, reason.
+pub async fn history(channel: Channel, name: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let request = pb::WatchEventsRequest { names: vec![name.to_string()], replay: true, ..Default::default() };
+    let mut stream = AgentServiceClient::new(channel).watch_events(request).await?.into_inner();
+    let mut rows = Vec::new();
+    while let Some(event) = stream.message().await? {
+        match pb::WatchEventType::try_from(event.r#type).unwrap_or(pb::WatchEventType::Unspecified) {
+            // The end of what the agent kept.
+            pb::WatchEventType::Bookmark => break,
+            pb::WatchEventType::Opened => {}
+            _ => {
+                let reason = event.status.as_ref().map_or(event.reason.clone(), |s| s.reason.clone());
+                rows.push(json!({
+                    "time": time(&event),
+                    "event": event_type(&event),
+                    "generation": event.generation,
+                    "state": state(&event),
+                    "reason": reason,
+                }));
+            }
+        }
+    }
+    Ok(rows)
 }
 
 /// Follows the feed until interrupted. A broken stream is opened again after the last cursor seen, every second
@@ -45,7 +81,8 @@ where
                 }
             },
         };
-        let request = pb::WatchEventsRequest { kinds: args.kinds.clone(), resume_after: cursor.clone() };
+        let request =
+            pb::WatchEventsRequest { kinds: args.kinds.clone(), resume_after: cursor.clone(), ..Default::default() };
         let mut stream = match AgentServiceClient::new(ch).watch_events(request).await {
             Ok(response) => response.into_inner(),
             Err(status) if status.code() == tonic::Code::InvalidArgument => {
@@ -70,6 +107,13 @@ where
                 }
             };
             cursor.clone_from(&event.cursor);
+            let bookkeeping = matches!(
+                pb::WatchEventType::try_from(event.r#type),
+                Ok(pb::WatchEventType::Opened | pb::WatchEventType::Bookmark)
+            );
+            if args.changes_only && bookkeeping {
+                continue;
+            }
             let line = if json {
                 serde_json::to_string(&event_json(&event))? + "\n"
             } else {

@@ -171,6 +171,20 @@ impl Events {
         Cursor { epoch: self.epoch, seq: self.lock().next - 1, revision }
     }
 
+    /// A watcher starting with the oldest event kept (the feed's recent history).
+    pub fn replay(&self) -> Watcher {
+        let oldest = {
+            let ring = self.lock();
+            ring.events.front().map_or(ring.next, |e| e.seq)
+        };
+        Watcher { events: self.clone(), position: oldest, relist: None, latest: self.latest.subscribe() }
+    }
+
+    /// The seq the next event will get.
+    pub fn next_seq(&self) -> u64 {
+        self.lock().next
+    }
+
     /// A watcher starting after `from` (`None`: with the next event). Its first item is a [`Item::Relist`] when
     /// `from` cannot be resumed.
     pub fn watch(&self, from: Option<Cursor>, revision_now: u64) -> Watcher {
@@ -210,6 +224,11 @@ pub struct Watcher {
 }
 
 impl Watcher {
+    /// The seq of the event this watcher reads next.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
     /// The cursor just before this watcher's next event (where a client that stops now resumes from).
     pub fn cursor(&self, revision: u64) -> Cursor {
         Cursor { epoch: self.events.epoch, seq: self.position - 1, revision }

@@ -187,8 +187,13 @@ impl pb::agent_service_server::AgentService for AgentApi {
             token => Some(token.parse::<Cursor>().map_err(|e| Status::invalid_argument(format!("resume_after: {e}")))?),
         };
         let kinds: BTreeSet<String> = request.kinds.into_iter().collect();
+        let names: BTreeSet<String> = request.names.into_iter().collect();
         let revision = self.store.revision();
-        let mut watcher = self.events.watch(from, revision);
+        // With replay, the history ends before the event that comes next now: a bookmark marks it.
+        let (mut watcher, mut history_end) = match (&from, request.replay) {
+            (None, true) => (self.events.replay(), Some(self.events.next_seq())),
+            _ => (self.events.watch(from, revision), None),
+        };
         let events = self.events.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         let opened = pb::WatchEvent {
@@ -199,6 +204,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
         };
         let mut stopping = self.stopping.clone();
         let store = self.store.clone();
+        let bookmark = move |watcher: &dpu_intent::events::Watcher| pb::WatchEvent {
+            r#type: pb::WatchEventType::Bookmark.into(),
+            cursor: watcher.cursor(store.revision()).to_string(),
+            revision: super::generation(store.revision()),
+            ..pb::WatchEvent::default()
+        };
         tokio::spawn(async move {
             if tx.send(Ok(opened)).await.is_err() {
                 return;
@@ -206,26 +217,27 @@ impl pb::agent_service_server::AgentService for AgentApi {
             // Events filtered out since the last message sent: a bookmark carries the stream past them at the end.
             let mut skipped = false;
             loop {
+                if history_end.is_some_and(|end| watcher.position() >= end) {
+                    history_end = None;
+                    skipped = false;
+                    if tx.send(Ok(bookmark(&watcher))).await.is_err() {
+                        return;
+                    }
+                }
                 let item = tokio::select! {
                     item = watcher.next() => item,
                     () = tx.closed() => return,
                     () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
                         if skipped {
-                            let bookmark = pb::WatchEvent {
-                                r#type: pb::WatchEventType::Bookmark.into(),
-                                cursor: watcher.cursor(store.revision()).to_string(),
-                                revision: super::generation(store.revision()),
-                                ..pb::WatchEvent::default()
-                            };
-                            let _ = tx.send(Ok(bookmark)).await;
+                            let _ = tx.send(Ok(bookmark(&watcher))).await;
                         }
                         let _ = tx.send(Err(Status::unavailable("the agent stops serving here: resume after the last cursor"))).await;
                         return;
                     }
                 };
                 if let Item::Event(e) = &item
-                    && !kinds.is_empty()
-                    && !kinds.contains(&e.key.kind)
+                    && ((!kinds.is_empty() && !kinds.contains(&e.key.kind))
+                        || (!names.is_empty() && !names.contains(&e.key.to_string())))
                 {
                     skipped = true;
                     continue;
