@@ -33,6 +33,9 @@ use crate::settings::SettingsReconciler;
 /// Events of the change feed kept for watchers that reconnect (at ~300 bytes each, ~20 MiB at most).
 const WATCH_EVENTS_KEPT: usize = 65_536;
 
+/// Time for the API's connections to send GOAWAY once the server stops, before the watch streams end.
+const GOAWAY_GRACE: Duration = Duration::from_millis(100);
+
 /// How this process came to run, for upgrades.
 #[derive(Debug, Default)]
 pub struct Launch {
@@ -404,9 +407,12 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
     ready.store(false, Ordering::Release);
     health_reporter.set_not_serving::<AgentServiceServer<AgentApi>>().await;
     drop(registrations);
-    // The admin listener stops, watch streams end with a bookmark.
-    let _ = stopping_tx.send(true);
+    // The API stops taking connections and tells its clients (GOAWAY) before the watch streams end with a
+    // bookmark: a client that resumes at once then opens a new connection, which the new process accepts, instead
+    // of a new stream on this one. The admin listener stops with the streams.
     let _ = drain_tx.send(());
+    tokio::time::sleep(GOAWAY_GRACE).await;
+    let _ = stopping_tx.send(true);
     let api = async {
         match tokio::time::timeout(drain, serve).await {
             Ok(Ok(Ok(()))) => {}

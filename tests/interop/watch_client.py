@@ -65,6 +65,15 @@ class Api:
         return self.types.values_by_number[event.type].name.replace("WATCH_EVENT_TYPE_", "")
 
 
+class Interrupted(AssertionError):
+    """A stream that ended before what was awaited: its status code and the events it delivered."""
+
+    def __init__(self, item, seen, message):
+        super().__init__(message)
+        self.code = item.code() if isinstance(item, grpc.RpcError) else None
+        self.seen = seen
+
+
 class Stream:
     def __init__(self, api, resume_after):
         _, request, response = api.method(AGENT, "WatchEvents")
@@ -97,7 +106,7 @@ class Stream:
         while True:
             item = self.next(timeout=max(0.1, deadline - time.monotonic()))
             if item is None or isinstance(item, grpc.RpcError):
-                raise AssertionError(f"stream ended ({item}) before {what}; saw {describe(self.api, seen)}")
+                raise Interrupted(item, seen, f"stream ended ({item}) before {what}; saw {describe(self.api, seen)}")
             seen.append(item)
             if predicate(item):
                 return seen
@@ -158,18 +167,33 @@ def main():
             tail.append(item)
             cursor = item.cursor
         check(all(api.type_name(e) in ("BOOKMARK", "STATUS") for e in tail), f"after SIGHUP: {describe(api, tail)}")
-        # Reconnect to whichever process serves now, with the last cursor.
-        for _ in range(100):
+        # Reconnect to whichever process serves now, with the last cursor, as an informer does: a stream refused or
+        # ended with UNAVAILABLE (the old process still draining) is resumed after the last cursor seen.
+        seen, created, deadline = [], False, time.monotonic() + 60
+        while True:
+            check(time.monotonic() < deadline, f"no stream from the new process; saw {describe(api, seen)}")
+            after = api.watch(cursor)
             try:
-                after = api.watch(cursor)
                 first = after.next()
-                break
-            except (AssertionError, queue.Empty):
+            except queue.Empty:
+                continue
+            if isinstance(first, grpc.RpcError) and first.code() == grpc.StatusCode.UNAVAILABLE:
                 time.sleep(0.1)
-        check(first is not None and not isinstance(first, grpc.RpcError), f"reconnecting: {first}")
-        check(api.type_name(first) == "OPENED", f"reconnected stream starts with {api.type_name(first)}")
-        api.create_volume("wd")
-        seen = after.until(is_(api, "CREATED", "volumes/wd"), "CREATED volumes/wd on the new process")
+                continue
+            check(first is not None and not isinstance(first, grpc.RpcError), f"reconnecting: {first}")
+            check(api.type_name(first) == "OPENED", f"reconnected stream starts with {api.type_name(first)}")
+            if not created:
+                api.create_volume("wd")
+                created = True
+            try:
+                part = after.until(is_(api, "CREATED", "volumes/wd"), "CREATED volumes/wd on the new process")
+                seen.extend(part)
+                break
+            except Interrupted as stop:
+                seen.extend(stop.seen)
+                cursor = stop.seen[-1].cursor if stop.seen else cursor
+                check(stop.code == grpc.StatusCode.UNAVAILABLE, f"stream ended with {stop}")
+                print(f"watch: resuming again after {stop.code.name}")
         kinds = {api.type_name(e) for e in seen}
         check("RELIST" not in kinds, f"told to relist across the upgrade: {describe(api, seen)}")
         check(not [e for e in seen if api.type_name(e) in ("CREATED", "DELETED") and e.name != "volumes/wd"],

@@ -173,6 +173,9 @@ fn watch_message(item: Item, events: &Events) -> pb::WatchEvent {
     }
 }
 
+/// Why a watch ends, or is refused, while this process stops serving: the client resumes on a new connection.
+const STOPS_SERVING: &str = "the agent stops serving here: resume after the last cursor";
+
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentApi {
     type WatchEventsStream = WatchStream;
@@ -181,6 +184,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        if *self.stopping.borrow() {
+            return Err(Status::unavailable(STOPS_SERVING));
+        }
         let request = request.into_inner();
         let from = match request.resume_after.as_str() {
             "" => None,
@@ -231,7 +237,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                         if skipped {
                             let _ = tx.send(Ok(bookmark(&watcher))).await;
                         }
-                        let _ = tx.send(Err(Status::unavailable("the agent stops serving here: resume after the last cursor"))).await;
+                        let _ = tx.send(Err(Status::unavailable(STOPS_SERVING))).await;
                         return;
                     }
                 };
