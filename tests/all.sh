@@ -4,11 +4,13 @@
 #   2. host unit and system tests
 #   3. aarch64 unit tests under qemu-aarch64 (io_uring is ENOSYS there; the code must cope)
 #   4. the static aarch64 release build (the DPU binary) and the host release build
-#   5. independent peers against the agent: Python grpcio + reflection, openssl, curl
-#   6. every fuzz target for a few seconds (cargo-fuzz, nightly)
-#   7. QEMU guests: boot smoke tests, the arm64 agent test, the Linux NVMe/TCP initiator against the target,
+#   5. the Debian packages (arm64 for the DPU, amd64): contents, lintian, systemd-analyze verify of the unit,
+#      dpkg install, upgrade and purge in a throwaway root
+#   6. independent peers against the agent: Python grpcio + reflection, openssl, curl
+#   7. every fuzz target for a few seconds (cargo-fuzz, nightly)
+#   8. QEMU guests: boot smoke tests, the arm64 agent test, the Linux NVMe/TCP initiator against the target,
 #      the fabric, lazily loaded images mounted by the guest kernel (images/test-image.sh builds the image once)
-# Set DPU_SKIP_GUEST=1 to skip step 6 on a machine without QEMU time to spare.
+# Set DPU_SKIP_GUEST=1 to skip step 8 on a machine without QEMU time to spare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DPU_CACHE=${DPU_CACHE:-$HOME/.cache/dpu-agent}
@@ -20,8 +22,9 @@ step() { printf '\n=== %s (%ss)\n' "$*" "$SECONDS"; }
 
 step "dependencies"
 need=()
-# erofs-utils, docker-registry, skopeo and umoci: the lazy image tests (a real registry and real OCI tools).
-for pkg in build-essential pkg-config curl openssl python3-venv python3-cryptography file erofs-utils docker-registry skopeo umoci; do
+# erofs-utils, docker-registry, skopeo and umoci: the lazy image tests (a real registry and real OCI tools);
+# lintian and man-db: the package checks.
+for pkg in build-essential pkg-config curl openssl python3-venv python3-cryptography file erofs-utils docker-registry skopeo umoci lintian man-db; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -61,6 +64,13 @@ echo "static aarch64 dpu-agent: $size bytes"
 
 step "host release build"
 cargo build --locked --release --bin dpu-agent --bin dpuctl --bin dpu-snapshotter
+
+step "packages: arm64 and amd64 .deb"
+for arch in arm64 amd64; do
+    # From the two builds above, never another.
+    deb=$(DPU_DEB_NO_BUILD=1 cross/deb.sh "$arch")
+    cross/check-deb.sh "$deb"
+done
 
 step "interop: grpcio, openssl, curl"
 DPU_PROFILE=release tests/interop.sh
