@@ -908,6 +908,7 @@ mod tests {
                 state: pb::ResourceState::Ready.into(),
                 reason: String::new(),
                 observed_generation: 1,
+                ..pb::ResourceStatus::default()
             }),
             image_status: Some(pb::ImageStatus {
                 manifest_digest: "sha256:feedface".into(),
@@ -963,6 +964,7 @@ mod tests {
                 state: pb::ResourceState::Pending.into(),
                 reason: "registry unavailable".into(),
                 observed_generation: 1,
+                ..pb::ResourceStatus::default()
             }),
             image_status: Some(pb::ImageStatus::default()),
             ..sample_image()
@@ -1085,7 +1087,12 @@ mod tests {
     #[test]
     fn waiting_reads_the_state() {
         let with = |state: pb::ResourceState, reason: &str| pb::Image {
-            status: Some(pb::ResourceStatus { state: state.into(), reason: reason.into(), observed_generation: 1 }),
+            status: Some(pb::ResourceStatus {
+                state: state.into(),
+                reason: reason.into(),
+                observed_generation: 1,
+                ..pb::ResourceStatus::default()
+            }),
             ..sample_image()
         };
         assert_eq!(readiness(&with(pb::ResourceState::Ready, "")), Readiness::Ready);

@@ -427,7 +427,13 @@ fn resource_state(status: Option<&pb::ResourceStatus>) -> Value {
         Ok(pb::ResourceState::Error) => "error",
         _ => "unknown",
     };
-    json!({ "state": state, "reason": status.reason, "observed_generation": status.observed_generation })
+    let mut out = json!({ "state": state, "reason": status.reason, "observed_generation": status.observed_generation });
+    for (key, time) in [("create_time", status.create_time), ("update_time", status.update_time)] {
+        if time.is_some() {
+            out[key] = timestamp(time);
+        }
+    }
+    out
 }
 
 /// The stable JSON form of `AgentInfo`.

@@ -151,6 +151,27 @@ pub fn human_bytes(n: u64) -> String {
 
 /// A table with a header: NAME, STATE, the row's plain fields (every field when `wide`), REASON last.
 fn list_table(rows: &[Value], wide: bool, colors: Colors) -> String {
+    list_table_at(rows, wide, colors, time::OffsetDateTime::now_utc())
+}
+
+/// How long ago `created` (RFC 3339) was at `now`, as a person reads it: 45s, 12m, 5h, 3d.
+fn age(created: &str, now: time::OffsetDateTime) -> String {
+    let Ok(then) = time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339) else {
+        return "-".into();
+    };
+    let s = (now - then).whole_seconds().max(0);
+    if s < 120 {
+        format!("{s}s")
+    } else if s < 7200 {
+        format!("{}m", s / 60)
+    } else if s < 172_800 {
+        format!("{}h", s / 3600)
+    } else {
+        format!("{}d", s / 86_400)
+    }
+}
+
+fn list_table_at(rows: &[Value], wide: bool, colors: Colors, now: time::OffsetDateTime) -> String {
     if rows.is_empty() {
         return "No resources.\n".into();
     }
@@ -198,10 +219,15 @@ fn list_table(rows: &[Value], wide: bool, colors: Colors) -> String {
     };
     let has_state = rows.iter().any(|r| r.pointer("/status/state").or_else(|| r.get("state")).is_some());
     let has_reason = rows.iter().any(|r| !reason_of(r).is_empty());
+    let created_of = |row: &Value| row.pointer("/status/create_time").and_then(Value::as_str).map(str::to_owned);
+    let has_age = rows.iter().any(|r| created_of(r).is_some());
     let mut header =
         vec![if name_key == "name" || name_key == "id" { "NAME".to_string() } else { name_key.to_uppercase() }];
     if has_state {
         header.push("STATE".into());
+    }
+    if has_age {
+        header.push("AGE".into());
     }
     header.extend(fields.iter().map(|f| f.strip_suffix("_bytes").unwrap_or(f).to_uppercase()));
     let mut table: Vec<Vec<String>> = rows
@@ -210,6 +236,9 @@ fn list_table(rows: &[Value], wide: bool, colors: Colors) -> String {
             let mut cells = vec![name_of(row)];
             if has_state {
                 cells.push(state_of(row));
+            }
+            if has_age {
+                cells.push(created_of(row).map_or_else(|| "-".into(), |c| age(&c, now)));
             }
             cells.extend(fields.iter().map(|f| match row.get(f) {
                 None => "-".into(),
@@ -394,6 +423,24 @@ mod tests {
         let wide = render(&volumes(), Format::Wide);
         assert!(wide.lines().next().unwrap().contains("BACKEND") && wide.contains("file=/d/db.img"), "{wide}");
         assert_eq!(render(&json!({ "volumes": [] }), Format::Table), "No resources.\n");
+    }
+
+    #[test]
+    fn ages_count_from_the_creation_time() {
+        let now = time::OffsetDateTime::parse("2026-01-03T12:00:00Z", &time::format_description::well_known::Rfc3339)
+            .unwrap();
+        assert_eq!(age("2026-01-03T11:59:15Z", now), "45s");
+        assert_eq!(age("2026-01-03T11:48:00Z", now), "12m");
+        assert_eq!(age("2026-01-03T07:00:00Z", now), "5h");
+        assert_eq!(age("2025-12-31T11:00:00Z", now), "3d");
+        assert_eq!(age("2026-01-03T12:00:09Z", now), "0s", "a clock behind the agent's");
+        assert_eq!(age("yesterday", now), "-");
+        let rows = json!([
+            { "name": "volumes/a", "status": { "state": "ready", "create_time": "2026-01-03T11:00:00Z" } },
+            { "name": "namespaces/x/1", "status": { "state": "ready" } },
+        ]);
+        let text = list_table_at(rows.as_array().unwrap(), false, Colors(false), now);
+        assert_eq!(text, "NAME  STATE  AGE\na     ready  60m\nx/1   ready  -\n", "{text}");
     }
 
     #[test]

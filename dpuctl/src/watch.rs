@@ -221,6 +221,7 @@ mod tests {
                 state: pb::ResourceState::Error.into(),
                 reason: "opening /data/db.img: No such file or directory".into(),
                 observed_generation: 3,
+                ..pb::ResourceStatus::default()
             }),
             time: Some(prost_types::Timestamp { seconds: 3600 + 120 + 5, nanos: 7_000_000 }),
             cursor: "a-1-2".into(),

@@ -33,6 +33,9 @@ use crate::settings::SettingsReconciler;
 /// Events of the change feed kept for watchers that reconnect (at ~300 bytes each, ~20 MiB at most).
 const WATCH_EVENTS_KEPT: usize = 65_536;
 
+/// How often capabilities and ports are re-read without a link event (a module loaded, hugepages reserved).
+const MACHINE_RESYNC: Duration = Duration::from_secs(15);
+
 /// Time for the API's connections to send GOAWAY once the server stops, before the watch streams end.
 const GOAWAY_GRACE: Duration = Duration::from_millis(100);
 
@@ -198,6 +201,19 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
         tracing::warn!(error = %e, "cannot watch link events: fabric drift is repaired on the periodic resync only");
     }
     reconcilers.push(fabric_controller.spawn(shutdown_rx.clone()));
+
+    // What the machine offers (capabilities, ports), re-read on link events and every MACHINE_RESYNC: changes
+    // reach the change feed as status events.
+    let machine = Controller::new(
+        crate::machine::MachineObserver::new(fabric_switch.clone()),
+        store.clone(),
+        status_board.clone(),
+        ControllerConfig { resync_interval: MACHINE_RESYNC, ..controller_config },
+    );
+    if let Err(e) = dpu_fabric::reconcile::watch_links(machine.trigger()) {
+        tracing::warn!(error = %e, "cannot watch link events: port changes are seen on the periodic pass only");
+    }
+    reconcilers.push(machine.spawn(shutdown_rx.clone()));
 
     // Mesh: the shared proxy, configured from intent (MeshService) and optionally from an xDS control plane.
     reconcilers.push(

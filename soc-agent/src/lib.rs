@@ -12,6 +12,7 @@ pub mod api;
 pub mod capabilities;
 pub mod config;
 pub mod logging;
+pub mod machine;
 pub mod metrics;
 pub mod pki;
 pub mod platform;

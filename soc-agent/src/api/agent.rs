@@ -49,17 +49,21 @@ impl AgentApi {
     }
 
     fn settings_response(&self, stored: Option<dpu_intent::Stored<AgentSettings>>) -> pb::AgentSettings {
-        let (spec, generation) = match stored {
-            Some(s) => (s.spec, s.meta.generation),
-            None => (AgentSettings::default(), 0),
+        let (spec, meta) = match stored {
+            Some(s) => (s.spec, Some(s.meta)),
+            None => (AgentSettings::default(), None),
         };
+        let generation = meta.map_or(0, |m| m.generation);
         let status = self.status.get(SETTINGS_SUBSYSTEM, &ObjectKey::of::<AgentSettings>(SETTINGS_ID));
         pb::AgentSettings {
             name: SETTINGS_NAME.into(),
             log_filter: spec.log_filter.unwrap_or_default(),
             labels: spec.labels.into_iter().collect(),
             generation: i64::try_from(generation).unwrap_or(i64::MAX),
-            status: Some(resource_status(status, generation)),
+            status: Some(match &meta {
+                Some(meta) => object_status(status, meta),
+                None => resource_status(status, 0),
+            }),
         }
     }
 
@@ -69,6 +73,24 @@ impl AgentApi {
             Err(dpu_intent::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(intent_status(e)),
         }
+    }
+}
+
+/// The API status of a stored object: its reconciler's report and when it was created and last changed.
+pub(crate) fn object_status(
+    status: Option<dpu_intent::reconcile::ObjectStatus>,
+    meta: &dpu_intent::Meta,
+) -> pb::ResourceStatus {
+    let time = |ms: u64| {
+        let seconds = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
+        // Below 10^9: always fits.
+        let nanos = i32::try_from(ms % 1000 * 1_000_000).unwrap_or(0);
+        Some(prost_types::Timestamp { seconds, nanos })
+    };
+    pb::ResourceStatus {
+        create_time: time(meta.create_time),
+        update_time: time(meta.update_time),
+        ..resource_status(status, meta.generation)
     }
 }
 
@@ -82,6 +104,7 @@ pub(crate) fn resource_status(
             state: pb::ResourceState::Pending.into(),
             reason: "waiting for the reconciler".into(),
             observed_generation: 0,
+            ..pb::ResourceStatus::default()
         };
     };
     let state = match status.state {
@@ -93,6 +116,7 @@ pub(crate) fn resource_status(
         state: state.into(),
         reason: status.reason,
         observed_generation: i64::try_from(status.observed_generation).unwrap_or(i64::MAX),
+        ..pb::ResourceStatus::default()
     }
 }
 

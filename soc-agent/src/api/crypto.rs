@@ -16,7 +16,7 @@ use dpu_storage::model::{Backend, VolumeSpec};
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-use super::agent::resource_status;
+use super::agent::object_status;
 use super::{generation, intent_status, invalid, page, parse_name};
 use crate::capabilities;
 
@@ -73,7 +73,7 @@ impl CryptoApi {
             device: t.device.clone(),
             rekey_overlap_seconds: t.rekey_overlap_seconds,
             generation: generation(stored.meta.generation),
-            status: Some(resource_status(self.status.get(IPSEC_SUBSYSTEM, &key), stored.meta.generation)),
+            status: Some(object_status(self.status.get(IPSEC_SUBSYSTEM, &key), &stored.meta)),
             crypto: state.as_ref().map(|s| placement_message(t.policy, &s.placement)),
             request_id: dpu_fabric::ipsec::reqid(&stored.id),
         }

@@ -15,12 +15,12 @@ use dpu_fabric::ports::Port;
 use dpu_fabric::reconcile::SUBSYSTEM;
 use dpu_fabric::switch::Switch;
 use dpu_intent::reconcile::{ObjectKey, StatusBoard};
-use dpu_intent::{Resource, Store, Stored};
+use dpu_intent::{Meta, Resource, Store, Stored};
 use dpu_proto::v1 as pb;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-use super::agent::resource_status;
+use super::agent::object_status;
 use super::{FieldMask, generation, intent_status, invalid, page, parse_name};
 
 /// Implementation of `FabricService`.
@@ -218,9 +218,9 @@ impl FabricApi {
         Self { store, status, switch, writes: Mutex::new(()) }
     }
 
-    fn status_of(&self, kind: &str, id: &str, generation: u64) -> pb::ResourceStatus {
+    fn status_of(&self, kind: &str, id: &str, meta: &Meta) -> pb::ResourceStatus {
         let key = ObjectKey { kind: kind.into(), id: id.into() };
-        resource_status(self.status.get(SUBSYSTEM, &key), generation)
+        object_status(self.status.get(SUBSYSTEM, &key), meta)
     }
 
     fn fabric_message(&self, stored: Option<Stored<FabricSpec>>) -> pb::Fabric {
@@ -240,11 +240,12 @@ impl FabricApi {
             service_gateway_mac: spec.gateway_mac().to_string(),
             generation: meta.as_ref().map_or(0, |m| generation(m.generation)),
             status: Some(match &meta {
-                Some(m) => self.status_of(FabricSpec::KIND, FABRIC_ID, m.generation),
+                Some(m) => self.status_of(FabricSpec::KIND, FABRIC_ID, m),
                 None => pb::ResourceStatus {
                     state: pb::ResourceState::Ready.into(),
                     reason: "defaults: no uplink, no capture device".into(),
                     observed_generation: 0,
+                    ..pb::ResourceStatus::default()
                 },
             }),
         }
@@ -275,7 +276,7 @@ impl FabricApi {
             spiffe_id: s.spiffe_id.clone(),
             mark: s.mark,
             generation: generation(stored.meta.generation),
-            status: Some(self.status_of(AttachmentSpec::KIND, &stored.id, stored.meta.generation)),
+            status: Some(self.status_of(AttachmentSpec::KIND, &stored.id, &stored.meta)),
         }
     }
 
@@ -307,7 +308,7 @@ impl FabricApi {
                 .collect(),
             session_affinity: affinity.into(),
             generation: generation(stored.meta.generation),
-            status: Some(self.status_of(ServiceSpec::KIND, &stored.id, stored.meta.generation)),
+            status: Some(self.status_of(ServiceSpec::KIND, &stored.id, &stored.meta)),
         }
     }
 

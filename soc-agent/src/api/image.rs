@@ -21,7 +21,7 @@ use dpu_storage::model::{
 use tokio::sync::{Mutex, mpsc};
 use tonic::{Request, Response, Status};
 
-use super::agent::resource_status;
+use super::agent::{object_status, resource_status};
 use super::{generation, intent_status, invalid, page, parse_name};
 
 /// Status-board name of the image reconciler.
@@ -75,7 +75,7 @@ impl ImageApi {
 
     fn image_message(&self, stored: Stored<ImageSpec>, exports: &HashMap<String, Vec<String>>) -> pb::Image {
         let key = ObjectKey::of::<ImageSpec>(&stored.id);
-        let status = resource_status(self.status.get(IMAGE_SUBSYSTEM, &key), stored.meta.generation);
+        let status = object_status(self.status.get(IMAGE_SUBSYSTEM, &key), &stored.meta);
         let mut image_status = self.images.get(&stored.id).map(|r| resolved_status(&r)).unwrap_or_default();
         image_status.exported_as = exports.get(&stored.id).cloned().unwrap_or_default();
         pb::Image {

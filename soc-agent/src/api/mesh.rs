@@ -12,7 +12,7 @@ use dpu_proxy::Proxy;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-use super::agent::resource_status;
+use super::agent::object_status;
 use super::{generation, intent_status, invalid, page, parse_name};
 
 /// Status-board name of the mesh reconciler.
@@ -85,7 +85,7 @@ impl MeshApi {
 
     fn message<T: Kind>(&self, stored: &Stored<T>) -> T::Pb {
         let key = ObjectKey { kind: T::KIND.into(), id: stored.id.clone() };
-        let status = resource_status(self.status.get(MESH_SUBSYSTEM, &key), stored.meta.generation);
+        let status = object_status(self.status.get(MESH_SUBSYSTEM, &key), &stored.meta);
         stored.spec.message(format!("{}/{}", T::KIND, stored.id), generation(stored.meta.generation), status)
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use dpu_crypto::keys::{KeyAlgorithm, KeySpec};
 use dpu_intent::reconcile::{ObjectKey, StatusBoard};
-use dpu_intent::{Resource, Store, Stored};
+use dpu_intent::{Meta, Resource, Store, Stored};
 use dpu_proto::v1 as pb;
 use dpu_storage::model::{
     Backend, EncryptedSpec, ListenerSpec, NamespaceSpec, SubsystemSpec, VolumeSpec, format_uuid, random_uuid,
@@ -15,7 +15,7 @@ use dpu_storage::target::StatsSource;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-use super::agent::resource_status;
+use super::agent::{object_status, resource_status};
 use super::crypto::{crypto_status, placement_message, policy_from};
 use super::{generation, intent_status, invalid, page, parse_name};
 
@@ -43,9 +43,15 @@ impl StorageApi {
         self.writes.clone()
     }
 
-    fn status_of(&self, kind: &str, id: &str, generation: u64) -> pb::ResourceStatus {
+    fn status_of(&self, kind: &str, id: &str, meta: &Meta) -> pb::ResourceStatus {
         let key = ObjectKey { kind: kind.into(), id: id.into() };
-        resource_status(self.status.get(STORAGE_SUBSYSTEM, &key), generation)
+        object_status(self.status.get(STORAGE_SUBSYSTEM, &key), meta)
+    }
+
+    /// The status of an object kept inside `parent` (a namespace or listener of a subsystem).
+    fn child_status(&self, kind: &str, id: &str, parent: &Meta) -> pb::ResourceStatus {
+        let key = ObjectKey { kind: kind.into(), id: id.into() };
+        resource_status(self.status.get(STORAGE_SUBSYSTEM, &key), parent.generation)
     }
 
     fn volume_message(&self, stored: Stored<VolumeSpec>) -> pb::Volume {
@@ -77,7 +83,7 @@ impl StorageApi {
             size_bytes: stored.spec.size_bytes,
             backend: Some(backend),
             generation: generation(stored.meta.generation),
-            status: Some(self.status_of(VolumeSpec::KIND, &stored.id, stored.meta.generation)),
+            status: Some(self.status_of(VolumeSpec::KIND, &stored.id, &stored.meta)),
             crypto,
         }
     }
@@ -92,7 +98,7 @@ impl StorageApi {
             allow_any_host: s.allow_any_host,
             allowed_hosts: s.allowed_hosts.iter().cloned().collect(),
             generation: generation(stored.meta.generation),
-            status: Some(self.status_of(SubsystemSpec::KIND, &stored.id, stored.meta.generation)),
+            status: Some(self.status_of(SubsystemSpec::KIND, &stored.id, &stored.meta)),
         }
     }
 
@@ -107,7 +113,7 @@ impl StorageApi {
             },
             uuid: format_uuid(&ns.uuid),
             generation: generation(parent.meta.generation),
-            status: Some(self.status_of("namespaces", &child, parent.meta.generation)),
+            status: Some(self.child_status("namespaces", &child, &parent.meta)),
         }
     }
 
@@ -117,7 +123,7 @@ impl StorageApi {
             name: format!("subsystems/{}/listeners/{id}", parent.id),
             address: l.address.to_string(),
             generation: generation(parent.meta.generation),
-            status: Some(self.status_of("listeners", &child, parent.meta.generation)),
+            status: Some(self.child_status("listeners", &child, &parent.meta)),
         }
     }
 
