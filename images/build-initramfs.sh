@@ -37,7 +37,10 @@
 #
 # /init mounts proc, sys, dev (devtmpfs, devpts, shm), tmp and run; loads the
 # modules; configures eth0 as 10.0.2.15/24 with a default route via 10.0.2.2
-# (QEMU user networking); then runs /guest/run.sh in a subshell that has
+# (QEMU user networking); if the image has /guest/rootfs.tar (a root file
+# system with systemd, images/systemd-rootfs.sh), unpacks it into a tmpfs and
+# switches to its /sbin/init, which runs the test as a unit and reports the
+# same markers; otherwise runs /guest/run.sh in a subshell that has
 # /guest/lib.sh sourced, and prints exactly one of
 #     GUEST-RESULT: PASS
 #     GUEST-RESULT: FAIL rc=N
@@ -282,6 +285,24 @@ ip link set eth0 up &&
 	ip addr add 10.0.2.15/24 dev eth0 &&
 	ip route add default via 10.0.2.2 ||
 	setup_failed 203 "cannot configure eth0"
+
+# A test that needs a full init (systemd) carries its root file system as /guest/rootfs.tar
+# (images/systemd-rootfs.sh): unpack it into a tmpfs, bring /guest along, and hand PID 1 over to its init. The
+# modules loaded and eth0 stay as set up above.
+if [ -f /guest/rootfs.tar ]; then
+	echo "guest-init: unpacking /guest/rootfs.tar, then switching to its init"
+	mkdir -p /sysroot
+	mount -t tmpfs -o mode=0755 tmpfs /sysroot || setup_failed 204 "cannot mount the root tmpfs"
+	tar -xf /guest/rootfs.tar -C /sysroot || setup_failed 204 "cannot unpack /guest/rootfs.tar"
+	rm /guest/rootfs.tar
+	cp -a /guest /sysroot/guest
+	umount /tmp /dev/shm /dev/pts 2>/dev/null
+	umount /run
+	for m in dev proc sys; do
+		mount --move "/$m" "/sysroot/$m" || setup_failed 204 "cannot move /$m"
+	done
+	exec switch_root /sysroot /sbin/init
+fi
 
 echo "guest-init: running /guest/run.sh"
 (

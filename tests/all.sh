@@ -82,7 +82,7 @@ step "fuzz smoke: every target for ${DPU_FUZZ_SECONDS:-10}s"
 fuzz/run.sh "${DPU_FUZZ_SECONDS:-10}"
 
 if [ "${DPU_SKIP_GUEST:-0}" != 1 ]; then
-    for t in boot-arm64 boot-amd64 arm64-agent nvme-initiator fabric lazy-image containerd crypt-volume ktls ipsec upgrade; do
+    for t in boot-arm64 boot-amd64 arm64-agent nvme-initiator fabric lazy-image containerd crypt-volume ktls ipsec upgrade deb-systemd; do
         step "guest: $t"
         # Every binary the guests need was built above.
         DPU_GUEST_NO_BUILD=1 tests/guest.sh "$t"

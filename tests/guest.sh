@@ -372,7 +372,19 @@ main() {
 			if ((has_check)) && ((ready == 0)); then
 				reason="guest stopped before GUEST-READY (${result:-no result marker})"
 			elif ((has_check)) && [[ -n $CHECK_PID ]]; then
-				reason="guest stopped while host_check was running (${result:-no result marker})"
+				# host_check may be reading the guest's last words: it gets 30 s to finish on its own.
+				local _
+				for _ in {1..300}; do
+					kill -0 "$CHECK_PID" 2>/dev/null || break
+					sleep 0.1
+				done
+				if kill -0 "$CHECK_PID" 2>/dev/null; then
+					reason="guest stopped while host_check was running (${result:-no result marker})"
+				else
+					check_rc=0
+					wait "$CHECK_PID" || check_rc=$?
+					CHECK_PID=""
+				fi
 			fi
 			break
 		fi

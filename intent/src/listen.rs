@@ -9,13 +9,17 @@
 //!
 //! Sockets are keyed by their local address as the kernel reports it (`getsockname`), so a listener configured
 //! with port 0 never matches an inherited one.
+//!
+//! A [`Keeper`] outside the process (systemd's file-descriptor store) can hold them too, so they outlive a plain
+//! restart: it is told of every socket served and of every address no longer served, until [`keep_on_exit`]
+//! says the process is stopping, from when the sockets it closes stay with the keeper for the next process.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use nix::sys::socket::{SockType, getsockopt, sockopt};
 
@@ -24,6 +28,43 @@ static INHERITED: Mutex<Option<HashMap<SocketAddr, TcpListener>>> = Mutex::new(N
 /// Sockets this process serves on: a duplicate of each, by registration.
 static LIVE: Mutex<BTreeMap<u64, (SocketAddr, OwnedFd)>> = Mutex::new(BTreeMap::new());
 static NEXT: AtomicU64 = AtomicU64::new(1);
+static KEEPER: OnceLock<Box<dyn Keeper>> = OnceLock::new();
+/// False once the process stops: the sockets it closes then are not withdrawn from the keeper.
+static WITHDRAWING: AtomicBool = AtomicBool::new(true);
+
+/// Holds listening sockets across processes on the agent's behalf (systemd's file-descriptor store).
+pub trait Keeper: Send + Sync + 'static {
+    /// `fd` listens on `addr` and is served: keep a duplicate.
+    fn keep(&self, addr: SocketAddr, fd: BorrowedFd<'_>);
+    /// Nothing listens on `addr` any more: drop what is kept for it.
+    fn withdraw(&self, addr: SocketAddr);
+}
+
+/// Tells `keeper` of every socket registered from now on (and of those registered before). Once per process.
+pub fn set_keeper(keeper: Box<dyn Keeper>) {
+    if KEEPER.set(keeper).is_err() {
+        tracing::warn!("a keeper of listening sockets is set already");
+        return;
+    }
+    if let Some(keeper) = KEEPER.get() {
+        for (addr, fd) in lock(&LIVE).values() {
+            keeper.keep(*addr, fd.as_fd());
+        }
+    }
+}
+
+/// The process is stopping: sockets closed from now on stay with the keeper, for the next process.
+pub fn keep_on_exit() {
+    WITHDRAWING.store(false, Ordering::Release);
+}
+
+fn withdraw(addr: SocketAddr) {
+    if let Some(keeper) = KEEPER.get()
+        && WITHDRAWING.load(Ordering::Acquire)
+    {
+        keeper.withdraw(addr);
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -81,14 +122,32 @@ pub fn inherit(sockets: impl IntoIterator<Item = OwnedFd>) -> (Vec<SocketAddr>, 
     (kept, refused)
 }
 
-/// The inherited listening socket bound to `addr`, if the previous process passed one (once).
+/// The inherited listening socket bound to `addr`, if the previous process passed one (once). Without one,
+/// inherited sockets that would keep `addr` from being bound (the same port on an overlapping address: the
+/// configuration moved from 127.0.0.1:P to 0.0.0.0:P) are closed and withdrawn from the keeper; the keeper may
+/// take a moment to close its copy, so a bind that follows retries briefly on EADDRINUSE.
 pub fn take(addr: SocketAddr) -> Option<TcpListener> {
     if addr.port() == 0 {
         return None;
     }
-    let listener = lock(&INHERITED).as_mut()?.remove(&addr)?;
-    tracing::info!(%addr, "listening socket inherited from the previous agent process");
-    Some(listener)
+    let mut table = lock(&INHERITED);
+    let table = table.as_mut()?;
+    if let Some(listener) = table.remove(&addr) {
+        tracing::info!(%addr, "listening socket inherited from the previous agent process");
+        return Some(listener);
+    }
+    let conflicting: Vec<SocketAddr> = table.keys().copied().filter(|old| overlaps(*old, addr)).collect();
+    for old in conflicting {
+        table.remove(&old);
+        withdraw(old);
+        tracing::info!(%old, new = %addr, "inherited listening socket closed: the configuration listens on another address");
+    }
+    None
+}
+
+/// Whether sockets bound to `a` and `b` cannot both listen: the same port, and one address covers the other.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Closes every inherited socket nobody claimed (the new configuration no longer listens there) and returns
@@ -97,6 +156,9 @@ pub fn close_unclaimed() -> Vec<SocketAddr> {
     let left = lock(&INHERITED).take().unwrap_or_default();
     let mut addrs: Vec<SocketAddr> = left.into_keys().collect();
     addrs.sort_unstable();
+    for addr in &addrs {
+        withdraw(*addr);
+    }
     addrs
 }
 
@@ -108,7 +170,13 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&LIVE).remove(&self.id);
+        let mut live = lock(&LIVE);
+        let Some((addr, _)) = live.remove(&self.id) else { return };
+        // Another registration of the address (a listener replaced by one on the same address) keeps it.
+        if !live.values().any(|(a, _)| *a == addr) {
+            drop(live);
+            withdraw(addr);
+        }
     }
 }
 
@@ -118,6 +186,9 @@ pub fn register(listener: &impl AsFd) -> io::Result<Registration> {
     let fd = listener.as_fd().try_clone_to_owned()?;
     let addr = TcpListener::from(fd.try_clone()?).local_addr()?;
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    if let Some(keeper) = KEEPER.get() {
+        keeper.keep(addr, fd.as_fd());
+    }
     lock(&LIVE).insert(id, (addr, fd));
     Ok(Registration { id })
 }
@@ -131,6 +202,7 @@ pub fn live() -> io::Result<Vec<(SocketAddr, OwnedFd)>> {
 mod tests {
     use std::io::{Read, Write};
     use std::net::TcpStream;
+    use std::sync::Arc;
 
     use super::*;
 
@@ -139,8 +211,13 @@ mod tests {
     fn sockets_carry_over_with_their_queued_connections() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let told = Arc::new(Mutex::new(Vec::new()));
+        set_keeper(Box::new(Recorder(told.clone())));
         let registration = register(&listener).expect("register");
         assert!(live().expect("live").iter().any(|(a, _)| *a == addr));
+        let second = register(&listener).expect("the same socket again");
+        drop(second);
+        assert_eq!(*lock(told.as_ref()), [format!("keep {addr}"), format!("keep {addr}")], "still registered once");
         // A client connects before the hand-over; the connection waits in the accept queue.
         let mut client = TcpStream::connect(addr).expect("connect");
         client.write_all(b"ping").expect("write");
@@ -155,6 +232,7 @@ mod tests {
         drop(registration);
         drop(listener);
         assert!(live().expect("live").iter().all(|(a, _)| *a != addr), "unregistered with the listener");
+        assert_eq!(lock(told.as_ref()).last(), Some(&format!("withdraw {addr}")));
 
         assert!(take(SocketAddr::from(([127, 0, 0, 1], 0))).is_none());
         let taken = take(addr).expect("inherited");
@@ -164,5 +242,33 @@ mod tests {
         server.read_exact(&mut buf).expect("read");
         assert_eq!(&buf, b"ping");
         assert!(close_unclaimed().is_empty());
+
+        // Stopping: a socket closed now stays with the keeper.
+        keep_on_exit();
+        let other = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let other_addr = other.local_addr().expect("addr");
+        drop(register(&other).expect("register"));
+        assert_eq!(lock(told.as_ref()).last(), Some(&format!("keep {other_addr}")), "kept, not withdrawn");
+    }
+
+    #[test]
+    fn addresses_that_cannot_both_listen() {
+        let at = |s: &str| s.parse::<SocketAddr>().expect("address");
+        assert!(overlaps(at("127.0.0.1:50051"), at("0.0.0.0:50051")));
+        assert!(overlaps(at("[::]:50051"), at("10.0.0.1:50051")));
+        assert!(!overlaps(at("127.0.0.1:50051"), at("10.0.0.1:50051")));
+        assert!(!overlaps(at("0.0.0.0:50051"), at("0.0.0.0:50052")));
+    }
+
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl Keeper for Recorder {
+        fn keep(&self, addr: SocketAddr, _fd: BorrowedFd<'_>) {
+            lock(&self.0).push(format!("keep {addr}"));
+        }
+
+        fn withdraw(&self, addr: SocketAddr) {
+            lock(&self.0).push(format!("withdraw {addr}"));
+        }
     }
 }

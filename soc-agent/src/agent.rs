@@ -15,8 +15,7 @@ use dpu_proto::v1::image_service_server::ImageServiceServer;
 use dpu_proto::v1::mesh_service_server::MeshServiceServer;
 use dpu_proto::v1::storage_service_server::StorageServiceServer;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::transport::Certificate;
 
 use crate::api::agent::AgentApi;
 use crate::api::auth::AuthLayer;
@@ -67,6 +66,10 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
     }
 
     let mut signals = Signals::install().context("installing the SIGTERM/SIGINT/SIGHUP handlers")?;
+    // Under systemd, its file-descriptor store keeps every listening socket, so a restart finds them open.
+    if let Some(store) = crate::systemd::FdStore::from_env() {
+        dpu_intent::listen::set_keeper(Box::new(store));
+    }
     if let Some(interval) = crate::systemd::watchdog_interval() {
         crate::systemd::spawn_watchdog(interval);
     }
@@ -263,11 +266,10 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
     let mesh_api = MeshApi::new(store.clone(), status_board.clone(), proxy.clone());
     let fabric_api = FabricApi::new(store.clone(), status_board.clone(), fabric_switch);
 
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = &config.api.tls {
-        server = server.tls_config(server_tls(tls)?).context("configuring TLS")?;
-    }
-    let router = server
+    // mTLS handshakes run in the API's own accept loop (api::incoming), so a stop finishes those under way.
+    let api_tls =
+        config.api.tls.as_ref().map(crate::api::incoming::server_config).transpose().context("configuring TLS")?;
+    let router = tonic::transport::Server::builder()
         .layer(AuthLayer::new(config.api.plaintext_role, metrics.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -283,7 +285,6 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
     let api_addr = listener.local_addr()?;
     // Listed for a hand-over while served; dropped when this process stops serving.
     let mut registrations = vec![dpu_intent::listen::register(&listener).context("listing the API socket")?];
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     health_reporter.set_serving::<AgentServiceServer<AgentApi>>().await;
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -323,10 +324,19 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
         None
     };
 
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
-        let _ = drain_rx.await;
-    }));
+    // Stopping the accept loop ends the incoming stream once the handshakes under way are done, and the end of the
+    // stream starts the server's graceful drain.
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let serve = match api_tls {
+        Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(
+            crate::api::incoming::tls(listener, tls, drain_rx),
+            std::future::pending::<()>(),
+        )),
+        None => tokio::spawn(
+            router
+                .serve_with_incoming_shutdown(crate::api::incoming::plain(listener, drain_rx), std::future::pending()),
+        ),
+    };
     ready.store(true, Ordering::Release);
     tracing::info!(
         addr = %api_addr,
@@ -408,25 +418,25 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
         }
     };
     let drain = Duration::from_secs(config.api.drain_seconds);
-    let handed_over = match stop {
+    match stop {
         Stop::Signal(signal) => {
             tracing::info!(signal, "shutting down: refusing new requests, draining in-flight ones");
             crate::systemd::notify("STOPPING=1");
-            false
         }
         Stop::HandedOver(pid) => {
             tracing::info!(pid, "the new agent process serves: this one stops accepting and drains");
             crate::systemd::notify(&format!("MAINPID={pid}\nREADY=1\nSTATUS=handed over to process {pid}"));
-            true
         }
-    };
+    }
     ready.store(false, Ordering::Release);
     health_reporter.set_not_serving::<AgentServiceServer<AgentApi>>().await;
+    // The sockets stay with the service manager's store for the process after this one.
+    dpu_intent::listen::keep_on_exit();
     drop(registrations);
     // The API stops taking connections and tells its clients (GOAWAY) before the watch streams end with a
     // bookmark: a client that resumes at once then opens a new connection, which the new process accepts, instead
     // of a new stream on this one. The admin listener stops with the streams.
-    let _ = drain_tx.send(());
+    let _ = drain_tx.send(true);
     tokio::time::sleep(GOAWAY_GRACE).await;
     let _ = stopping_tx.send(true);
     let api = async {
@@ -437,14 +447,10 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
             Err(_) => tracing::warn!(seconds = drain.as_secs(), "in-flight requests did not finish in time"),
         }
     };
-    // After a hand-over the hosts' NVMe/TCP connections move to the new process: each closes once its running
-    // commands completed. On a plain stop they end with the process.
-    let nvme = async {
-        if handed_over {
-            target.hand_over(drain).await;
-        }
-    };
-    tokio::join!(api, proxy.shutdown(drain), nvme);
+    // Each host's NVMe/TCP connection closes once its running commands completed; the host reconnects to the
+    // process serving the socket next: the new one after a hand-over, the restarted one after a restart (the
+    // socket waits in the service manager's store meanwhile).
+    tokio::join!(api, proxy.shutdown(drain), target.stop_serving(drain));
     let _ = shutdown_tx.send(true);
     for reconciler in reconcilers {
         if let Err(e) = reconciler.await {
@@ -534,24 +540,23 @@ fn spawn_xds(
     }))
 }
 
-fn server_tls(tls: &crate::config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {
-    let read = |path: &std::path::Path| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
-    let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
-    Ok(ServerTlsConfig::new()
-        .identity(identity)
-        .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?))
-        .timeout(Duration::from_secs(10)))
-}
-
-/// Binds `addr`, or takes the socket the previous agent process served on there.
+/// Binds `addr`, or takes the socket the previous agent process served on there. A socket kept for another
+/// address on the same port is released by `take`; until the service manager closed its copy the bind answers
+/// EADDRINUSE, so it is retried for a few seconds.
 async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{addr}: {e}"));
-    match dpu_intent::listen::take(addr) {
-        Some(listener) => {
-            listener.set_nonblocking(true).map_err(named)?;
-            tokio::net::TcpListener::from_std(listener).map_err(named)
+    if let Some(listener) = dpu_intent::listen::take(addr) {
+        listener.set_nonblocking(true).map_err(named)?;
+        return tokio::net::TcpListener::from_std(listener).map_err(named);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            bound => return bound.map_err(named),
         }
-        None => tokio::net::TcpListener::bind(addr).await.map_err(named),
     }
 }
 

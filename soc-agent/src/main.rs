@@ -118,6 +118,8 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     let started_at = Instant::now();
+    // Listening sockets systemd's file-descriptor store kept across a restart, before anything opens a descriptor.
+    let stored = dpu_agent::systemd::listen_fds();
     // Where this process was started from, before a package upgrade puts another binary there: SIGHUP starts that.
     let exe = std::env::current_exe().ok();
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
@@ -165,6 +167,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !stored.is_empty() {
+        let (kept, refused) = dpu_intent::listen::inherit(stored);
+        tracing::info!(sockets = ?kept, "listening sockets kept by the service manager across the restart");
+        for r in refused {
+            tracing::warn!(reason = %r, "a descriptor from the service manager dropped");
+        }
+    }
     let mut launch = dpu_agent::agent::Launch { predecessor: None, exe, args };
     if cli.takeover {
         let path = dpu_agent::upgrade::socket_path(&config.data_dir);

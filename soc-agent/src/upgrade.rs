@@ -339,6 +339,10 @@ pub fn spawn_successor(exe: &Path, args: &[std::ffi::OsString]) -> io::Result<u3
         // The watchdog belongs to whichever process is the service's main one; systemd accepts the new process's
         // keep-alives (NotifyAccess=all).
         .env_remove("WATCHDOG_PID")
+        // The service manager's sockets were this process's; the new one receives them in the hand-over.
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_FDNAMES")
         .spawn()?;
     let pid = child.id();
     std::thread::Builder::new().name("dpu-successor".into()).spawn(move || match child.wait() {

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod crypto;
 pub mod fabric;
 pub mod image;
+pub mod incoming;
 pub mod mesh;
 pub mod storage;
 

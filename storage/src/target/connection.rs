@@ -131,20 +131,20 @@ impl Connection {
         let accepted = Instant::now();
         let mut closing = self.target.closing();
         loop {
-            let handing_over = *closing.borrow_and_update();
-            if !handing_over {
+            let stopping = *closing.borrow_and_update();
+            if !stopping {
                 self.process_input()?;
             }
             self.flush().await?;
-            if handing_over && self.inflight.is_empty() {
-                return self.close_for_hand_over().await;
+            if stopping && self.inflight.is_empty() {
+                return self.close_gracefully().await;
             }
             let mut closed = self.queue.as_ref().map(|q| q.closed.clone());
             let events = self.queue.as_mut().and_then(|q| q.events.as_mut());
             tokio::select! {
                 // Handing over: no new command is read; the running ones finish.
-                Ok(()) = closing.changed(), if !handing_over => {}
-                read = self.stream.read(&mut self.rx.data[self.rx.end..]), if !handing_over => match read {
+                Ok(()) = closing.changed(), if !stopping => {}
+                read = self.stream.read(&mut self.rx.data[self.rx.end..]), if !stopping => match read {
                     Ok(0) => return Ok(()),
                     Ok(n) => self.rx.end += n,
                     Err(e) => return Err(format!("reading: {e}")),
@@ -174,11 +174,11 @@ impl Connection {
         }
     }
 
-    /// Ends the connection for a hand-over once its completions are written: FIN after them, then whatever the
+    /// Ends the connection as the target stops serving, once its completions are written: FIN after them, then whatever the
     /// host still sends is read and dropped until it closes (closing with unread bytes would reset the
     /// connection and could discard completions not yet on the wire).
-    async fn close_for_hand_over(&mut self) -> Result<(), Fault> {
-        tracing::info!(pending_writes = self.writes.len(), "NVMe/TCP connection closed for a hand-over");
+    async fn close_gracefully(&mut self) -> Result<(), Fault> {
+        tracing::info!(pending_writes = self.writes.len(), "NVMe/TCP connection closed: the target stops serving");
         let _ = self.stream.shutdown().await;
         let mut scratch = [0u8; 4096];
         let drained = async { while let Ok(1..) = self.stream.read(&mut scratch).await {} };

@@ -164,17 +164,17 @@ impl Target {
         (changes, failed)
     }
 
-    /// Hands the hosts over to the agent process taking over: closes every listener (the other process holds the
-    /// same sockets), then lets each connection finish the commands it is running, send their completions and
-    /// close, without reading more. Commands a host sent but that were not started are retried by the host on
-    /// its reconnection to the other process (Linux: after `reconnect_delay`). Returns once every connection is
-    /// closed, or after `deadline` with the number still open.
-    pub async fn hand_over(&self, deadline: std::time::Duration) -> usize {
+    /// Stops serving, for the process that serves the same sockets next (one taking over, or this one restarted
+    /// on the sockets the service manager kept): closes every listener, then lets each connection finish the
+    /// commands it is running, send their completions and close, without reading more. Commands a host sent but
+    /// that were not started are retried by the host when it reconnects (Linux: after `reconnect_delay`). Returns
+    /// once every connection is closed, or after `deadline` with the number still open.
+    pub async fn stop_serving(&self, deadline: std::time::Duration) -> usize {
         {
             let mut bound = self.inner.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for (addr, listening) in std::mem::take(&mut *bound) {
                 listening.task.abort();
-                tracing::info!(%addr, "NVMe/TCP listener handed over");
+                tracing::info!(%addr, "NVMe/TCP listener closed");
             }
         }
         self.inner.closing.send_replace(true);
@@ -182,14 +182,14 @@ impl Target {
         let closed = tokio::time::timeout(deadline, open.wait_for(|n| *n == 0)).await.is_ok();
         let left = *open.borrow();
         if closed {
-            tracing::info!("NVMe/TCP connections closed for the hand-over");
+            tracing::info!("NVMe/TCP connections closed after their running commands");
         } else {
-            tracing::warn!(open = left, "NVMe/TCP connections still open at the hand-over deadline");
+            tracing::warn!(open = left, "NVMe/TCP connections still open at the drain deadline");
         }
         left
     }
 
-    /// A receiver that turns `true` when the target hands its hosts over.
+    /// A receiver that turns `true` when the target stops serving.
     pub(crate) fn closing(&self) -> watch::Receiver<bool> {
         self.inner.closing.subscribe()
     }
