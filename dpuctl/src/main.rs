@@ -155,6 +155,18 @@ enum Command {
 }
 
 impl Command {
+    /// Whether the command only reads (safe to send again).
+    fn is_read(&self) -> bool {
+        matches!(
+            self,
+            Command::Info
+                | Command::Health { .. }
+                | Command::Get { watch: false, .. }
+                | Command::List { watch: false, .. }
+                | Command::Describe { .. }
+        )
+    }
+
     /// Whether the command streams for as long as the agent works, which may be minutes.
     fn is_streaming(&self) -> bool {
         matches!(self, Command::Watch(_) | Command::Get { watch: true, .. } | Command::List { watch: true, .. })
@@ -714,6 +726,33 @@ fn parse_labels(labels: &[String]) -> anyhow::Result<std::collections::HashMap<S
         .collect()
 }
 
+/// Runs the command; a read whose connection closed under it (the agent restarting, or handing over to a new
+/// process) or that the agent answered UNAVAILABLE is tried again on a new connection, twice at most.
+async fn execute_retrying_reads(cli: &Cli) -> anyhow::Result<Value> {
+    let mut delay = std::time::Duration::from_millis(200);
+    let mut tries = 0;
+    loop {
+        match execute(cli).await {
+            Err(e) if tries < 2 && cli.command.is_read() && connection_lost(&e) => {
+                tries += 1;
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether `e` says the request may not have reached the agent, or the agent asked for a retry.
+fn connection_lost(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<tonic::transport::Error>().is_some())
+        || e.downcast_ref::<tonic::Status>().is_some_and(|s| {
+            s.code() == tonic::Code::Unavailable
+                // A status made on this side from a failed connection carries its cause; the agent's do not.
+                || (s.code() == tonic::Code::Unknown && std::error::Error::source(s).is_some())
+        })
+}
+
 async fn execute(cli: &Cli) -> anyhow::Result<Value> {
     let channel = connect(cli).await?;
     match &cli.command {
@@ -894,7 +933,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(&cli)) {
+    match runtime.block_on(execute_retrying_reads(&cli)) {
         Ok(value) => {
             let format = cli.format();
             let text = match &cli.command {

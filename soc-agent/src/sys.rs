@@ -1,4 +1,5 @@
-//! The agent's only unsafe code: thin wrappers over system calls that `nix` does not cover.
+//! Thin wrappers over system calls that `nix` does not cover (the other unsafe blocks adopt descriptors passed
+//! by another process: upgrade.rs, systemd.rs).
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};

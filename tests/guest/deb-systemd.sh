@@ -154,7 +154,7 @@ watcher=$!
 		if ctl info >/dev/null 2>/tmp/call.err; then
 			echo ok >>/tmp/calls.ok
 		else
-			cat /tmp/call.err >>/tmp/calls.failed
+			echo "$(date -u +%T.%N): $(cat /tmp/call.err)" >>/tmp/calls.failed
 		fi
 	done
 ) &
@@ -192,7 +192,11 @@ touch /tmp/stop
 wait "$load"
 ok=$(wc -l </tmp/calls.ok)
 if [ -s /tmp/calls.failed ]; then
-	cat /tmp/calls.failed
+	sed 's/^/guest: call failed at /' /tmp/calls.failed
+	# What the agents said about connections, stops and hand-overs meanwhile.
+	journalctl -u dpu-agent --no-pager -o short-precise |
+		grep -iE 'handshake|"WARN"|"ERROR"|shutting down|serves:|took over|Started|Stopping|inherited' |
+		cut -c1-300 | sed 's/^/guest: journal: /'
 	guest_fail "dpuctl calls failed across the hand-overs and the restart"
 fi
 [ "$ok" -gt 0 ] || guest_fail "no dpuctl call completed under load"

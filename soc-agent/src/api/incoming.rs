@@ -23,6 +23,10 @@ use crate::config::TlsConfig;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections accepted (and handshaken) but not yet taken by the server.
 const BACKLOG: usize = 64;
+/// At a stop, the time a connection handed to the server last gets to send its first request before the stream
+/// ends and the server tells every connection to go away (a client whose request is not sent by then sees the
+/// connection close and, if it does not retry by itself, fails).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(250);
 
 /// The rustls configuration of the API's mTLS: the server's certificate and key, clients verified against
 /// `client_ca`, HTTP/2 only.
@@ -89,6 +93,7 @@ where
     tokio::spawn(async move {
         let mut opening: JoinSet<(std::net::SocketAddr, io::Result<T>)> = JoinSet::new();
         let mut accepting = true;
+        let mut last_handed = tokio::time::Instant::now() - FIRST_REQUEST_GRACE;
         while accepting || !opening.is_empty() {
             tokio::select! {
                 () = async { let _ = stop.wait_for(|s| *s).await; }, if accepting => accepting = false,
@@ -111,6 +116,7 @@ where
                         if tx.send(Ok(conn)).await.is_err() {
                             return;
                         }
+                        last_handed = tokio::time::Instant::now();
                     }
                     Ok((peer, Err(e))) => tracing::info!(%peer, error = %e, "API connection refused in its handshake"),
                     Err(e) => tracing::warn!(error = %e, "API handshake task failed"),
@@ -119,6 +125,7 @@ where
         }
         // The socket stays open in the process serving next; this one's copy closes here.
         drop(listener);
+        tokio::time::sleep_until(last_handed + FIRST_REQUEST_GRACE).await;
     });
     ReceiverStream::new(rx)
 }
