@@ -82,18 +82,34 @@ impl Peer {
 
     /// The next message and the descriptors it carried; `None` when the other side closed.
     fn recv(&self, timeout: Option<Duration>) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
-        let tv = timeout.map_or(TimeVal::new(0, 0), |t| {
-            TimeVal::new(i64::try_from(t.as_secs()).unwrap_or(i64::MAX), i64::from(t.subsec_micros()))
-        });
-        socket::setsockopt(&self.fd, sockopt::ReceiveTimeout, &tv)?;
+        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "no answer in time");
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut buf = vec![0u8; MAX_MESSAGE];
         let mut space = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = socket::recvmsg::<()>(self.fd.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(|e| match e {
-                nix::Error::EAGAIN => io::Error::new(io::ErrorKind::TimedOut, "no answer in time"),
-                e => io::Error::from(e),
-            })?;
+        let msg = loop {
+            // A zero timeval means no timeout: what is left of the deadline, at least a microsecond.
+            let tv = match deadline {
+                None => TimeVal::new(0, 0),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(timed_out());
+                    }
+                    let left = left.max(Duration::from_micros(1));
+                    TimeVal::new(i64::try_from(left.as_secs()).unwrap_or(i64::MAX), i64::from(left.subsec_micros()))
+                }
+            };
+            socket::setsockopt(&self.fd, sockopt::ReceiveTimeout, &tv)?;
+            match socket::recvmsg::<()>(self.fd.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Ok(msg) => break msg,
+                // With a receive timeout set, a signal handled meanwhile (the runtime's SIGCHLD, SIGHUP, ...)
+                // interrupts recvmsg even under SA_RESTART (signal(7)): wait on for the rest of the time.
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => return Err(timed_out()),
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        };
         let mut fds = Vec::new();
         for cmsg in msg.cmsgs()? {
             if let ControlMessageOwned::ScmRights(received) = cmsg {
