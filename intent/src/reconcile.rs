@@ -85,6 +85,11 @@ pub trait Reconciler: Send + Sync + 'static {
     /// Compare intent (read from the store) with what actually exists and converge. Must be idempotent and
     /// write nothing when nothing differs. Returns what it did and the per-object status.
     fn reconcile(&self, store: &Store) -> impl Future<Output = Result<Pass, ReconcileError>> + Send;
+    /// Whether a pass depends on intent, so that every store write asks for one. An observer of the machine that
+    /// reads no intent says no and runs on its triggers and resync only.
+    fn reads_intent(&self) -> bool {
+        true
+    }
 }
 
 /// Pass counters of one subsystem.
@@ -271,6 +276,7 @@ impl<R: Reconciler> Controller<R> {
             let mut revisions = self.store.subscribe();
             let mut requests = self.requests.subscribe();
             let mut failures = 0u32;
+            let on_writes = self.reconciler.reads_intent();
             let mut cause = "start";
             while !*shutdown.borrow_and_update() {
                 revisions.borrow_and_update();
@@ -301,7 +307,7 @@ impl<R: Reconciler> Controller<R> {
                     () = tokio::time::sleep(wait.unwrap_or(self.config.resync_interval)) => {
                         if wait.is_some() { "retry" } else { "resync" }
                     }
-                    Ok(()) = revisions.changed(), if wait.is_none() => "intent changed",
+                    Ok(()) = revisions.changed(), if wait.is_none() && on_writes => "intent changed",
                     Ok(()) = requests.changed(), if wait.is_none() => "trigger",
                 };
             }

@@ -58,6 +58,11 @@ impl Reconciler for MachineObserver {
         SUBSYSTEM
     }
 
+    /// Intent writes change nothing it looks at: the probes and the port inventory run on link events and resync.
+    fn reads_intent(&self) -> bool {
+        false
+    }
+
     async fn reconcile(&self, _store: &Store) -> Result<Pass, ReconcileError> {
         let (switch, probe) = (self.switch.clone(), self.probe);
         let (capabilities, ports) = tokio::task::spawn_blocking(move || (probe(), switch.ports()))
@@ -130,7 +135,7 @@ mod tests {
         switch.add_device("eth3", Some(vf3), true);
         let controller = Controller::new(
             MachineObserver::with_probe(switch.clone(), probe),
-            store,
+            store.clone(),
             board.clone(),
             ControllerConfig::default(),
         );
@@ -160,6 +165,12 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         assert_eq!(events.next_seq(), before);
         assert_eq!(board.list(SUBSYSTEM).len(), 2);
+        // An intent write asks for no pass: nothing the observer looks at changed.
+        let passes = board.counters(SUBSYSTEM).passes;
+        let settings = crate::settings::AgentSettings::default();
+        store.create(crate::settings::SETTINGS_ID, settings).expect("an intent write");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(board.counters(SUBSYSTEM).passes, passes, "no pass for an intent write");
 
         stop.send(true).expect("stop");
         task.await.expect("controller");

@@ -27,15 +27,13 @@ GUEST_MEMORY=2048
 # Fresh certificates and packages every run.
 GUEST_CACHE_IMAGE=0
 
-deb_target_dir() {
-	local dir=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
-	[[ $dir == /* ]] || dir=$REPO_ROOT/$dir
-	printf '%s\n' "$dir"
-}
+# shellcheck source=tests/guest/lib/image-host.sh
+source "$REPO_ROOT/tests/guest/lib/image-host.sh"
+IH_NAME=deb-systemd
 
 guest_prepare() {
 	local target rootfs pki debs v1 deb1
-	target=$(deb_target_dir)
+	target=$(ih_target_dir)
 	if [[ ${DPU_GUEST_NO_BUILD:-0} != 1 ]]; then
 		printf 'deb-systemd: building host dpu-agent and dpuctl\n' >&2
 		(cd "$REPO_ROOT" && cargo build --locked --release --bin dpu-agent --bin dpuctl) >&2 || return 1
@@ -220,7 +218,7 @@ GUEST
 host_check() {
 	local port target pki out deadline=$((SECONDS + 120))
 	port=$(guest_host_port 50051)
-	target=$(deb_target_dir)
+	target=$(ih_target_dir)
 	pki=$GUEST_WORK/pki
 	local -a dpuctl=(
 		"$target/release/dpuctl" --addr "https://127.0.0.1:$port"

@@ -76,20 +76,19 @@ impl AgentApi {
     }
 }
 
+/// A time the store or the feed keeps as Unix milliseconds.
+fn unix_ms(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+}
+
 /// The API status of a stored object: its reconciler's report and when it was created and last changed.
 pub(crate) fn object_status(
     status: Option<dpu_intent::reconcile::ObjectStatus>,
     meta: &dpu_intent::Meta,
 ) -> pb::ResourceStatus {
-    let time = |ms: u64| {
-        let seconds = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
-        // Below 10^9: always fits.
-        let nanos = i32::try_from(ms % 1000 * 1_000_000).unwrap_or(0);
-        Some(prost_types::Timestamp { seconds, nanos })
-    };
     pb::ResourceStatus {
-        create_time: time(meta.create_time),
-        update_time: time(meta.update_time),
+        create_time: Some(unix_ms(meta.create_time)),
+        update_time: Some(unix_ms(meta.update_time)),
         ..resource_status(status, meta.generation)
     }
 }
@@ -188,9 +187,7 @@ fn watch_message(item: Item, events: &Events) -> pb::WatchEvent {
                 revision: super::generation(e.revision),
                 status: e.status.clone().map(|s| resource_status(Some(s), generation)),
                 subsystem: e.subsystem.unwrap_or_default().into(),
-                time: Some(prost_types::Timestamp::from(
-                    SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(e.time_ms),
-                )),
+                time: Some(unix_ms(e.time_ms)),
                 reason: String::new(),
             }
         }
