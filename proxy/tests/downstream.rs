@@ -171,8 +171,14 @@ fn free_port() -> u16 {
     l.local_addr().expect("probe address").port()
 }
 
+/// A listener address no other test in this process can be given: each call takes its own loopback
+/// address (127.1.x.y), so a port probed and released here cannot be handed to a parallel test's probe.
 fn listen_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ip = std::net::Ipv4Addr::new(127, 1, (n >> 8) as u8, n as u8);
+    let probe = std::net::TcpListener::bind((ip, 0)).expect("probe port");
+    probe.local_addr().expect("probe address")
 }
 
 fn cluster(protocol: UpstreamProtocol, endpoints: &[SocketAddr]) -> ClusterSpec {
