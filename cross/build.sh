@@ -25,10 +25,10 @@ case "$mode" in
     test)
         # Tests that start the agent binary run it through the same emulator cargo uses for the tests.
         DPU_TEST_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
-            cargo test --locked --target aarch64-unknown-linux-gnu --workspace
+            cargo test --locked --target aarch64-unknown-linux-gnu
         ;;
     clippy)
-        cargo clippy --locked --target aarch64-unknown-linux-gnu --workspace --all-targets -- -D warnings
+        cargo clippy --locked --target aarch64-unknown-linux-gnu --all-targets -- -D warnings
         ;;
     *)
         echo "usage: cross/build.sh [musl|gnu|test|clippy]" >&2

@@ -43,13 +43,13 @@ step "format"
 cargo fmt --all -- --check
 
 step "clippy x86_64"
-cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo clippy --locked --all-targets -- -D warnings
 
 step "clippy aarch64"
 cross/build.sh clippy
 
 step "host tests"
-cargo test --locked --workspace
+cargo test --locked
 
 step "aarch64 tests under qemu-aarch64"
 cross/build.sh test

@@ -221,11 +221,17 @@ enum StorageCommand {
 
 #[derive(Debug, Subcommand)]
 enum VolumeCommand {
-    /// Create a volume: exactly one of --malloc, --file PATH, --null, --encrypted BASE.
+    /// Create a volume: exactly one of --malloc, --file PATH, --null, --encrypted BASE, --spdk-bdev NAME.
     Create {
         id: String,
         #[arg(long, group = "backend")]
         malloc: bool,
+        /// A bdev of the agent's SPDK (from its JSON config, or created with --spdk-create).
+        #[arg(long, group = "backend", value_name = "NAME")]
+        spdk_bdev: Option<String>,
+        /// Create the bdev: malloc, aio:PATH or nvme:PCI-ADDRESS (deleted with the volume).
+        #[arg(long, value_name = "MODULE", requires = "spdk_bdev")]
+        spdk_create: Option<String>,
         #[arg(long, group = "backend", value_name = "PATH")]
         file: Option<String>,
         #[arg(long, group = "backend")]
@@ -277,6 +283,9 @@ enum SubsystemCommand {
         /// Allowed host NQN (repeatable).
         #[arg(long = "host", value_name = "NQN")]
         hosts: Vec<String>,
+        /// What serves it: native (the agent's NVMe/TCP target) or spdk (SPDK's NVMe-oF target in the agent).
+        #[arg(long, value_parser = ["native", "spdk"], default_value = "native")]
+        engine: String,
     },
     Get {
         id: String,
@@ -478,6 +487,12 @@ fn volume_json(v: pb::Volume) -> Value {
         Some(pb::volume::Backend::Malloc(_)) => json!({ "malloc": {} }),
         Some(pb::volume::Backend::File(f)) => json!({ "file": { "path": f.path } }),
         Some(pb::volume::Backend::Null(_)) => json!({ "null": {} }),
+        Some(pb::volume::Backend::Spdk(b)) => json!({ "spdk": { "bdev": b.bdev, "create": match b.create {
+            Some(pb::spdk_backend::Create::Malloc(_)) => json!("malloc"),
+            Some(pb::spdk_backend::Create::Aio(a)) => json!(format!("aio:{}", a.path)),
+            Some(pb::spdk_backend::Create::Nvme(n)) => json!(format!("nvme:{}", n.traddr)),
+            None => Value::Null,
+        } } }),
         Some(pb::volume::Backend::Encrypted(e)) => json!({ "encrypted": {
             "base": e.base, "key": e.key, "data_unit_size": e.data_unit_size, "policy": policy_name(e.policy),
         } }),
@@ -515,7 +530,17 @@ fn policy_value(name: Option<&str>) -> pb::CryptoPolicy {
 fn subsystem_json(s: pb::Subsystem) -> Value {
     let (status, generation) = status_json(s.status.as_ref(), s.generation);
     json!({ "name": s.name, "nqn": s.nqn, "serial": s.serial, "model": s.model, "allow_any_host": s.allow_any_host,
-            "allowed_hosts": s.allowed_hosts, "generation": generation, "status": status })
+            "allowed_hosts": s.allowed_hosts, "engine": s.engine, "generation": generation, "status": status })
+}
+
+/// `--spdk-create`: malloc, aio:PATH or nvme:PCI-ADDRESS.
+fn spdk_create_value(text: &str) -> anyhow::Result<pb::spdk_backend::Create> {
+    Ok(match text.split_once(':') {
+        None if text == "malloc" => pb::spdk_backend::Create::Malloc(pb::SpdkMalloc {}),
+        Some(("aio", path)) => pb::spdk_backend::Create::Aio(pb::SpdkAio { path: path.into() }),
+        Some(("nvme", traddr)) => pb::spdk_backend::Create::Nvme(pb::SpdkNvme { traddr: traddr.into() }),
+        _ => anyhow::bail!("--spdk-create {text:?}: give malloc, aio:PATH or nvme:PCI-ADDRESS"),
+    })
 }
 
 fn namespace_json(n: pb::Namespace) -> Value {
@@ -537,6 +562,8 @@ async fn storage(channel: Channel, command: &StorageCommand) -> anyhow::Result<V
         StorageCommand::Volume(VolumeCommand::Create {
             id,
             malloc: _,
+            spdk_bdev,
+            spdk_create,
             file,
             null,
             encrypted,
@@ -547,6 +574,10 @@ async fn storage(channel: Channel, command: &StorageCommand) -> anyhow::Result<V
             block_size,
         }) => {
             let backend = match (file, null, encrypted) {
+                _ if spdk_bdev.is_some() => pb::volume::Backend::Spdk(pb::SpdkBackend {
+                    bdev: spdk_bdev.clone().unwrap_or_default(),
+                    create: spdk_create.as_deref().map(spdk_create_value).transpose()?,
+                }),
                 (Some(path), _, _) => pb::volume::Backend::File(pb::FileBackend { path: path.clone() }),
                 (None, true, _) => pb::volume::Backend::Null(pb::NullBackend {}),
                 (None, false, Some(base)) => pb::volume::Backend::Encrypted(pb::EncryptedBackend {
@@ -594,13 +625,22 @@ async fn storage(channel: Channel, command: &StorageCommand) -> anyhow::Result<V
             c.delete_volume(pb::DeleteVolumeRequest { name: name.clone(), allow_missing: *allow_missing }).await?;
             deleted(name)
         }
-        StorageCommand::Subsystem(SubsystemCommand::Create { id, nqn, serial, model, allow_any_host, hosts }) => {
+        StorageCommand::Subsystem(SubsystemCommand::Create {
+            id,
+            nqn,
+            serial,
+            model,
+            allow_any_host,
+            hosts,
+            engine,
+        }) => {
             let subsystem = pb::Subsystem {
                 nqn: nqn.clone(),
                 serial: serial.clone(),
                 model: model.clone(),
                 allow_any_host: *allow_any_host,
                 allowed_hosts: hosts.clone(),
+                engine: engine.clone(),
                 ..Default::default()
             };
             let request = pb::CreateSubsystemRequest { subsystem_id: id.clone(), subsystem: Some(subsystem) };

@@ -123,18 +123,36 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
         Some(id) => tracing::info!(kek = %kek_file.display(), kek_id = %id, "key-encryption key loaded"),
         None => tracing::info!(kek = %kek_file.display(), "no key-encryption key yet: created with the first key"),
     }
-    let storage_controller = Controller::new(
-        dpu_storage::reconcile::StorageReconciler::with_images(
-            target.clone(),
-            config.storage.discovery_listen,
-            images.clone(),
-        )
-        .with_uring(uring.clone())
-        .with_keys(keys.clone(), encrypted_volumes.clone()),
-        store.clone(),
-        status_board.clone(),
-        controller_config,
-    );
+    let storage_reconciler = dpu_storage::reconcile::StorageReconciler::with_images(
+        target.clone(),
+        config.storage.discovery_listen,
+        images.clone(),
+    )
+    .with_uring(uring.clone())
+    .with_keys(keys.clone(), encrypted_volumes.clone());
+    // SPDK, when configured: up before the storage reconciler needs it, stopped after everything that uses it.
+    #[cfg(feature = "spdk")]
+    let spdk = match &config.storage.spdk {
+        Some(spdk) => Some(std::sync::Arc::new(
+            dpu_storage::spdk::SpdkEngine::start(spdk, &config.data_dir)
+                .map_err(|e| anyhow::anyhow!("starting SPDK ([storage.spdk]): {e}"))?,
+        )),
+        None => None,
+    };
+    #[cfg(feature = "spdk")]
+    let (storage_reconciler, no_spdk) = match &spdk {
+        Some(engine) => (storage_reconciler.with_spdk(engine.clone()), None),
+        None => (storage_reconciler, Some("SPDK is not configured ([storage.spdk] in the agent's config)".to_owned())),
+    };
+    #[cfg(not(feature = "spdk"))]
+    let no_spdk = {
+        if config.storage.spdk.is_some() {
+            anyhow::bail!("[storage.spdk] is configured, but this agent was built without SPDK (cargo feature `spdk`)");
+        }
+        Some("this agent was built without SPDK (cargo feature `spdk`)".to_owned())
+    };
+    let storage_controller =
+        Controller::new(storage_reconciler, store.clone(), status_board.clone(), controller_config);
     let storage_trigger = storage_controller.trigger();
     let storage_retrigger = storage_trigger.clone();
     reconcilers.push(storage_controller.spawn(shutdown_rx.clone()));
@@ -246,7 +264,7 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let agent_api =
         AgentApi::new(store.clone(), status_board.clone(), events.clone(), stopping_rx.clone(), started, started_at);
-    let storage_api = StorageApi::new(store.clone(), status_board.clone(), target.stats().clone());
+    let storage_api = StorageApi::new(store.clone(), status_board.clone(), target.stats().clone(), no_spdk);
     let image_api = ImageApi::new(
         store.clone(),
         status_board.clone(),
@@ -459,6 +477,11 @@ pub async fn run(config: Config, log: Arc<LogControl>, started_at: Instant, laun
     }
     if let Some(admin) = admin {
         let _ = admin.await;
+    }
+    // SPDK's target disconnects its hosts as it stops; they reconnect to whichever process serves next.
+    #[cfg(feature = "spdk")]
+    if let Some(engine) = spdk {
+        let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -212,6 +212,9 @@ pub struct StorageConfig {
     /// Address of the NVMe/TCP discovery service (the well-known port is 8009); none when unset.
     #[serde(default)]
     pub discovery_listen: Option<SocketAddr>,
+    /// SPDK inside the agent (agents built with the `spdk` feature): present = started at boot.
+    #[serde(default)]
+    pub spdk: Option<dpu_storage::model::SpdkConfig>,
 }
 
 /// The gRPC control API.

@@ -6,4 +6,6 @@ pub mod image;
 pub mod initiator;
 pub mod model;
 pub mod reconcile;
+#[cfg(feature = "spdk")]
+pub mod spdk;
 pub mod target;

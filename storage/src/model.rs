@@ -31,6 +31,112 @@ pub enum Backend {
     Null,
     /// AES-256-XTS over another volume, in dm-crypt's plain `aes-xts-plain64` layout.
     Encrypted(EncryptedSpec),
+    /// A bdev of the agent's SPDK: one its JSON config made, or one the agent creates with an SPDK module.
+    Spdk(SpdkBdevSpec),
+}
+
+/// An SPDK bdev used as a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpdkBdevSpec {
+    /// Name of the bdev (for `nvme`, of the controller; its first namespace is the bdev `<name>n1`).
+    pub bdev: String,
+    /// How the agent creates the bdev (and deletes it with the volume); `None`: the bdev exists already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create: Option<SpdkCreate>,
+}
+
+/// SPDK modules the agent creates bdevs with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "module")]
+pub enum SpdkCreate {
+    /// SPDK's RAM bdev, the volume's size.
+    Malloc,
+    /// Linux AIO on a file or block device.
+    Aio { path: PathBuf },
+    /// SPDK's user-space NVMe driver on the PCIe function at `traddr` (e.g. `0000:03:00.0`).
+    Nvme { traddr: String },
+}
+
+impl SpdkBdevSpec {
+    /// The bdev I/O goes to.
+    pub fn bdev_name(&self) -> String {
+        match self.create {
+            Some(SpdkCreate::Nvme { .. }) => format!("{}n1", self.bdev),
+            _ => self.bdev.clone(),
+        }
+    }
+}
+
+/// What serves a subsystem's hosts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// The agent's own NVMe/TCP target.
+    #[default]
+    Native,
+    /// SPDK's NVMe-oF target, in the agent's process (feature `spdk`, `[storage.spdk]` configured).
+    Spdk,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Native => "native",
+            Engine::Spdk => "spdk",
+        }
+    }
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "native" => Ok(Engine::Native),
+            "spdk" => Ok(Engine::Spdk),
+            other => Err(format!("{other:?} is not an engine (native, spdk)")),
+        }
+    }
+}
+
+/// How the agent starts SPDK (`[storage.spdk]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpdkConfig {
+    /// Reactor core mask (`0x1`, `[0-1]`): the cores SPDK polls on, all the time.
+    #[serde(default = "default_spdk_cores")]
+    pub cores: String,
+    /// Memory for SPDK's buffers, in MiB (its buffer pools alone take about 250 MiB).
+    #[serde(default = "default_spdk_memory")]
+    pub mem_size_mib: u32,
+    /// Use hugepages (set them up first); false runs SPDK on ordinary memory (DPDK `--no-huge`).
+    #[serde(default)]
+    pub hugepages: bool,
+    /// Let SPDK claim PCI devices (user-space NVMe); false leaves every device to the kernel.
+    #[serde(default)]
+    pub pci: bool,
+    /// An SPDK JSON config applied at start (bdevs its modules create, named by `spdk` volumes).
+    #[serde(default)]
+    pub json_config: Option<PathBuf>,
+}
+
+fn default_spdk_cores() -> String {
+    "0x1".into()
+}
+
+fn default_spdk_memory() -> u32 {
+    1024
+}
+
+impl Default for SpdkConfig {
+    fn default() -> Self {
+        SpdkConfig {
+            cores: default_spdk_cores(),
+            mem_size_mib: default_spdk_memory(),
+            hugepages: false,
+            pci: false,
+            json_config: None,
+        }
+    }
 }
 
 /// An encrypted volume: its base (holding only ciphertext), its key and its data unit.
@@ -72,6 +178,26 @@ impl VolumeSpec {
         match &self.backend {
             Backend::File { path } if !path.is_absolute() => {
                 return invalid("volume.file.path", format!("{} is not an absolute path", path.display()));
+            }
+            Backend::Spdk(b) => {
+                let name_ok = !b.bdev.is_empty()
+                    && b.bdev.len() <= 64
+                    && b.bdev.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(&c));
+                if !name_ok {
+                    return invalid(
+                        "volume.spdk.bdev",
+                        format!("{:?} is not a bdev name (1-64 of A-Z a-z 0-9 - _ . :)", b.bdev),
+                    );
+                }
+                match &b.create {
+                    Some(SpdkCreate::Aio { path }) if !path.is_absolute() => {
+                        return invalid("volume.spdk.aio.path", format!("{} is not an absolute path", path.display()));
+                    }
+                    Some(SpdkCreate::Nvme { traddr }) if traddr.is_empty() => {
+                        return invalid("volume.spdk.nvme.traddr", "is empty: give the PCIe address (0000:03:00.0)");
+                    }
+                    _ => {}
+                }
             }
             Backend::Encrypted(e) => {
                 if let Err(err) = dpu_intent::validate_id(&e.base) {
@@ -226,10 +352,17 @@ pub struct SubsystemSpec {
     pub model: String,
     pub allow_any_host: bool,
     pub allowed_hosts: BTreeSet<String>,
+    /// What serves the subsystem.
+    #[serde(default, skip_serializing_if = "is_native")]
+    pub engine: Engine,
     #[serde(default)]
     pub namespaces: BTreeMap<String, NamespaceSpec>,
     #[serde(default)]
     pub listeners: BTreeMap<String, ListenerSpec>,
+}
+
+fn is_native(engine: &Engine) -> bool {
+    *engine == Engine::Native
 }
 
 impl Resource for SubsystemSpec {
@@ -332,6 +465,7 @@ mod tests {
             model: "dpu-agent".into(),
             allow_any_host: true,
             allowed_hosts: BTreeSet::new(),
+            engine: Engine::Native,
             namespaces: BTreeMap::new(),
             listeners: BTreeMap::new(),
         }

@@ -17,7 +17,7 @@ use crate::bdev::{
 };
 use crate::image::Digest;
 use crate::image::reconcile::Images;
-use crate::model::{Backend, EncryptedSpec, SubsystemSpec, VolumeSpec};
+use crate::model::{Backend, EncryptedSpec, Engine, SubsystemSpec, VolumeSpec};
 use crate::target::{Namespace, Subsystem, Target};
 
 /// The storage subsystem's reconciler.
@@ -36,7 +36,16 @@ pub struct StorageReconciler {
     keys: Option<Keys>,
     /// The encrypted volumes open now, shared with the metrics.
     encrypted: EncryptedVolumes,
+    /// SPDK, when the agent runs it: `spdk` volumes and subsystems with `engine = "spdk"`.
+    #[cfg(feature = "spdk")]
+    spdk: Option<Arc<crate::spdk::SpdkEngine>>,
 }
+
+/// Why SPDK volumes and subsystems cannot be served by this agent.
+#[cfg(not(feature = "spdk"))]
+const NO_SPDK: &str = "this agent was built without SPDK (cargo feature `spdk`)";
+#[cfg(feature = "spdk")]
+const NO_SPDK: &str = "SPDK is not configured ([storage.spdk] in the agent's config)";
 
 #[derive(Debug)]
 struct OpenVolume {
@@ -56,6 +65,7 @@ fn open_volume(spec: &VolumeSpec, uring: Option<Uring>) -> Result<SharedVolume, 
             Arc::new(FileVolume::open(path, spec.block_size, spec.blocks(), uring).map_err(error)?)
         }
         Backend::Encrypted(_) => unreachable!("encrypted volumes are opened over their base"),
+        Backend::Spdk(_) => unreachable!("SPDK volumes are opened by the SPDK engine"),
     })
 }
 
@@ -100,7 +110,26 @@ impl StorageReconciler {
             images,
             keys: None,
             encrypted: EncryptedVolumes::default(),
+            #[cfg(feature = "spdk")]
+            spdk: None,
         }
+    }
+
+    /// Serves `spdk` volumes and `engine = "spdk"` subsystems with `engine`.
+    #[cfg(feature = "spdk")]
+    pub fn with_spdk(mut self, engine: Arc<crate::spdk::SpdkEngine>) -> Self {
+        self.spdk = Some(engine);
+        self
+    }
+
+    /// Opens the SPDK bdev of an `spdk` volume.
+    fn open_spdk(&self, spec: &VolumeSpec, bdev: &crate::model::SpdkBdevSpec) -> Result<SharedVolume, String> {
+        #[cfg(feature = "spdk")]
+        if let Some(engine) = &self.spdk {
+            return engine.open_volume(spec, bdev);
+        }
+        let _ = (spec, bdev);
+        Err(NO_SPDK.into())
     }
 
     /// Opens encrypted volumes with keys from `keys`, and lists them in `encrypted`.
@@ -182,10 +211,13 @@ impl StorageReconciler {
                     self.encrypted.insert(&v.id, volume.clone());
                     volume as SharedVolume
                 }),
-                None => {
-                    let uring = matches!(v.spec.backend, Backend::File { .. }).then(|| self.uring()).flatten();
-                    open_volume(&v.spec, uring)
-                }
+                None => match &v.spec.backend {
+                    Backend::Spdk(bdev) => self.open_spdk(&v.spec, bdev),
+                    _ => {
+                        let uring = matches!(v.spec.backend, Backend::File { .. }).then(|| self.uring()).flatten();
+                        open_volume(&v.spec, uring)
+                    }
+                },
             };
             match opened {
                 Ok(volume) => {
@@ -211,6 +243,110 @@ impl StorageReconciler {
     }
 }
 
+impl StorageReconciler {
+    /// The volume a namespace serves: (id its counters are kept under, the volume when it is open).
+    fn namespace_volume(
+        &self,
+        ns: &crate::model::NamespaceSpec,
+        volumes: &HashMap<String, SharedVolume>,
+    ) -> (String, Option<SharedVolume>) {
+        match &ns.layer {
+            None => (ns.volume.clone(), volumes.get(&ns.volume).cloned()),
+            Some(layer) => (layer_volume_id(&layer.source), self.images.layer(&layer.source).map(|l| l.shared)),
+        }
+    }
+
+    /// Every SPDK subsystem fails: this agent has no SPDK.
+    #[cfg(not(feature = "spdk"))]
+    async fn apply_spdk(
+        &self,
+        subsystems: &[dpu_intent::Stored<SubsystemSpec>],
+        _volumes: &HashMap<String, SharedVolume>,
+    ) -> (BTreeMap<String, Result<bool, String>>, BTreeMap<(String, String), String>) {
+        (subsystems.iter().map(|s| (s.spec.nqn.clone(), Err(NO_SPDK.to_owned()))).collect(), BTreeMap::new())
+    }
+
+    /// Applies the SPDK subsystems; returns the outcome per NQN and the namespaces waiting for their volume
+    /// ((subsystem id, namespace id) → why).
+    #[cfg(feature = "spdk")]
+    async fn apply_spdk(
+        &self,
+        subsystems: &[dpu_intent::Stored<SubsystemSpec>],
+        volumes: &HashMap<String, SharedVolume>,
+    ) -> (BTreeMap<String, Result<bool, String>>, BTreeMap<(String, String), String>) {
+        let mut pending = BTreeMap::new();
+        let Some(engine) = &self.spdk else {
+            return (subsystems.iter().map(|s| (s.spec.nqn.clone(), Err(NO_SPDK.to_owned()))).collect(), pending);
+        };
+        let mut wanted = Vec::new();
+        for s in subsystems {
+            let mut namespaces = Vec::new();
+            for (ns_id, ns) in &s.spec.namespaces {
+                match self.namespace_volume(ns, volumes) {
+                    (volume_id, Some(volume)) => namespaces.push(crate::spdk::SpdkNamespace {
+                        nsid: ns.nsid,
+                        stats: self.target.stats().for_volume(&volume_id),
+                        volume_id,
+                        volume,
+                        uuid: ns.uuid,
+                    }),
+                    (_, None) => {
+                        let reason = match &ns.layer {
+                            None => format!("volumes/{} is not open", ns.volume),
+                            Some(layer) => format!("no resolved image has layer {}", layer.source),
+                        };
+                        pending.insert((s.id.clone(), ns_id.clone()), reason);
+                    }
+                }
+            }
+            wanted.push(crate::spdk::WantedSubsystem {
+                nqn: s.spec.nqn.clone(),
+                serial: s.spec.serial.clone(),
+                model: s.spec.model.clone(),
+                allow_any_host: s.spec.allow_any_host,
+                hosts: s.spec.allowed_hosts.clone(),
+                namespaces,
+                listeners: s.spec.listeners.values().map(|l| l.address).collect(),
+            });
+        }
+        (engine.apply(wanted).await, pending)
+    }
+
+    /// Serves the subsystems with `engine = "spdk"` through SPDK's target; returns the changes made.
+    async fn reconcile_spdk(
+        &self,
+        subsystems: &[dpu_intent::Stored<SubsystemSpec>],
+        volumes: &HashMap<String, SharedVolume>,
+        statuses: &mut Vec<(ObjectKey, ObjectStatus)>,
+    ) -> usize {
+        let (outcome, pending) = self.apply_spdk(subsystems, volumes).await;
+        let mut changes = 0;
+        for s in subsystems {
+            let generation = s.meta.generation;
+            let result = outcome.get(&s.spec.nqn).cloned().unwrap_or(Ok(false));
+            changes += usize::from(matches!(result, Ok(true)));
+            let (state, reason) = match &result {
+                Ok(_) => (ObjectState::Ready, String::new()),
+                Err(e) => (ObjectState::Error, format!("SPDK engine: {e}")),
+            };
+            for ns_id in s.spec.namespaces.keys() {
+                let key = ObjectKey { kind: "namespaces".into(), id: format!("{}/{ns_id}", s.id) };
+                let status = match pending.get(&(s.id.clone(), ns_id.clone())) {
+                    Some(why) => status(ObjectState::Pending, why.clone(), generation),
+                    None => status(state, reason.clone(), generation),
+                };
+                statuses.push((key, status));
+            }
+            for l_id in s.spec.listeners.keys() {
+                let key = ObjectKey { kind: "listeners".into(), id: format!("{}/{l_id}", s.id) };
+                statuses.push((key, status(state, reason.clone(), generation)));
+            }
+            statuses.push((ObjectKey::of::<SubsystemSpec>(&s.id), status(state, reason.clone(), generation)));
+        }
+        changes
+    }
+}
+
 /// The name a layer's I/O counters are kept under (per-volume storage stats and metrics).
 pub fn layer_volume_id(source: &Digest) -> String {
     format!("layer-{}", &source.hex()[..16])
@@ -229,6 +365,8 @@ impl Reconciler for StorageReconciler {
 
         // Address → (status key, generation of the owning subsystem) of every listener exported there.
         let mut wanted_listeners: BTreeMap<SocketAddr, Vec<(String, u64)>> = BTreeMap::new();
+        let (spdk_subsystems, subsystems): (Vec<_>, Vec<_>) =
+            subsystems.into_iter().partition(|s| s.spec.engine == Engine::Spdk);
         for s in &subsystems {
             let spec = &s.spec;
             let served = match registry.by_nqn(&spec.nqn) {
@@ -248,10 +386,7 @@ impl Reconciler for StorageReconciler {
             let mut namespaces = Vec::new();
             for (ns_id, ns) in &spec.namespaces {
                 let key = ObjectKey { kind: "namespaces".into(), id: format!("{}/{ns_id}", s.id) };
-                let (volume_id, volume) = match &ns.layer {
-                    None => (ns.volume.clone(), volumes.get(&ns.volume).cloned()),
-                    Some(layer) => (layer_volume_id(&layer.source), self.images.layer(&layer.source).map(|l| l.shared)),
-                };
+                let (volume_id, volume) = self.namespace_volume(ns, &volumes);
                 match volume.as_ref() {
                     Some(volume) => {
                         let existing = served
@@ -305,6 +440,7 @@ impl Reconciler for StorageReconciler {
             // Subsystems, hosts or addresses may differ from what discovery reported before.
             self.target.discovery_changed();
         }
+        changes += self.reconcile_spdk(&spdk_subsystems, &volumes, &mut statuses).await;
         Ok(Pass { changes, statuses })
     }
 }
@@ -326,6 +462,7 @@ mod tests {
             namespaces: [("n1".into(), NamespaceSpec { nsid: 1, volume: volume.into(), uuid: [1; 16], layer: None })]
                 .into(),
             listeners: [("tcp".into(), ListenerSpec { address })].into(),
+            engine: Engine::Native,
         }
     }
 

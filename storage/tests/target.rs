@@ -65,6 +65,7 @@ fn subsystem(addr: SocketAddr) -> SubsystemSpec {
         model: MODEL.into(),
         allow_any_host: false,
         allowed_hosts: BTreeSet::from([HOSTNQN.to_owned()]),
+        engine: Default::default(),
         namespaces: BTreeMap::from([(
             "ns1".into(),
             NamespaceSpec { nsid: 1, volume: "vol1".into(), uuid: [1; 16], layer: None },

@@ -327,6 +327,11 @@ impl Spdk {
         rx.await.map_err(|_| Error::Stopped)
     }
 
+    /// Runs `f` on SPDK's application thread without waiting for it.
+    pub fn post(&self, f: impl FnOnce(&OnSpdk) + Send + 'static) -> Result<(), Error> {
+        self.inner.send(f)
+    }
+
     /// Like [`Spdk::run`], for callers outside tokio: blocks the calling thread.
     pub fn run_blocking<R: Send + 'static>(&self, f: impl FnOnce(&OnSpdk) -> R + Send + 'static) -> Result<R, Error> {
         let (tx, rx) = std::sync::mpsc::channel();

@@ -234,23 +234,23 @@ impl Subsystem {
     pub fn transition(&self, _on: &OnSpdk, to: Transition, done: Completion<Result<(), Error>>) {
         let s = self.0.as_ptr();
         let arg = done.into_raw();
-        let (call, rc) = match to {
-            // SAFETY: the subsystem is live; state_done owns arg when the call returns 0.
-            Transition::Start => {
-                ("spdk_nvmf_subsystem_start", unsafe { sys::spdk_nvmf_subsystem_start(s, Some(state_done), arg) })
-            }
-            // SAFETY: as above.
-            Transition::Stop => {
-                ("spdk_nvmf_subsystem_stop", unsafe { sys::spdk_nvmf_subsystem_stop(s, Some(state_done), arg) })
-            }
-            // SAFETY: as above; nsid 0 pauses every namespace.
-            Transition::Pause => {
-                ("spdk_nvmf_subsystem_pause", unsafe { sys::spdk_nvmf_subsystem_pause(s, 0, Some(state_done), arg) })
-            }
-            // SAFETY: as above.
-            Transition::Resume => {
-                ("spdk_nvmf_subsystem_resume", unsafe { sys::spdk_nvmf_subsystem_resume(s, Some(state_done), arg) })
-            }
+        let call = match to {
+            Transition::Start => "spdk_nvmf_subsystem_start",
+            Transition::Stop => "spdk_nvmf_subsystem_stop",
+            Transition::Pause => "spdk_nvmf_subsystem_pause",
+            Transition::Resume => "spdk_nvmf_subsystem_resume",
+        };
+        // The four calls: the subsystem is live, on the app thread (token); state_done owns arg when the call
+        // returns 0. Pausing nsid 0 pauses every namespace.
+        let rc = match to {
+            // SAFETY: see above.
+            Transition::Start => unsafe { sys::spdk_nvmf_subsystem_start(s, Some(state_done), arg) },
+            // SAFETY: see above.
+            Transition::Stop => unsafe { sys::spdk_nvmf_subsystem_stop(s, Some(state_done), arg) },
+            // SAFETY: see above.
+            Transition::Pause => unsafe { sys::spdk_nvmf_subsystem_pause(s, 0, Some(state_done), arg) },
+            // SAFETY: see above.
+            Transition::Resume => unsafe { sys::spdk_nvmf_subsystem_resume(s, Some(state_done), arg) },
         };
         if rc != 0 {
             // SAFETY: not queued: the completion is still ours.

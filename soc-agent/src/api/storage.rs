@@ -9,7 +9,8 @@ use dpu_intent::reconcile::{ObjectKey, StatusBoard};
 use dpu_intent::{Meta, Resource, Store, Stored};
 use dpu_proto::v1 as pb;
 use dpu_storage::model::{
-    Backend, EncryptedSpec, ListenerSpec, NamespaceSpec, SubsystemSpec, VolumeSpec, format_uuid, random_uuid,
+    Backend, EncryptedSpec, Engine, ListenerSpec, NamespaceSpec, SpdkBdevSpec, SpdkCreate, SubsystemSpec, VolumeSpec,
+    format_uuid, random_uuid,
 };
 use dpu_storage::target::StatsSource;
 use tokio::sync::Mutex;
@@ -31,11 +32,22 @@ pub struct StorageApi {
     /// Serializes read-modify-write of subsystems (children are stored inside their parent); shared with the
     /// image API, which exports layers as namespaces.
     writes: Arc<Mutex<()>>,
+    /// Why SPDK volumes and subsystems are refused; `None` when the agent runs SPDK.
+    no_spdk: Option<String>,
 }
 
 impl StorageApi {
-    pub fn new(store: Store, status: StatusBoard, stats: StatsSource) -> Self {
-        Self { store, status, stats, writes: Arc::default() }
+    /// `no_spdk`: why this agent cannot serve SPDK volumes and subsystems (`None`: it runs SPDK).
+    pub fn new(store: Store, status: StatusBoard, stats: StatsSource, no_spdk: Option<String>) -> Self {
+        Self { store, status, stats, writes: Arc::default(), no_spdk }
+    }
+
+    /// FAILED_PRECONDITION naming why, when this agent has no SPDK.
+    fn require_spdk(&self, field: &str) -> Result<(), Status> {
+        match &self.no_spdk {
+            None => Ok(()),
+            Some(reason) => Err(Status::failed_precondition(format!("{field}: {reason}"))),
+        }
     }
 
     /// The lock every read-modify-write of a subsystem takes.
@@ -59,6 +71,18 @@ impl StorageApi {
             Backend::Malloc => pb::volume::Backend::Malloc(pb::MallocBackend {}),
             Backend::File { path } => pb::volume::Backend::File(pb::FileBackend { path: path.display().to_string() }),
             Backend::Null => pb::volume::Backend::Null(pb::NullBackend {}),
+            Backend::Spdk(b) => pb::volume::Backend::Spdk(pb::SpdkBackend {
+                bdev: b.bdev.clone(),
+                create: b.create.as_ref().map(|c| match c {
+                    SpdkCreate::Malloc => pb::spdk_backend::Create::Malloc(pb::SpdkMalloc {}),
+                    SpdkCreate::Aio { path } => {
+                        pb::spdk_backend::Create::Aio(pb::SpdkAio { path: path.display().to_string() })
+                    }
+                    SpdkCreate::Nvme { traddr } => {
+                        pb::spdk_backend::Create::Nvme(pb::SpdkNvme { traddr: traddr.clone() })
+                    }
+                }),
+            }),
             Backend::Encrypted(e) => pb::volume::Backend::Encrypted(pb::EncryptedBackend {
                 base: format!("volumes/{}", e.base),
                 key: format!("{}/{}", KeySpec::KIND, e.key),
@@ -97,6 +121,7 @@ impl StorageApi {
             model: s.model.clone(),
             allow_any_host: s.allow_any_host,
             allowed_hosts: s.allowed_hosts.iter().cloned().collect(),
+            engine: s.engine.as_str().into(),
             generation: generation(stored.meta.generation),
             status: Some(self.status_of(SubsystemSpec::KIND, &stored.id, &stored.meta)),
         }
@@ -202,6 +227,14 @@ fn volume_from(store: &Store, v: pb::Volume) -> Result<VolumeSpec, Status> {
         Some(pb::volume::Backend::Malloc(_)) => Backend::Malloc,
         Some(pb::volume::Backend::File(f)) => Backend::File { path: f.path.into() },
         Some(pb::volume::Backend::Null(_)) => Backend::Null,
+        Some(pb::volume::Backend::Spdk(b)) => Backend::Spdk(SpdkBdevSpec {
+            bdev: b.bdev,
+            create: b.create.map(|c| match c {
+                pb::spdk_backend::Create::Malloc(_) => SpdkCreate::Malloc,
+                pb::spdk_backend::Create::Aio(a) => SpdkCreate::Aio { path: a.path.into() },
+                pb::spdk_backend::Create::Nvme(n) => SpdkCreate::Nvme { traddr: n.traddr },
+            }),
+        }),
         Some(pb::volume::Backend::Encrypted(e)) => {
             let base = parse_name(&e.base, VolumeSpec::KIND, "volume.encrypted.base")?.to_owned();
             let key = parse_name(&e.key, KeySpec::KIND, "volume.encrypted.key")?.to_owned();
@@ -256,7 +289,9 @@ fn volume_from(store: &Store, v: pb::Volume) -> Result<VolumeSpec, Status> {
             Backend::Encrypted(EncryptedSpec { base, key, data_unit, policy })
         }
         None => {
-            return Err(Status::invalid_argument("volume.backend: one of malloc, file, null, encrypted is required"));
+            return Err(Status::invalid_argument(
+                "volume.backend: one of malloc, file, null, encrypted, spdk is required",
+            ));
         }
     };
     let spec = VolumeSpec { block_size: if block_size == 0 { 512 } else { block_size }, size_bytes, backend };
@@ -271,6 +306,7 @@ fn subsystem_from(id: &str, s: pb::Subsystem) -> Result<SubsystemSpec, Status> {
         model: if s.model.is_empty() { "dpu-agent".into() } else { s.model },
         allow_any_host: s.allow_any_host,
         allowed_hosts: s.allowed_hosts.into_iter().collect::<BTreeSet<_>>(),
+        engine: s.engine.parse::<Engine>().map_err(|e| Status::invalid_argument(format!("subsystem.engine: {e}")))?,
         namespaces: Default::default(),
         listeners: Default::default(),
     };
@@ -284,6 +320,9 @@ impl pb::storage_service_server::StorageService for StorageApi {
         let r = r.into_inner();
         let _guard = self.writes.lock().await;
         let spec = volume_from(&self.store, r.volume.ok_or_else(|| Status::invalid_argument("volume: required"))?)?;
+        if matches!(spec.backend, Backend::Spdk(_)) {
+            self.require_spdk("volume.spdk")?;
+        }
         let created = self.store.create(&r.volume_id, spec).map_err(intent_status)?;
         Ok(Response::new(self.volume_message(created.into_stored())))
     }
@@ -341,6 +380,9 @@ impl pb::storage_service_server::StorageService for StorageApi {
             &r.subsystem_id,
             r.subsystem.ok_or_else(|| Status::invalid_argument("subsystem: required"))?,
         )?;
+        if spec.engine == Engine::Spdk {
+            self.require_spdk("subsystem.engine")?;
+        }
         let _guard = self.writes.lock().await;
         for other in self.store.list_all::<SubsystemSpec>().map_err(intent_status)? {
             if other.spec.nqn == spec.nqn && other.id != r.subsystem_id {

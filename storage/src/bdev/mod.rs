@@ -104,6 +104,10 @@ pub trait Volume: Send + Sync + std::fmt::Debug + 'static {
     fn read_only(&self) -> bool {
         false
     }
+    /// The SPDK bdev this volume is, when it is one: SPDK's target then serves it directly.
+    fn spdk_bdev(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Counters kept for every volume the target serves.
