@@ -25,6 +25,14 @@
 #
 # Builds `cargo build --locked --release --bin dpu-agent --bin dpuctl` unless
 # DPU_GUEST_NO_BUILD=1 (then uses ${CARGO_TARGET_DIR:-<repo>/target}/release).
+#
+# tests/guest/spdk-engine.sh runs this test with NVME_ENGINE=spdk: the agent
+# is built with the `spdk` feature (debug profile) and started with
+# [storage.spdk]; the subsystem has engine spdk, so SPDK's NVMe-oF target in
+# the agent serves it. Namespace 1 is then an SPDK malloc bdev (the volume
+# created with --spdk-create malloc), namespace 2 one of the agent's file
+# volumes through the Rust bdev module, which also gets the ext4 check. The
+# discovery step is left out (SPDK's discovery service is not configured).
 # Environment: DPU_NVME_AGENT_TIMEOUT (s to wait for the agent to serve, 60),
 # DPU_NVME_DPUCTL_TIMEOUT (s per dpuctl call, 60), RUST_LOG (agent, default
 # info), and the DPU_NVME_* sizes and timeouts of tests/guest/lib/nvme-common.sh.
@@ -38,6 +46,7 @@ GUEST_TIMEOUT=600
 GUEST_CACHE_IMAGE=0
 
 NVME_AGENT_PID=""
+NVME_ENGINE=${NVME_ENGINE:-native}
 NVME_API_PORT=""
 NVME_IO_PORT=""
 NVME_DISC_PORT=""
@@ -48,7 +57,11 @@ nvme_target_dir() {
 	printf '%s\n' "$dir"
 }
 
-nvme_say() { printf 'nvme-initiator: %s\n' "$*" >&2; }
+nvme_say() { printf 'nvme-initiator(%s): %s\n' "$NVME_ENGINE" "$*" >&2; }
+
+# The profile the binaries come from: SPDK's engine is built in debug (the
+# release build of the suite stays free of SPDK).
+nvme_profile() { if [[ $NVME_ENGINE == spdk ]]; then echo debug; else echo release; fi; }
 
 nvme_agent_log() { printf '%s\n' "${GUEST_LOG%.log}.agent.log"; }
 
@@ -78,7 +91,7 @@ PY
 # command failed and why.
 nvme_dpuctl() {
 	local out rc=0
-	local -a cmd=("$(nvme_target_dir)/release/dpuctl" --addr "http://127.0.0.1:$NVME_API_PORT" "$@")
+	local -a cmd=("$(nvme_target_dir)/$(nvme_profile)/dpuctl" --addr "http://127.0.0.1:$NVME_API_PORT" "$@")
 	nvme_say "dpuctl $*"
 	out=$(env -u DPUCTL_CA -u DPUCTL_CERT -u DPUCTL_KEY -u DPUCTL_ADDR \
 		timeout "${DPU_NVME_DPUCTL_TIMEOUT:-60}" "${cmd[@]}" 2>&1) || rc=$?
@@ -98,11 +111,13 @@ nvme_agent_alive() {
 guest_prepare() {
 	local target agent dpuctl
 	target=$(nvme_target_dir)
-	agent=$target/release/dpu-agent
-	dpuctl=$target/release/dpuctl
+	agent=$target/$(nvme_profile)/dpu-agent
+	dpuctl=$target/$(nvme_profile)/dpuctl
+	local -a build=(--release)
+	[[ $NVME_ENGINE != spdk ]] || build=(--features dpu-agent/spdk)
 	if [[ ${DPU_GUEST_NO_BUILD:-0} != 1 ]]; then
-		nvme_say "building host dpu-agent and dpuctl"
-		(cd "$REPO_ROOT" && cargo build --locked --release --bin dpu-agent --bin dpuctl) >&2 || return 1
+		nvme_say "building host dpu-agent and dpuctl (${build[*]})"
+		(cd "$REPO_ROOT" && cargo build --locked "${build[@]}" --bin dpu-agent --bin dpuctl) >&2 || return 1
 	fi
 	local f
 	for f in "$agent" "$dpuctl"; do
@@ -128,6 +143,15 @@ listen = "127.0.0.1:$admin"
 [storage]
 discovery_listen = "127.0.0.1:$NVME_DISC_PORT"
 TOML
+	if [[ $NVME_ENGINE == spdk ]]; then
+		# SPDK polls its core all the time: give it the second CPU, leave the first to QEMU.
+		cat >>"$GUEST_WORK/agent.toml" <<TOML
+
+[storage.spdk]
+cores = "${DPU_SPDK_CORES:-0x2}"
+mem_size_mib = 1024
+TOML
+	fi
 	nvme_say "starting $agent (API :$api, admin :$admin, discovery :$NVME_DISC_PORT; I/O listener will be :$NVME_IO_PORT)"
 	RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 "$agent" --config "$GUEST_WORK/agent.toml" \
 		</dev/null >"$GUEST_WORK/agent.log" 2>&1 &
@@ -152,23 +176,41 @@ TOML
 	done
 	nvme_say "dpu-agent is serving (pid $NVME_AGENT_PID)"
 
-	nvme_dpuctl storage volume create vol1 --malloc --size 256MiB || return 1
-	nvme_dpuctl storage volume create vol2 --malloc --size 64MiB || return 1
+	if [[ $NVME_ENGINE == spdk ]]; then
+		nvme_dpuctl storage volume create vol1 --spdk-bdev Malloc1 --spdk-create malloc --size 256MiB || return 1
+		nvme_dpuctl storage volume create vol2 --file "$GUEST_WORK/vol2.img" --size 64MiB || return 1
+	else
+		nvme_dpuctl storage volume create vol1 --malloc --size 256MiB || return 1
+		nvme_dpuctl storage volume create vol2 --malloc --size 64MiB || return 1
+	fi
 	nvme_dpuctl storage subsystem create sub1 --nqn "$NVME_SUBNQN" --serial "$NVME_SERIAL" \
-		--model "$NVME_MODEL" --host "$NVME_HOSTNQN" || return 1
+		--model "$NVME_MODEL" --host "$NVME_HOSTNQN" --engine "$NVME_ENGINE" || return 1
 	nvme_dpuctl storage namespace create sub1 ns1 --volume vol1 || return 1
 	nvme_dpuctl storage listener create sub1 tcp --address "127.0.0.1:$NVME_IO_PORT" || return 1
 	nvme_say "target configured: $NVME_SUBNQN on 127.0.0.1:$NVME_IO_PORT (guest: 10.0.2.2:$NVME_IO_PORT)"
 }
 
 guest_script() {
-	nvme_checks_script NVME_TRADDR=10.0.2.2 "NVME_TRSVCID=$NVME_IO_PORT" "NVME_DISC_TRSVCID=$NVME_DISC_PORT"
+	nvme_checks_script NVME_TRADDR=10.0.2.2 "NVME_TRSVCID=$NVME_IO_PORT" "NVME_DISC_TRSVCID=$NVME_DISC_PORT" \
+		"NVME_ENGINE=$NVME_ENGINE"
 	cat <<'GUEST'
 
 # ---- nvme-initiator driver ----
 for m in nvme_tcp nvme_fabrics ext4; do
 	guest_module_loaded "$m" || guest_fail "module $m is not loaded"
 done
+if [ "$NVME_ENGINE" = spdk ]; then
+	# SPDK's target has no discovery service here; namespace 2 (the agent's file volume through the Rust
+	# bdev module) gets the filesystem check too.
+	nvme_check_discover() { nvme_log "discovery skipped: SPDK engine"; }
+	nvme_on_namespace_added() {
+		_dev1_saved=$NVME_DEV
+		NVME_DEV=$_dev2
+		nvme_check_filesystem
+		NVME_DEV=$_dev1_saved
+		nvme_step aen
+	}
+fi
 guest_ready
 nvme_checks_run
 # host_check ends the test when it sees the marker above; stay up until then.
