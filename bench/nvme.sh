@@ -5,11 +5,23 @@
 # that sleeps between completions and once with a busy-polling client. Prints a Markdown table
 # (bench/nvme_table.py) with the agent's CPU time per I/O from /proc/<pid>/stat.
 #
-#   bench/nvme.sh [SECONDS]     seconds per workload (default 10)
+#   bench/nvme.sh [SECONDS]                 seconds per workload (default 10)
+#   bench/nvme.sh --engine spdk [SECONDS]   the native and the SPDK engine side by side, with SPDK's
+#                                           spdk_nvme_perf as the client where installed (bench/nvme-engines.sh)
 #
 # Environment: DPU_BENCH_NO_BUILD=1 uses the binaries already in ${CARGO_TARGET_DIR:-target}/release;
 # DPU_BENCH_KEEP=1 keeps the work directory (agent log, per-run JSON); RUST_LOG for the agent (default warn).
 set -euo pipefail
+if [[ ${1:-} == --engine ]]; then
+	case ${2:-} in
+	spdk) exec "$(dirname "$0")/nvme-engines.sh" "${@:3}" ;;
+	native) shift 2 ;;
+	*)
+		echo "bench/nvme.sh: --engine takes native or spdk" >&2
+		exit 2
+		;;
+	esac
+fi
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 target=${CARGO_TARGET_DIR:-$repo/target}

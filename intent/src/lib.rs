@@ -27,6 +27,7 @@
 pub mod events;
 pub mod listen;
 mod log;
+pub mod poll;
 pub mod reconcile;
 mod store;
 

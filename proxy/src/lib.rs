@@ -16,7 +16,7 @@ pub mod ktls;
 pub mod listener;
 pub mod metrics;
 pub mod model;
-pub mod poll;
+pub use dpu_intent::poll;
 pub mod proxy;
 pub mod reconcile;
 pub mod route;

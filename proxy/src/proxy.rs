@@ -227,10 +227,17 @@ impl Proxy {
     }
 
     /// Keeps every worker of the current runtime polling for I/O, as `policy` wants, until `window` has passed
-    /// since the proxy last moved bytes, instead of parking ([`crate::poll`]); returns the number of pollers
+    /// since a data path (this proxy, the NVMe/TCP target) last moved bytes, instead of parking ([`crate::poll`]); returns the number of pollers
     /// (one per worker; none when `policy` is off). Once per process.
     pub fn start_polling(&self, policy: Policy, window: Duration) -> Result<usize, crate::poll::StartError> {
-        crate::poll::start(policy, window, self.inner.runtime.metrics.poll_awake.clone())
+        let awake = self.inner.runtime.metrics.poll_awake.clone();
+        crate::poll::start(
+            policy,
+            window,
+            std::sync::Arc::new(move |seconds| {
+                awake.inc_by(seconds);
+            }),
+        )
     }
 
     /// Stops accepting everywhere and drains for at most `grace`.

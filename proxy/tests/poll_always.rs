@@ -3,7 +3,7 @@
 mod poll_support;
 
 use dpu_proxy::poll::{Policy, StartError, start};
-use poll_support::{Client, WINDOW, echo, parks, runtime};
+use poll_support::{Client, WINDOW, counting, echo, parks, runtime};
 use prometheus_client::metrics::counter::Counter;
 
 #[test]
@@ -11,9 +11,9 @@ fn traffic_is_served_without_parking_until_the_window_passes() {
     let runtime = runtime();
     let handle = runtime.handle().clone();
     let awake = Counter::<f64>::default();
-    let workers = runtime.block_on(async { start(Policy::Always, WINDOW, awake.clone()) }).unwrap();
+    let workers = runtime.block_on(async { start(Policy::Always, WINDOW, counting(&awake)) }).unwrap();
     assert_eq!(workers, 2);
-    let again = runtime.block_on(async { start(Policy::InFlight, WINDOW, awake.clone()) });
+    let again = runtime.block_on(async { start(Policy::InFlight, WINDOW, counting(&awake)) });
     assert_eq!(again, Err(StartError::AlreadyStarted));
     let address = echo(&runtime);
 

@@ -6,7 +6,7 @@ mod poll_support;
 use std::time::Duration;
 
 use dpu_proxy::poll::{Policy, start};
-use poll_support::{Client, WINDOW, echo, parks, runtime};
+use poll_support::{Client, WINDOW, counting, echo, parks, runtime};
 use prometheus_client::metrics::counter::Counter;
 
 #[test]
@@ -14,7 +14,7 @@ fn workers_poll_only_while_a_request_is_in_flight() {
     let runtime = runtime();
     let handle = runtime.handle().clone();
     let awake = Counter::<f64>::default();
-    runtime.block_on(async { start(Policy::InFlight, WINDOW, awake.clone()) }).unwrap();
+    runtime.block_on(async { start(Policy::InFlight, WINDOW, counting(&awake)) }).unwrap();
     let address = echo(&runtime);
     let mut client = Client::connect(address);
 

@@ -10,6 +10,14 @@ use tokio::runtime::{Handle, Runtime};
 
 pub const WINDOW: Duration = Duration::from_secs(1);
 
+/// The poll mode's awake seconds, added to a metrics counter (as the proxy does).
+pub fn counting(counter: &prometheus_client::metrics::counter::Counter<f64>) -> dpu_proxy::poll::AwakeCounter {
+    let counter = counter.clone();
+    std::sync::Arc::new(move |seconds| {
+        counter.inc_by(seconds);
+    })
+}
+
 pub fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }

@@ -79,6 +79,7 @@ pub async fn serve(stream: TcpStream, target: Target, local: SocketAddr, peer: S
         local,
         rx: RecvBuffer::new(64 * 1024),
         out: Vec::with_capacity(64 * 1024),
+        out_data: Vec::new(),
         decoder: Decoder::new(Direction::HostToController, MAX_PDU),
         tx: TxOptions::default(),
         connected: false,
@@ -86,6 +87,7 @@ pub async fn serve(stream: TcpStream, target: Target, local: SocketAddr, peer: S
         writes: HashMap::new(),
         next_ttag: 0,
         inflight: FuturesUnordered::new(),
+        polling: None,
         pool: Vec::new(),
         span: span.clone(),
     };
@@ -110,6 +112,8 @@ struct Connection {
     local: SocketAddr,
     rx: RecvBuffer,
     out: Vec<u8>,
+    /// Read data that leaves from its own buffer, not copied into `out`: (offset in `out` it goes before, data).
+    out_data: Vec<(usize, Vec<u8>)>,
     decoder: Decoder,
     tx: TxOptions,
     /// ICReq/ICResp exchanged.
@@ -118,12 +122,18 @@ struct Connection {
     writes: HashMap<u16, PendingWrite>,
     next_ttag: u16,
     inflight: FuturesUnordered<CommandFuture>,
+    /// Held while commands run or write data is awaited: keeps the runtime's workers polling (poll mode).
+    polling: Option<dpu_intent::poll::Request>,
     pool: Vec<Vec<u8>>,
     span: tracing::Span,
 }
 
 /// Why a connection ends.
 type Fault = String;
+
+/// Read data from this size on is written from its own buffer instead of being copied behind its header: below
+/// it, the copy costs less than another iovec and the buffer's trip through the pool.
+const ZERO_COPY_MIN: usize = 16 * 1024;
 
 impl Connection {
     async fn run(&mut self) -> Result<(), Fault> {
@@ -139,6 +149,10 @@ impl Connection {
             if stopping && self.inflight.is_empty() {
                 return self.close_gracefully().await;
             }
+            let busy = !self.inflight.is_empty() || !self.writes.is_empty();
+            if busy != self.polling.is_some() {
+                self.polling = busy.then(dpu_intent::poll::Request::start);
+            }
             let mut closed = self.queue.as_ref().map(|q| q.closed.clone());
             let events = self.queue.as_mut().and_then(|q| q.events.as_mut());
             tokio::select! {
@@ -146,7 +160,10 @@ impl Connection {
                 Ok(()) = closing.changed(), if !stopping => {}
                 read = self.stream.read(&mut self.rx.data[self.rx.end..]), if !stopping => match read {
                     Ok(0) => return Ok(()),
-                    Ok(n) => self.rx.end += n,
+                    Ok(n) => {
+                        self.rx.end += n;
+                        dpu_intent::poll::moved();
+                    }
                     Err(e) => return Err(format!("reading: {e}")),
                 },
                 Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
@@ -186,10 +203,36 @@ impl Connection {
         Ok(())
     }
 
+    /// Writes what is queued: PDU headers and small data from `out`, large read data from its own buffers, in
+    /// order, with as few `writev`s as the socket allows.
     async fn flush(&mut self) -> Result<(), Fault> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await.map_err(|e| format!("writing: {e}"))?;
-            self.out.clear();
+        if self.out_data.is_empty() {
+            if !self.out.is_empty() {
+                self.stream.write_all(&self.out).await.map_err(|e| format!("writing: {e}"))?;
+                self.out.clear();
+            }
+            return Ok(());
+        }
+        let mut slices = Vec::with_capacity(self.out_data.len() * 2 + 1);
+        let mut from = 0;
+        for (at, data) in &self.out_data {
+            slices.push(std::io::IoSlice::new(&self.out[from..*at]));
+            slices.push(std::io::IoSlice::new(data));
+            from = *at;
+        }
+        slices.push(std::io::IoSlice::new(&self.out[from..]));
+        slices.retain(|s| !s.is_empty());
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = self.stream.write_vectored(rest).await.map_err(|e| format!("writing: {e}"))?;
+            if n == 0 {
+                return Err("writing: the connection accepts no more data".into());
+            }
+            std::io::IoSlice::advance_slices(&mut rest, n);
+        }
+        self.out.clear();
+        for (_, data) in self.out_data.drain(..) {
+            self.pool.push(data);
         }
         Ok(())
     }
@@ -229,6 +272,19 @@ impl Connection {
     /// Queues a C2HTermReq quoting the offending header; the caller closes the connection after the flush.
     fn terminate(&mut self, fes: FatalErrorStatus, fei: u32, reason: &str) -> Fault {
         let offending = tcp::offending_header(&self.rx.data[self.rx.start..self.rx.end]).to_vec();
+        // The completions queued so far go first, as one buffer for the single best-effort write.
+        if !self.out_data.is_empty() {
+            let mut flat =
+                Vec::with_capacity(self.out.len() + self.out_data.iter().map(|(_, d)| d.len()).sum::<usize>());
+            let mut from = 0;
+            for (at, data) in self.out_data.drain(..) {
+                flat.extend_from_slice(&self.out[from..at]);
+                flat.extend_from_slice(&data);
+                from = at;
+            }
+            flat.extend_from_slice(&self.out[from..]);
+            self.out = flat;
+        }
         tcp::encode_term_req(&mut self.out, Direction::ControllerToHost, fes, fei, &offending);
         // Best effort: the connection is going away either way.
         let _ = self.stream.try_write(&self.out);
@@ -596,11 +652,17 @@ impl Connection {
                 let success = self.queue.as_ref().is_some_and(|q| q.sqflow_disabled) && done.dw0 == 0 && done.dw1 == 0;
                 let pdu = DataPdu { cccid: done.cid, ttag: 0, datao: 0, datal: data.len() as u32, last: true, success };
                 tcp::encode_c2h_data_header(&mut self.out, &pdu, self.tx);
-                self.out.extend_from_slice(&data);
-                if self.tx.data_digest {
-                    self.out.extend_from_slice(&data_digest([data.as_slice()]));
+                let digest = self.tx.data_digest.then(|| data_digest([data.as_slice()]));
+                if data.len() >= ZERO_COPY_MIN {
+                    // Leaves from the volume's buffer (writev), and the buffer returns to the pool after.
+                    self.out_data.push((self.out.len(), data));
+                } else {
+                    self.out.extend_from_slice(&data);
+                    self.pool.push(data);
                 }
-                self.pool.push(data);
+                if let Some(digest) = digest {
+                    self.out.extend_from_slice(&digest);
+                }
                 if !success {
                     self.respond(done.cid, done.status, done.dw0, done.dw1);
                 }

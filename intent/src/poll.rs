@@ -1,5 +1,6 @@
-//! Poll mode: after the proxy last moved bytes, the runtime's workers keep polling for I/O for a bounded time
-//! instead of going to sleep.
+//! Poll mode: after a data path (the mesh proxy, the NVMe/TCP target) last moved bytes, the runtime's workers
+//! keep polling for I/O for a bounded time instead of going to sleep. One mechanism for every data path on the
+//! agent's runtime, because the workers are shared: all poll together or none.
 //!
 //! A worker that finds nothing to do parks in `epoll_wait`, and the next readiness event has to wake it: a
 //! context switch in, and on a virtual or power-managed core an exit from the idle state first. At moderate
@@ -8,8 +9,8 @@
 //! task per worker yields in a loop while polling is wanted; each yield makes tokio poll its I/O driver with a
 //! zero timeout, so a ready socket is served by a worker that is already running. Polling is wanted
 //!
-//! - [`Policy::InFlight`]: while an HTTP request is waiting for or streaming its answer — the wait for the
-//!   upstream is polled, the gap until a client's next request is slept through, like hybrid polling of block
+//! - [`Policy::InFlight`]: while a request (an HTTP request, an NVMe command) is waiting for or streaming its
+//!   answer — the wait for the upstream or the volume is polled, the gap until a client's next request is slept through, like hybrid polling of block
 //!   completions: it takes one of the two wake-ups per request away for little more CPU than the requests
 //!   themselves take when the upstream answers fast;
 //! - [`Policy::Always`]: whenever the proxy has moved bytes, as in Seastar's idle poll time: both wake-ups go,
@@ -18,7 +19,7 @@
 //! and in both only until the window has passed since the proxy last moved bytes, so a slow upstream or a quiet
 //! spell is slept through and an idle agent costs nothing. Each round of polling also yields the core to any
 //! other thread ready to run on it, so on a machine shared with other work (the upstream itself, perhaps) a
-//! polling worker delays nobody; it still counts as busy. The agent's default is `in_flight` (`mesh.poll`): on
+//! polling worker delays nobody; it still counts as busy. The agent's default is `in_flight` (`poll` in its config): on
 //! one pinned core it cost 10–30% more CPU per request than parking, still 0.77–0.87× of Envoy's
 //! (docs/benchmarks.md). `always` is for cores dedicated to the agent: it keeps them busy while traffic flows.
 //!
@@ -29,8 +30,10 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
+
+/// Where the seconds spent polling are counted (a metrics counter).
+pub type AwakeCounter = std::sync::Arc<dyn Fn(f64) + Send + Sync>;
 
 /// When the workers poll instead of parking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -55,7 +58,7 @@ static POLICY: AtomicU8 = AtomicU8::new(OFF);
 static MOVED: AtomicBool = AtomicBool::new(false);
 /// When a poller last saw [`MOVED`], in nanoseconds since [`epoch`]; 0 before any traffic.
 static LAST_MOVED_NS: AtomicU64 = AtomicU64::new(0);
-/// HTTP requests whose response has not ended (counted only while a policy runs).
+/// Requests (HTTP requests, NVMe commands) not answered yet (counted only while a policy runs).
 static REQUESTS: AtomicUsize = AtomicUsize::new(0);
 /// Pollers asleep, waiting for traffic.
 static SLEEPERS: AtomicUsize = AtomicUsize::new(0);
@@ -101,8 +104,8 @@ fn wanted() -> bool {
     }
 }
 
-/// An HTTP request in flight, from its head until its response ends; keeps the workers polling under
-/// [`Policy::InFlight`].
+/// A request in flight (an HTTP request from its head until its response ends; an NVMe command until its
+/// completion is queued); keeps the workers polling under [`Policy::InFlight`].
 #[derive(Debug)]
 pub struct Request {
     counted: bool,
@@ -142,7 +145,7 @@ pub enum StartError {
 /// `policy` wants it and `window` has not passed since the data path last moved bytes. `awake` counts the
 /// seconds workers spent in that mode (polling, and serving what polling found), summed over workers. Once per
 /// process; returns the number of pollers started (none for [`Policy::Off`]).
-pub fn start(policy: Policy, window: Duration, awake: Counter<f64>) -> Result<usize, StartError> {
+pub fn start(policy: Policy, window: Duration, awake: AwakeCounter) -> Result<usize, StartError> {
     let code = match policy {
         Policy::Off => return Ok(0),
         Policy::InFlight => IN_FLIGHT,
@@ -164,7 +167,7 @@ pub fn start(policy: Policy, window: Duration, awake: Counter<f64>) -> Result<us
     Ok(workers)
 }
 
-async fn poller(window: Duration, awake: Counter<f64>) {
+async fn poller(window: Duration, awake: AwakeCounter) {
     let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
     loop {
         traffic().await;
@@ -178,7 +181,7 @@ async fn poller(window: Duration, awake: Counter<f64>) {
             let last = LAST_MOVED_NS.load(Ordering::Acquire);
             let done = !wanted() || last == 0 || now_ns.saturating_sub(last) >= window_ns;
             if done || now.duration_since(accounted) >= ACCOUNT_EVERY {
-                awake.inc_by(now.duration_since(accounted).as_secs_f64());
+                awake(now.duration_since(accounted).as_secs_f64());
                 accounted = now;
             }
             if done {
