@@ -9,7 +9,8 @@
 #
 #   bench/nvme-engines.sh [SECONDS]     seconds per workload and engine (default 10)
 #
-# Needs an installed SPDK (ffi/README.md). Environment: DPU_BENCH_ROUNDS (default 2), DPU_BENCH_NO_BUILD=1 uses
+# Needs an installed SPDK (ffi/README.md). Environment: DPU_BENCH_ROUNDS (default 2), DPU_BENCH_POLL (the native
+# agent's poll mode, default always: its core is given to it, as SPDK's reactor core is), DPU_BENCH_NO_BUILD=1 uses
 # ${CARGO_TARGET_DIR:-target}/release and .../spdk/release (the agent built with the `spdk` feature in a target
 # directory of its own, so the ordinary release build is left as it is), DPU_BENCH_KEEP=1 keeps the work directory.
 set -euo pipefail
@@ -19,6 +20,7 @@ target=${CARGO_TARGET_DIR:-$repo/target}
 [[ $target == /* ]] || target=$repo/$target
 seconds=${1:-10}
 rounds=${DPU_BENCH_ROUNDS:-2}
+poll=${DPU_BENCH_POLL:-always}
 nqn=nqn.2026-12.io.dpu-agent:engines
 
 say() { printf 'bench/nvme-engines: %s\n' "$*" >&2; }
@@ -92,6 +94,9 @@ TOML
 		bin=$spdk_agent
 		# A 1 GiB malloc bdev plus SPDK's buffer pools.
 		printf '\n[storage.spdk]\ncores = "0x1"\nmem_size_mib = 2048\n' >>"$work/agent.toml"
+	else
+		# The core is given to the agent, as SPDK's reactor is given its core: the workers poll.
+		printf '\n[mesh]\npoll = "%s"\n' "$poll" >>"$work/agent.toml"
 	fi
 	RUST_LOG=${RUST_LOG:-warn} NO_COLOR=1 taskset -c 0 "$bin" --config "$work/agent.toml" \
 		</dev/null >"$work/agent-$engine.log" 2>&1 &
@@ -197,9 +202,9 @@ for ((round = 1; round <= rounds; round++)); do
 	done
 done
 
-python3 - "$work/results.jsonl" "$client" "$rounds" "$seconds" <<'PY'
+python3 - "$work/results.jsonl" "$client" "$rounds" "$seconds" "$poll" <<'PY'
 import json, statistics, sys
-path, client, rounds, seconds = sys.argv[1:]
+path, client, rounds, seconds, poll = sys.argv[1:]
 rows = [json.loads(l) for l in open(path) if l.strip()]
 labels = list(dict.fromkeys(r["label"] for r in rows))
 def med(engine, label, key):
@@ -208,7 +213,7 @@ def med(engine, label, key):
 def cell(v, d=0):
     return "—" if v is None else f"{v:,.{d}f}"
 print(f"client: {client}; {rounds} round(s) of {seconds} s per workload and engine, medians; target on CPU 0, "
-      "client on CPU 1")
+      f"client on CPU 1; native poll mode: {poll}")
 print()
 print("| workload | native IOPS | SPDK IOPS | native ÷ SPDK | native avg µs | SPDK avg µs | native MiB/s "
       "| SPDK MiB/s | native CPU µs/I/O | SPDK CPU µs/I/O |")

@@ -16,10 +16,11 @@
 //! - [`Policy::Always`]: whenever the proxy has moved bytes, as in Seastar's idle poll time: both wake-ups go,
 //!   and every worker stays busy while traffic keeps arriving within the window;
 //!
-//! and in both only until the window has passed since the proxy last moved bytes, so a slow upstream or a quiet
-//! spell is slept through and an idle agent costs nothing. Each round of polling also yields the core to any
-//! other thread ready to run on it, so on a machine shared with other work (the upstream itself, perhaps) a
-//! polling worker delays nobody; it still counts as busy. The agent's default is `in_flight` (`poll` in its config): on
+//! and in both only until the window has passed since a data path last moved bytes, so a slow upstream or a
+//! quiet spell is slept through and an idle agent costs nothing. Under `in_flight` each round of polling also
+//! yields the core to any other thread ready to run on it, so on a machine shared with other work (the upstream
+//! itself, perhaps) a polling worker delays nobody; it still counts as busy. Under `always` (cores given to the
+//! agent) it does so every 50 µs. The agent's default is `in_flight` (`poll` in its config): on
 //! one pinned core it cost 10–30% more CPU per request than parking, still 0.77–0.87× of Envoy's
 //! (docs/benchmarks.md). `always` is for cores dedicated to the agent: it keeps them busy while traffic flows.
 //!
@@ -63,6 +64,9 @@ static REQUESTS: AtomicUsize = AtomicUsize::new(0);
 /// Pollers asleep, waiting for traffic.
 static SLEEPERS: AtomicUsize = AtomicUsize::new(0);
 static WAKE: Notify = Notify::const_new();
+
+/// Under [`Policy::Always`], how often a polling worker offers its core to other threads.
+const OS_YIELD_EVERY: Duration = Duration::from_micros(50);
 
 /// How often a poller that never sleeps adds its awake time to the counter.
 const ACCOUNT_EVERY: Duration = Duration::from_secs(1);
@@ -172,6 +176,7 @@ async fn poller(window: Duration, awake: AwakeCounter) {
     loop {
         traffic().await;
         let mut accounted = Instant::now();
+        let mut gave_core = accounted;
         loop {
             let now = Instant::now();
             let now_ns = nanos_since_epoch(now);
@@ -188,8 +193,13 @@ async fn poller(window: Duration, awake: AwakeCounter) {
                 break;
             }
             // Give the core to any other thread that is ready to run on it (on a shared machine that may be the
-            // very upstream the request waits for); back at once when there is none.
-            std::thread::yield_now();
+            // very upstream the request waits for); back at once when there is none. Under `always` the cores are
+            // the agent's: every OS_YIELD_EVERY is enough, and the polling loop stays out of the scheduler (a
+            // sched_yield per round was a tenth of a polling core's time and a microsecond of latency).
+            if POLICY.load(Ordering::Relaxed) != ALWAYS || now.duration_since(gave_core) >= OS_YIELD_EVERY {
+                std::thread::yield_now();
+                gave_core = now;
+            }
             // Deferred to the end of the worker's turn: the worker polls its I/O driver without blocking, runs
             // whatever became ready, then this task again.
             tokio::task::yield_now().await;

@@ -133,7 +133,7 @@ type Fault = String;
 
 /// Read data from this size on is written from its own buffer instead of being copied behind its header: below
 /// it, the copy costs less than another iovec and the buffer's trip through the pool.
-const ZERO_COPY_MIN: usize = 16 * 1024;
+const ZERO_COPY_MIN: usize = 4096;
 
 impl Connection {
     async fn run(&mut self) -> Result<(), Fault> {
