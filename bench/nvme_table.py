@@ -1,16 +1,10 @@
 #!/usr/bin/env python3
 """Formats bench/nvme.sh results (one dpu-nvme-perf JSON object per line, plus the label and the agent's CPU
-seconds) as a Markdown table, followed by the reference rows."""
+seconds) as a Markdown table. SPDK's target, with SPDK's client, is measured in the same run by
+`bench/nvme.sh --engine spdk`."""
 
 import json
 import sys
-
-# Measured separately on the same machine (not by this script): a polling-mode C NVMe/TCP target on one core
-# driven by a C client on the other.
-REFERENCE = [
-    ("4K randread QD1", {"avg": 67.0}),
-    ("4K randread QD32", {"iops": 71000}),
-]
 
 
 def cell(value, digits=0):
@@ -30,9 +24,6 @@ def main(path):
         print(f"| {r['label']} | {cell(r['iops'])} | {cell(r['mib_s'], 1)} | {cell(lat['avg'], 1)} "
               f"| {cell(lat['p50'], 1)} | {cell(lat['p99'], 1)} | {cell(lat['p99_9'], 1)} | {cell(per_io, 2)} "
               f"| {cell(agent and agent * 100 / r['seconds'])} | {cell(client and client * 100 / r['seconds'])} |")
-    for label, ref in REFERENCE:
-        print(f"| {label} — reference: polling C target + C client, measured separately "
-              f"| {cell(ref.get('iops'))} | — | {cell(ref.get('avg'), 1)} | — | — | — | — | — | — |")
 
 
 if __name__ == "__main__":
