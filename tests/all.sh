@@ -10,6 +10,8 @@
 #   7. every fuzz target for a few seconds (cargo-fuzz, nightly)
 #   8. QEMU guests: boot smoke tests, the arm64 agent test, the Linux NVMe/TCP initiator against the target,
 #      the fabric, lazily loaded images mounted by the guest kernel (images/test-image.sh builds the image once)
+#   9. where pkg-config finds an installed SPDK: the SPDK crates (clippy, tests) and the guest initiator against
+#      the SPDK engine; otherwise a loud SKIPPED line (ffi/README.md)
 # Set DPU_SKIP_GUEST=1 to skip step 8 on a machine without QEMU time to spare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
