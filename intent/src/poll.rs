@@ -9,8 +9,8 @@
 //! task per worker yields in a loop while polling is wanted; each yield makes tokio poll its I/O driver with a
 //! zero timeout, so a ready socket is served by a worker that is already running. Polling is wanted
 //!
-//! - [`Policy::InFlight`]: while a request (an HTTP request, an NVMe command) is waiting for or streaming its
-//!   answer — the wait for the upstream or the volume is polled, the gap until a client's next request is slept through, like hybrid polling of block
+//! - [`Policy::InFlight`]: while an HTTP request is waiting for or streaming its answer — the wait for the
+//!   upstream is polled, the gap until a client's next request is slept through, like hybrid polling of block
 //!   completions: it takes one of the two wake-ups per request away for little more CPU than the requests
 //!   themselves take when the upstream answers fast;
 //! - [`Policy::Always`]: whenever the proxy has moved bytes, as in Seastar's idle poll time: both wake-ups go,
@@ -59,7 +59,7 @@ static POLICY: AtomicU8 = AtomicU8::new(OFF);
 static MOVED: AtomicBool = AtomicBool::new(false);
 /// When a poller last saw [`MOVED`], in nanoseconds since [`epoch`]; 0 before any traffic.
 static LAST_MOVED_NS: AtomicU64 = AtomicU64::new(0);
-/// Requests (HTTP requests, NVMe commands) not answered yet (counted only while a policy runs).
+/// HTTP requests whose response has not ended (counted only while a policy runs).
 static REQUESTS: AtomicUsize = AtomicUsize::new(0);
 /// Pollers asleep, waiting for traffic.
 static SLEEPERS: AtomicUsize = AtomicUsize::new(0);
@@ -108,8 +108,9 @@ fn wanted() -> bool {
     }
 }
 
-/// A request in flight (an HTTP request from its head until its response ends; an NVMe command until its
-/// completion is queued); keeps the workers polling under [`Policy::InFlight`].
+/// An HTTP request in flight, from its head until its response ends; keeps the workers polling under
+/// [`Policy::InFlight`]. (NVMe commands do not count: a busy volume's queue is rarely empty, so the workers would
+/// never park; NVMe/TCP traffic keeps them polling under [`Policy::Always`].)
 #[derive(Debug)]
 pub struct Request {
     counted: bool,

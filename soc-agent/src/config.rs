@@ -181,8 +181,8 @@ pub struct MeshConfig {
     pub xds: Option<XdsConfig>,
     /// Poll mode, for cores dedicated to the agent: when the workers keep polling for I/O instead of sleeping
     /// until the next readiness event, taking that wake-up out of a request's latency at the price of CPU.
-    /// `in_flight` (the default): while HTTP requests or NVMe commands are in flight; `always`: after any proxy
-    /// or NVMe/TCP traffic; `off`: never, for a machine shared with other work. The workers are shared, so this
+    /// `in_flight` (the default): while HTTP requests are in flight; `always`: after any proxy or NVMe/TCP
+    /// traffic; `off`: never, for a machine shared with other work. The workers are shared, so this
     /// one setting covers the proxy and the NVMe/TCP target alike.
     #[serde(default)]
     pub poll: dpu_proxy::poll::Policy,

@@ -87,7 +87,6 @@ pub async fn serve(stream: TcpStream, target: Target, local: SocketAddr, peer: S
         writes: HashMap::new(),
         next_ttag: 0,
         inflight: FuturesUnordered::new(),
-        polling: None,
         pool: Vec::new(),
         span: span.clone(),
     };
@@ -122,8 +121,6 @@ struct Connection {
     writes: HashMap<u16, PendingWrite>,
     next_ttag: u16,
     inflight: FuturesUnordered<CommandFuture>,
-    /// Held while commands run or write data is awaited: keeps the runtime's workers polling (poll mode).
-    polling: Option<dpu_intent::poll::Request>,
     pool: Vec<Vec<u8>>,
     span: tracing::Span,
 }
@@ -149,10 +146,6 @@ impl Connection {
             if stopping && self.inflight.is_empty() {
                 return self.close_gracefully().await;
             }
-            let busy = !self.inflight.is_empty() || !self.writes.is_empty();
-            if busy != self.polling.is_some() {
-                self.polling = busy.then(dpu_intent::poll::Request::start);
-            }
             let mut closed = self.queue.as_ref().map(|q| q.closed.clone());
             let events = self.queue.as_mut().and_then(|q| q.events.as_mut());
             tokio::select! {
@@ -162,6 +155,9 @@ impl Connection {
                     Ok(0) => return Ok(()),
                     Ok(n) => {
                         self.rx.end += n;
+                        // Under poll mode `always`, NVMe/TCP traffic keeps the workers polling within the
+                        // window, as proxy traffic does. (Commands in flight do not count as requests for
+                        // `in_flight`: a volume's queue is rarely empty, and the workers would never park.)
                         dpu_intent::poll::moved();
                     }
                     Err(e) => return Err(format!("reading: {e}")),
