@@ -89,6 +89,16 @@ pub fn moved() {
     }
 }
 
+/// Bytes moved by a data path whose traffic keeps the workers polling only under [`Policy::Always`] (the NVMe/TCP
+/// target: a busy volume's queue is rarely empty, so under `in_flight` it would keep them polling for good, and
+/// would stretch the proxy's polling windows).
+#[inline]
+pub fn moved_always() {
+    if POLICY.load(Ordering::Relaxed) == ALWAYS {
+        moved();
+    }
+}
+
 #[cold]
 fn mark_moved() {
     // Pairs with `traffic`: the poller counts itself asleep, then loads MOVED and REQUESTS; this stores, then

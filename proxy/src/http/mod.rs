@@ -61,6 +61,9 @@ enum Version {
 /// header timeout.
 const DEFAULT_PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an HTTP/2 connection accepted just before its listener began draining is served before its GOAWAY.
+const FIRST_STREAMS_GRACE: Duration = Duration::from_millis(250);
+
 /// Serves HTTP on an accepted (and, with TLS, handshaken) connection until the client closes it, the idle timeout
 /// passes, or the listener drains.
 pub async fn serve(
@@ -126,15 +129,23 @@ pub async fn serve(
         Version::Http2 => {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new()).max_header_list_size(max_head as u32);
+            let accepted = tokio::time::Instant::now();
             let mut conn = Box::pin(b.serve_connection(TokioIo::new(io), service));
             let idle_expired = activity.idle_expired(idle);
             tokio::pin!(idle_expired);
             let mut shutting_down = false;
+            let mut drain_at: Option<Pin<Box<tokio::time::Sleep>>> = None;
             // GOAWAY when the listener drains or the connection goes idle; dropped at the drain deadline.
             loop {
                 tokio::select! {
                     r = conn.as_mut() => break r.map_err(crate::BoxError::from),
-                    () = ctx.graceful.cancelled(), if !shutting_down => {
+                    () = ctx.graceful.cancelled(), if !shutting_down && drain_at.is_none() => {
+                        // A connection accepted just before draining began (during a hand-over two processes
+                        // accept on one socket) gets its preface and first streams in first: GOAWAY during the
+                        // handshake would close it with the client's streams unanswered.
+                        drain_at = Some(Box::pin(tokio::time::sleep_until(accepted + FIRST_STREAMS_GRACE)));
+                    }
+                    () = async { drain_at.as_mut().expect("armed").await }, if !shutting_down && drain_at.is_some() => {
                         shutting_down = true;
                         conn.as_mut().graceful_shutdown();
                     }

@@ -156,9 +156,8 @@ impl Connection {
                     Ok(n) => {
                         self.rx.end += n;
                         // Under poll mode `always`, NVMe/TCP traffic keeps the workers polling within the
-                        // window, as proxy traffic does. (Commands in flight do not count as requests for
-                        // `in_flight`: a volume's queue is rarely empty, and the workers would never park.)
-                        dpu_intent::poll::moved();
+                        // window, as proxy traffic does.
+                        dpu_intent::poll::moved_always();
                     }
                     Err(e) => return Err(format!("reading: {e}")),
                 },
