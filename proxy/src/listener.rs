@@ -28,6 +28,9 @@ use crate::model::{Destination, Handler, SpiffeId};
 use crate::snapshot::{ListenerConfig, Snapshot, SourceSnapshot, Workload};
 use crate::{http, tcp};
 
+/// A connection accepted this long before its listener began draining is still served: its first request (an
+/// HTTP/2 client's preface and first streams) gets in before the connection closes or gets its GOAWAY.
+pub(crate) const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(250);
 /// A TLS handshake must finish within this when the listener sets no header timeout.
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the drain deadline, connection tasks get this long to record their end before they are aborted.
@@ -352,7 +355,16 @@ async fn connection(
                 None => std::future::pending().await,
             }
         };
+        // Draining closes a connection that has sent nothing, but not one accepted just now: during a hand-over
+        // both processes accept on one socket, and a client that connected to the old one as it began draining
+        // has its first request on the way.
+        let accepted = tokio::time::Instant::now();
+        let drained = async {
+            graceful.cancelled().await;
+            tokio::time::sleep_until(accepted + FIRST_REQUEST_GRACE).await;
+        };
         tokio::select! {
+            biased;
             ready = stream.readable() => {
                 if ready.is_err() {
                     return;
@@ -362,7 +374,7 @@ async fn connection(
                 tracing::debug!("client sent nothing in time, closing");
                 return;
             }
-            () = graceful.cancelled() => return,
+            () = drained => return,
         }
     }
     let (io, peer_identity, alpn): (Box<dyn Io>, Option<SpiffeId>, Option<Vec<u8>>) = match &listener.server_tls {

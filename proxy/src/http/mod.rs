@@ -61,9 +61,6 @@ enum Version {
 /// header timeout.
 const DEFAULT_PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long an HTTP/2 connection accepted just before its listener began draining is served before its GOAWAY.
-const FIRST_STREAMS_GRACE: Duration = Duration::from_millis(250);
-
 /// Serves HTTP on an accepted (and, with TLS, handshaken) connection until the client closes it, the idle timeout
 /// passes, or the listener drains.
 pub async fn serve(
@@ -143,7 +140,7 @@ pub async fn serve(
                         // A connection accepted just before draining began (during a hand-over two processes
                         // accept on one socket) gets its preface and first streams in first: GOAWAY during the
                         // handshake would close it with the client's streams unanswered.
-                        drain_at = Some(Box::pin(tokio::time::sleep_until(accepted + FIRST_STREAMS_GRACE)));
+                        drain_at = Some(Box::pin(tokio::time::sleep_until(accepted + crate::listener::FIRST_REQUEST_GRACE)));
                     }
                     () = async { drain_at.as_mut().expect("armed").await }, if !shutting_down && drain_at.is_some() => {
                         shutting_down = true;
