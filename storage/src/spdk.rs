@@ -348,18 +348,23 @@ impl SpdkEngine {
     }
 
     async fn transition(&self, nqn: &str, to: Transition) -> Result<(), String> {
+        self.on_subsystem(nqn, move |on, s, done| s.transition(on, to, done)).await.map_err(|e| format!("{to:?}: {e}"))
+    }
+
+    /// Starts `f` on the subsystem `nqn` on SPDK's thread and waits for the completion it hands on.
+    async fn on_subsystem(
+        &self,
+        nqn: &str,
+        f: impl FnOnce(&dpu_spdk::OnSpdk, Subsystem, Completion<Result<(), dpu_spdk::Error>>) + Send + 'static,
+    ) -> Result<(), dpu_spdk::Error> {
         let nqn = nqn.to_owned();
         self.spdk
-            .run_async(move |on, done: Completion<Result<(), dpu_spdk::Error>>| {
-                match Target::get(on).map(|t| t.find(on, &nqn)) {
-                    Ok(Some(s)) => s.transition(on, to, done),
-                    Ok(None) => done.complete(Err(dpu_spdk::Error::Failed(format!("no subsystem {nqn}")))),
-                    Err(e) => done.complete(Err(e)),
-                }
+            .run_async(move |on, done| match find_subsystem(on, &nqn) {
+                Ok(s) => f(on, s, done),
+                Err(e) => done.complete(Err(e)),
             })
             .await
             .and_then(|r| r)
-            .map_err(|e| format!("{to:?}: {e}"))
     }
 
     /// Runs `f` with the subsystem `nqn` on SPDK's thread.
@@ -369,28 +374,12 @@ impl SpdkEngine {
         f: impl FnOnce(&dpu_spdk::OnSpdk, Subsystem) -> Result<(), dpu_spdk::Error> + Send + 'static,
     ) -> Result<(), String> {
         let nqn = nqn.to_owned();
-        self.spdk
-            .run(move |on| match Target::get(on)?.find(on, &nqn) {
-                Some(s) => f(on, s),
-                None => Err(dpu_spdk::Error::Failed(format!("no subsystem {nqn}"))),
-            })
-            .await
-            .and_then(|r| r)
-            .map_err(spdk_error)
+        self.spdk.run(move |on| f(on, find_subsystem(on, &nqn)?)).await.and_then(|r| r).map_err(spdk_error)
     }
 
     async fn add_listener(&self, nqn: &str, address: SocketAddr) -> Result<(), String> {
-        let nqn = nqn.to_owned();
-        self.spdk
-            .run_async(move |on, done: Completion<Result<(), dpu_spdk::Error>>| {
-                match Target::get(on).map(|t| t.find(on, &nqn)) {
-                    Ok(Some(s)) => s.add_listener(on, address, done),
-                    Ok(None) => done.complete(Err(dpu_spdk::Error::Failed(format!("no subsystem {nqn}")))),
-                    Err(e) => done.complete(Err(e)),
-                }
-            })
+        self.on_subsystem(nqn, move |on, s, done| s.add_listener(on, address, done))
             .await
-            .and_then(|r| r)
             .map_err(|e| format!("listener {address}: {e}"))
     }
 
@@ -405,8 +394,6 @@ impl SpdkEngine {
             }
             None => None,
         };
-        let empty = SpdkSubsystem { listeners: BTreeSet::new(), ..want.clone() };
-        let empty = SpdkSubsystem { namespaces: BTreeMap::new(), hosts: BTreeSet::new(), ..empty };
         let was = match before {
             Some(b) => {
                 self.transition(&want.nqn, Transition::Pause).await?;
@@ -419,7 +406,13 @@ impl SpdkEngine {
                     .await
                     .and_then(|r| r)
                     .map_err(spdk_error)?;
-                SpdkSubsystem { allow_any_host: !want.allow_any_host, ..empty }
+                // A new subsystem has no hosts, namespaces or listeners yet.
+                SpdkSubsystem {
+                    hosts: BTreeSet::new(),
+                    namespaces: BTreeMap::new(),
+                    listeners: BTreeSet::new(),
+                    ..want.clone()
+                }
             }
         };
 
@@ -470,19 +463,21 @@ impl SpdkEngine {
     async fn destroy(&self, nqn: &str) -> Result<(), String> {
         // A subsystem that never started (or is stopped) refuses Stop; destroying it is what matters.
         let _ = self.transition(nqn, Transition::Stop).await;
-        let nqn = nqn.to_owned();
-        self.spdk
-            .run_async(move |on, done: Completion<Result<(), dpu_spdk::Error>>| {
-                match Target::get(on).map(|t| t.find(on, &nqn)) {
-                    Ok(Some(s)) => s.destroy(on, done),
-                    Ok(None) => done.complete(Ok(())),
-                    Err(e) => done.complete(Err(e)),
-                }
-            })
-            .await
-            .and_then(|r| r)
-            .map_err(spdk_error)
+        let present = {
+            let nqn = nqn.to_owned();
+            self.spdk.run(move |on| Target::get(on).map(|t| t.find(on, &nqn).is_some())).await.and_then(|r| r)
+        };
+        match present {
+            Ok(false) => Ok(()),
+            Ok(true) => self.on_subsystem(nqn, |on, s, done| s.destroy(on, done)).await.map_err(spdk_error),
+            Err(e) => Err(spdk_error(e)),
+        }
     }
+}
+
+/// The subsystem `nqn` of the framework's target.
+fn find_subsystem(on: &dpu_spdk::OnSpdk, nqn: &str) -> Result<Subsystem, dpu_spdk::Error> {
+    Target::get(on)?.find(on, nqn).ok_or_else(|| dpu_spdk::Error::Failed(format!("no subsystem {nqn}")))
 }
 
 /// How long an SPDK JSON-RPC call may take (attaching an NVMe controller resets it).

@@ -182,6 +182,12 @@ unsafe impl<T> Sync for Static<T> {}
 // SAFETY: as above.
 unsafe impl<T> Send for Static<T> {}
 
+impl<T> std::fmt::Debug for Static<NonNull<T>> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::any::type_name::<T>().rsplit("::").next().unwrap_or("spdk"))
+    }
+}
+
 static MODULE: OnceLock<Static<NonNull<sys::spdk_bdev_module>>> = OnceLock::new();
 static FN_TABLE: OnceLock<Static<Box<sys::spdk_bdev_fn_table>>> = OnceLock::new();
 const MODULE_NAME: &std::ffi::CStr = c"dpu";
@@ -319,12 +325,6 @@ pub struct Registered {
     name: String,
 }
 
-impl std::fmt::Debug for Static<NonNull<sys::spdk_bdev>> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("spdk_bdev")
-    }
-}
-
 /// Registers `device` as the bdev `name` (module `dpu`), with `uuid` when given.
 pub fn register(
     _on: &OnSpdk,
@@ -440,18 +440,6 @@ pub struct Desc {
     num_blocks: u64,
 }
 
-impl std::fmt::Debug for Static<NonNull<sys::spdk_bdev_desc>> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("spdk_bdev_desc")
-    }
-}
-
-impl std::fmt::Debug for Static<NonNull<sys::spdk_io_channel>> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("spdk_io_channel")
-    }
-}
-
 unsafe extern "C" fn bdev_event(_kind: u32, _bdev: *mut sys::spdk_bdev, _ctx: *mut c_void) {
     // Hot removal and resize of a bdev opened by a volume: its I/O starts failing, which the volume reports.
 }
@@ -548,17 +536,28 @@ impl Desc {
     ) {
         let blocks = (buf.len / self.block_size as usize) as u64;
         let data = buf.ptr.as_ptr().cast::<c_void>();
-        let arg = Box::into_raw(Box::new(IoDone(Box::new(move |on, ok| done(on, buf, ok)))));
-        let (desc, ch) = (self.desc.0.as_ptr(), self.channel.0.as_ptr());
-        let rc = if write {
-            // SAFETY: desc and channel belong to this (app) thread; data stays allocated inside the IoDone.
-            unsafe { sys::spdk_bdev_write_blocks(desc, ch, data, offset, blocks, Some(io_done), arg.cast()) }
-        } else {
-            // SAFETY: as above.
-            unsafe { sys::spdk_bdev_read_blocks(desc, ch, data, offset, blocks, Some(io_done), arg.cast()) }
-        };
-        if rc != 0 {
-            // SAFETY: not submitted, so the closure is still ours.
+        self.start(on, Box::new(move |on, ok| done(on, buf, ok)), |desc, ch, arg| {
+            if write {
+                // SAFETY: desc and channel belong to this (app) thread; data stays allocated inside the callback.
+                unsafe { sys::spdk_bdev_write_blocks(desc, ch, data, offset, blocks, Some(io_done), arg) }
+            } else {
+                // SAFETY: as above.
+                unsafe { sys::spdk_bdev_read_blocks(desc, ch, data, offset, blocks, Some(io_done), arg) }
+            }
+        });
+    }
+
+    /// Submits one I/O through `call` (descriptor, channel, completion argument → SPDK's return code); when SPDK
+    /// refuses it, `done` runs at once as a failure.
+    fn start(
+        &self,
+        on: &OnSpdk,
+        done: IoCallback,
+        call: impl FnOnce(*mut sys::spdk_bdev_desc, *mut sys::spdk_io_channel, *mut c_void) -> i32,
+    ) {
+        let arg = Box::into_raw(Box::new(IoDone(done)));
+        if call(self.desc.0.as_ptr(), self.channel.0.as_ptr(), arg.cast()) != 0 {
+            // SAFETY: not submitted, so the callback is still ours.
             let done = unsafe { Box::from_raw(arg) };
             (done.0)(on, false);
         }
@@ -573,20 +572,13 @@ impl Desc {
         blocks: u64,
         done: impl FnOnce(&OnSpdk, bool) + Send + 'static,
     ) {
-        let arg = Box::into_raw(Box::new(IoDone(Box::new(done))));
-        let (desc, ch) = (self.desc.0.as_ptr(), self.channel.0.as_ptr());
         let f = match op {
             DescOp::Flush => sys::spdk_bdev_flush_blocks,
             DescOp::Unmap => sys::spdk_bdev_unmap_blocks,
             DescOp::WriteZeroes => sys::spdk_bdev_write_zeroes_blocks,
         };
         // SAFETY: desc and channel belong to this (app) thread; io_done owns arg when submitted.
-        let rc = unsafe { f(desc, ch, offset, blocks, Some(io_done), arg.cast()) };
-        if rc != 0 {
-            // SAFETY: not submitted, so the closure is still ours.
-            let done = unsafe { Box::from_raw(arg) };
-            (done.0)(on, false);
-        }
+        self.start(on, Box::new(done), |desc, ch, arg| unsafe { f(desc, ch, offset, blocks, Some(io_done), arg) });
     }
 
     /// Whether the bdev serves `op` natively or by emulation.
