@@ -16,6 +16,8 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
+# shellcheck source=lib.sh
+source "$repo/bench/lib.sh"
 target=${CARGO_TARGET_DIR:-$repo/target}
 [[ $target == /* ]] || target=$repo/$target
 seconds=${1:-10}
@@ -64,20 +66,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_ports() {
-	python3 - <<'PY'
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-}
-
 # start_agent ENGINE: an agent on CPU 0 serving $nqn on 127.0.0.1:$io_port.
 start_agent() {
 	local engine=$1 bin=$native_agent
-	read -r api_port admin_port io_port <<<"$(free_ports)"
+	read -r api_port admin_port io_port <<<"$(free_ports 3)"
 	rm -rf "$work/data" && mkdir -p "$work/data"
 	cat >"$work/agent.toml" <<TOML
 data_dir = "$work/data"
@@ -134,14 +126,7 @@ TOML
 
 dpuctl() { "$target/release/dpuctl" --addr "http://127.0.0.1:$api_port" "$@" >/dev/null 2>&1; }
 
-agent_ticks() {
-	local stat
-	stat=$(<"/proc/$agent_pid/stat")
-	stat=${stat##*) }
-	# shellcheck disable=SC2086 # split the fields
-	set -- $stat
-	echo $((${12} + ${13}))
-}
+agent_ticks() { proc_ticks "$agent_pid"; }
 
 # measure ENGINE LABEL RW SIZE QD: one workload; appends a JSON line to results.jsonl.
 measure() {

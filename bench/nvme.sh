@@ -24,6 +24,8 @@ if [[ ${1:-} == --engine ]]; then
 fi
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
+# shellcheck source=lib.sh
+source "$repo/bench/lib.sh"
 target=${CARGO_TARGET_DIR:-$repo/target}
 [[ $target == /* ]] || target=$repo/$target
 bin=$target/release
@@ -57,15 +59,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r api_port admin_port io_port <<<"$(
-	python3 - <<'PY'
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-)"
+read -r api_port admin_port io_port <<<"$(free_ports 3)"
 mkdir -p "$work/data"
 cat >"$work/agent.toml" <<TOML
 data_dir = "$work/data"
@@ -113,16 +107,7 @@ done
 
 perf() { taskset -c 1 "$bin/dpu-nvme-perf" --addr "127.0.0.1:$io_port" --nqn "$nqn" --json "$@"; }
 
-# utime + stime of every agent thread, in clock ticks (fields 14 and 15 of /proc/<pid>/stat; the command name
-# in field 2 is skipped by cutting at its closing parenthesis).
-agent_ticks() {
-	local stat
-	stat=$(<"/proc/$agent_pid/stat")
-	stat=${stat##*) }
-	# shellcheck disable=SC2086 # split the fields
-	set -- $stat
-	echo $((${12} + ${13}))
-}
+agent_ticks() { proc_ticks "$agent_pid"; }
 
 say "prefilling the volume: one sequential 128K write pass"
 perf --rw write --io-size 128k --queue-depth 16 --bytes 1GiB --time 300s >"$work/prefill.json"
