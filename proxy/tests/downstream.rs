@@ -1073,6 +1073,53 @@ async fn removed_listener_drains_in_flight_requests_and_refuses_new_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_keep_alive_connection_answers_its_next_request_then_closes_when_quiet() {
+    let a = http_backend("a").await;
+    let addr = listen_addr();
+    let specs = http_specs(
+        addr,
+        &[("a", a)],
+        vec![vhost(
+            "web",
+            &["*"],
+            vec![route("all", PathMatch::Prefix("/".into()), RouteAction::Forward(forward_to(&[("a", 1)])))],
+        )],
+    );
+    let proxy = Proxy::new(&mut Registry::default());
+    apply_ok(&proxy, "intent", specs.clone()).await;
+    // A client between two requests as draining begins: the request it sends next is answered, and the answer
+    // closes the connection.
+    let mut busy = H1::connect(addr).await;
+    assert_eq!(busy.get("web", "/", &[]).await.status, StatusCode::OK);
+    // A keep-alive connection with nothing on it: closed once quiet for the drain's quiet time.
+    let mut quiet = TcpStream::connect(addr).await.expect("connect");
+    quiet.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n").await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = quiet.read(&mut buf).await.expect("first answer");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+
+    let mut without = specs;
+    without.listeners.clear();
+    apply_ok(&proxy, "intent", without).await;
+    let r = busy.get("web", "/", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers.get("connection").map(|v| v.to_str().unwrap_or("")), Some("close"));
+
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match quiet.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a quiet keep-alive connection stayed open while draining");
+    assert!(started.elapsed() < Duration::from_secs(2), "closed only after {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_objects_are_left_out_and_reported() {
     let a = http_backend("a").await;
     let addr = listen_addr();

@@ -34,6 +34,10 @@ use crate::{Body, BoxError};
 pub const RELEASE_IDLE_CODEC_AFTER: Duration = Duration::from_millis(50);
 /// How long closing an idle connection may wait for the transport's shutdown (TLS close_notify).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// A draining connection closes once nothing has moved on it for this long. One in use gets its next request
+/// answered with `Connection: close` instead: closing it between two requests would lose the one the client may
+/// be sending (HTTP/1.1 has no GOAWAY).
+pub const DRAIN_QUIET: Duration = Duration::from_millis(250);
 
 /// The downstream transport: the accepted (and possibly TLS) stream, metered, with bytes read from it ahead of
 /// the codec that will parse them.
@@ -164,22 +168,23 @@ where
         let codec = Held::new(codecs);
         let mut ending: Option<Ended> = None;
         let served = loop {
-            let quiet_after = match (ending.is_some(), may_release, idle) {
-                (true, _, _) => None,
-                (false, true, Some(idle)) => Some(idle.min(RELEASE_IDLE_CODEC_AFTER)),
-                (false, true, None) => Some(RELEASE_IDLE_CODEC_AFTER),
-                (false, false, idle) => idle,
+            let draining = ctx.graceful.is_cancelled();
+            let quiet_after = match (ending.is_some(), draining, may_release, idle) {
+                (true, _, _, _) => None,
+                (false, true, _, idle) => Some(idle.map_or(DRAIN_QUIET, |idle| idle.min(DRAIN_QUIET))),
+                (false, false, true, Some(idle)) => Some(idle.min(RELEASE_IDLE_CODEC_AFTER)),
+                (false, false, true, None) => Some(RELEASE_IDLE_CODEC_AFTER),
+                (false, false, false, idle) => idle,
             };
             let quiet = activity.idle_expired(quiet_after);
             tokio::select! {
                 r = poll_fn(|cx| hyper_conn.poll_without_shutdown(cx)) => break r,
-                () = ctx.graceful.cancelled(), if ending.is_none() => {
-                    ending = Some(Ended::Closed);
-                    Pin::new(&mut *hyper_conn).graceful_shutdown();
-                }
+                // Draining: responses from here on say `Connection: close` (request.rs); the quiet wait is
+                // re-armed with DRAIN_QUIET.
+                () = ctx.graceful.cancelled(), if !draining && ending.is_none() => {}
                 () = quiet => {
-                    let timed_out = idle.is_some_and(|idle| activity.idle_for() >= idle);
-                    if timed_out {
+                    let timed_out = draining || idle.is_some_and(|idle| activity.idle_for() >= idle);
+                    if timed_out && !draining {
                         tracing::debug!("idle timeout, closing");
                     }
                     ending = Some(if timed_out { Ended::Closed } else { Ended::Released });
@@ -230,10 +235,15 @@ impl Drop for Held<'_> {
 }
 
 /// Waits, holding no codec, for the first byte of the client's next request and puts it back. `false` when the
-/// connection should close instead: the client closed, the idle timeout passed, or the listener drains.
+/// connection should close instead: the client closed, the idle timeout passed, or the listener drains and the
+/// connection has been quiet for [`DRAIN_QUIET`].
 async fn next_request(conn: &HttpConn, io: &mut Transport, idle: Option<Duration>) -> Result<bool, BoxError> {
     let ctx = &conn.ctx;
     let idle_expired = conn.activity.idle_expired(idle);
+    let drained = async {
+        ctx.graceful.cancelled().await;
+        conn.activity.idle_expired(Some(DRAIN_QUIET)).await;
+    };
     let mut first = [0u8; 1];
     tokio::select! {
         read = io.read(&mut first) => match read? {
@@ -247,7 +257,7 @@ async fn next_request(conn: &HttpConn, io: &mut Transport, idle: Option<Duration
             tracing::debug!("idle timeout, closing");
             Ok(false)
         }
-        () = ctx.graceful.cancelled() => Ok(false),
+        () = drained => Ok(false),
         () = ctx.close.cancelled() => Ok(false),
     }
 }

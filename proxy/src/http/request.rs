@@ -32,6 +32,7 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
 pub(super) async fn handle(conn: Arc<HttpConn>, req: Request<Incoming>) -> Response<Body> {
     let upgrade = is_upgrade(&req);
+    let http1 = req.version() < Version::HTTP_2;
     let (parts, body) = req.into_parts();
     let grpc = local::is_grpc(&parts.headers);
     let request_id = parts
@@ -43,7 +44,13 @@ pub(super) async fn handle(conn: Arc<HttpConn>, req: Request<Incoming>) -> Respo
     let mut record = new_record(&conn, &parts, grpc, &request_id);
     let span =
         tracing::debug_span!("request", method = %parts.method, path = parts.uri.path(), request_id = %request_id);
-    let resp = route_and_forward(&conn, parts, body, upgrade, grpc, &request_id, &mut record).instrument(span).await;
+    let mut resp =
+        route_and_forward(&conn, parts, body, upgrade, grpc, &request_id, &mut record).instrument(span).await;
+    // A draining HTTP/1.1 connection answers the requests that reach it and closes after the answer: a request the
+    // client sent as draining began is served, not lost with the connection.
+    if http1 && conn.ctx.graceful.is_cancelled() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     finish(resp, record)
 }
 
