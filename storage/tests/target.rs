@@ -289,6 +289,35 @@ async fn many_commands_in_flight_on_every_queue() {
 }
 
 #[tokio::test]
+async fn reads_from_memory_stay_exact_while_writes_land_beside_them() {
+    // A RAM volume's reads leave straight from its memory, and a block range being written just then is read
+    // into a buffer instead: reads of one 1 MiB region race writes to other blocks of it, from two queues.
+    let h = Harness::start().await;
+    let host = h.connect_with(|o| (o.queue_depth, o.disable_sq_flow_control) = (32, true)).await;
+    let queues = host.io_queues();
+    // Every 64 KiB: 4 to 32 KiB of fixed data at its start, and a block written over and over at 48 KiB.
+    let fixed: Vec<(u64, usize)> = (0..64).map(|i| (i * 128, 4096 << (i % 4))).collect();
+    for &(lba, len) in &fixed {
+        write(&queues[0], 1, lba, pattern(len, lba)).await;
+    }
+    let writer = async {
+        for round in 0..64u64 {
+            let lba = 96 + (round % 64) * 128;
+            write(&queues[1], 1, lba, pattern(4096, round)).await;
+        }
+    };
+    let readers = async {
+        for _ in 0..4 {
+            let reads = fixed.iter().map(|&(lba, len)| async move { (lba, len, read(&queues[0], 1, lba, len).await) });
+            for (lba, len, data) in futures_util::future::join_all(reads).await {
+                assert!(data == pattern(len, lba), "data at block {lba} ({len} bytes) differs");
+            }
+        }
+    };
+    tokio::join!(writer, readers);
+}
+
+#[tokio::test]
 async fn unknown_namespace_is_invalid_namespace() {
     let h = Harness::start().await;
     let host = h.connect().await;

@@ -28,6 +28,14 @@ pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A buffer handed back with the outcome of the I/O that used it.
 pub type BufResult = (Vec<u8>, Result<(), VolumeError>);
 
+/// Blocks a volume lends out of its own memory ([`Volume::lend`]) so they can be written to a socket without
+/// being copied into a buffer first. Writers to those blocks wait while the loan lives: it is held across one
+/// non-blocking write, never across an await. Taking a loan never waits (a caller may hold several at once).
+pub trait Loan {
+    /// Appends the lent bytes, in order, to `out`.
+    fn slices<'a>(&'a self, out: &mut Vec<std::io::IoSlice<'a>>);
+}
+
 /// Why an I/O failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -106,6 +114,15 @@ pub trait Volume: Send + Sync + std::fmt::Debug + 'static {
     }
     /// The SPDK bdev this volume is, when it is one: SPDK's target then serves it directly.
     fn spdk_bdev(&self) -> Option<&str> {
+        None
+    }
+    /// True when the volume keeps its blocks in memory and [`Volume::lend`] gives them out.
+    fn lends(&self) -> bool {
+        false
+    }
+    /// Lends `len` bytes from block `lba` without waiting; `None` when the volume does not lend, the range is not
+    /// whole blocks inside it, or the blocks are being written just now (read them with [`Volume::read`] then).
+    fn lend(&self, _lba: u64, _len: usize) -> Option<Box<dyn Loan + '_>> {
         None
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use zerocopy::FromBytes;
 use super::Target;
 use super::controller::{AdminOutcome, Controller, MAX_TRANSFER, QUEUE_ENTRIES};
 use super::registry::Namespace;
-use crate::bdev::IoKind;
+use crate::bdev::{IoKind, Loan};
 
 /// Largest PDU accepted: a full transfer plus headers, digests and padding.
 const MAX_PDU: u32 = (MAX_TRANSFER + 4096) as u32;
@@ -111,8 +112,8 @@ struct Connection {
     local: SocketAddr,
     rx: RecvBuffer,
     out: Vec<u8>,
-    /// Read data that leaves from its own buffer, not copied into `out`: (offset in `out` it goes before, data).
-    out_data: Vec<(usize, Vec<u8>)>,
+    /// Read data that is not copied into `out`: (offset in `out` it goes before, data).
+    out_data: Vec<(usize, OutData)>,
     decoder: Decoder,
     tx: TxOptions,
     /// ICReq/ICResp exchanged.
@@ -127,6 +128,27 @@ struct Connection {
 
 /// Why a connection ends.
 type Fault = String;
+
+/// Read data written to the socket from where it is, behind the PDU header queued before it in `out`.
+enum OutData {
+    /// A buffer the volume filled; it returns to the pool once written.
+    Owned(Vec<u8>),
+    /// Blocks of a volume that lends its memory ([`crate::bdev::Volume::lend`]), taken at the time of writing:
+    /// the read's completion follows its data, so the data is still the command's to send.
+    Lent { ns: Arc<Namespace>, lba: u64, len: usize },
+}
+
+/// How far [`Connection::write_some`] got.
+enum Written {
+    All,
+    /// The socket takes no more for now.
+    Blocked,
+    /// A volume's blocks are being written just now: they are read into buffers instead.
+    Busy,
+}
+
+/// Most iovecs one `writev` takes (Linux's IOV_MAX).
+const MAX_IOVECS: usize = 1024;
 
 /// Read data from this size on is written from its own buffer instead of being copied behind its header: below
 /// it, the copy costs less than another iovec and the buffer's trip through the pool.
@@ -198,8 +220,8 @@ impl Connection {
         Ok(())
     }
 
-    /// Writes what is queued: PDU headers and small data from `out`, large read data from its own buffers, in
-    /// order, with as few `writev`s as the socket allows.
+    /// Writes what is queued: PDU headers and small data from `out`, large read data from its own buffers or lent
+    /// by its volume, in order, with as few `writev`s as the socket allows.
     async fn flush(&mut self) -> Result<(), Fault> {
         if self.out_data.is_empty() {
             if !self.out.is_empty() {
@@ -208,26 +230,75 @@ impl Connection {
             }
             return Ok(());
         }
-        let mut slices = Vec::with_capacity(self.out_data.len() * 2 + 1);
-        let mut from = 0;
-        for (at, data) in &self.out_data {
-            slices.push(std::io::IoSlice::new(&self.out[from..*at]));
-            slices.push(std::io::IoSlice::new(data));
-            from = *at;
-        }
-        slices.push(std::io::IoSlice::new(&self.out[from..]));
-        slices.retain(|s| !s.is_empty());
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            let n = self.stream.write_vectored(rest).await.map_err(|e| format!("writing: {e}"))?;
-            if n == 0 {
-                return Err("writing: the connection accepts no more data".into());
+        let mut sent = 0;
+        loop {
+            match self.write_some(&mut sent)? {
+                Written::All => break,
+                Written::Blocked => self.stream.writable().await.map_err(|e| format!("writing: {e}"))?,
+                Written::Busy => self.read_lent().await?,
             }
-            std::io::IoSlice::advance_slices(&mut rest, n);
         }
         self.out.clear();
         for (_, data) in self.out_data.drain(..) {
-            self.pool.push(data);
+            if let OutData::Owned(buf) = data {
+                self.pool.push(buf);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what the socket takes now of the queued output from byte `sent` on, without waiting. Lent blocks
+    /// are borrowed for this one attempt only.
+    fn write_some(&self, sent: &mut usize) -> Result<Written, Fault> {
+        let mut loans: Vec<Box<dyn Loan + '_>> = Vec::new();
+        for (_, data) in &self.out_data {
+            if let OutData::Lent { ns, lba, len } = data {
+                match ns.volume.lend(*lba, *len) {
+                    Some(loan) => loans.push(loan),
+                    None => return Ok(Written::Busy),
+                }
+            }
+        }
+        let mut slices = Vec::with_capacity(self.out_data.len() * 3 + 1);
+        let mut loans = loans.iter();
+        let mut from = 0;
+        for (at, data) in &self.out_data {
+            slices.push(IoSlice::new(&self.out[from..*at]));
+            match data {
+                OutData::Owned(buf) => slices.push(IoSlice::new(buf)),
+                OutData::Lent { .. } => loans.next().expect("a loan per lent entry").slices(&mut slices),
+            }
+            from = *at;
+        }
+        slices.push(IoSlice::new(&self.out[from..]));
+        slices.retain(|s| !s.is_empty());
+        let mut rest = &mut slices[..];
+        IoSlice::advance_slices(&mut rest, *sent);
+        while !rest.is_empty() {
+            let batch = rest.len().min(MAX_IOVECS);
+            match self.stream.try_write_vectored(&rest[..batch]) {
+                Ok(0) => return Err("writing: the connection accepts no more data".into()),
+                Ok(n) => {
+                    *sent += n;
+                    IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Written::Blocked),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("writing: {e}")),
+            }
+        }
+        Ok(Written::All)
+    }
+
+    /// Reads lent blocks into buffers of ours, for a write that found them busy.
+    async fn read_lent(&mut self) -> Result<(), Fault> {
+        for i in 0..self.out_data.len() {
+            let OutData::Lent { ns, lba, len } = &self.out_data[i].1 else { continue };
+            let (ns, lba, len) = (ns.clone(), *lba, *len);
+            let buf = self.buffer(len);
+            let (buf, result) = ns.volume.read(lba, buf).await;
+            result.map_err(|e| format!("reading blocks {lba}.. of namespace {}: {e}", ns.nsid))?;
+            self.out_data[i].1 = OutData::Owned(buf);
         }
         Ok(())
     }
@@ -267,18 +338,33 @@ impl Connection {
     /// Queues a C2HTermReq quoting the offending header; the caller closes the connection after the flush.
     fn terminate(&mut self, fes: FatalErrorStatus, fei: u32, reason: &str) -> Fault {
         let offending = tcp::offending_header(&self.rx.data[self.rx.start..self.rx.end]).to_vec();
-        // The completions queued so far go first, as one buffer for the single best-effort write.
+        // The completions queued so far go first, as one buffer for the single best-effort write; if lent blocks
+        // are busy they stay unsent (the host retries those commands on its next connection).
         if !self.out_data.is_empty() {
-            let mut flat =
-                Vec::with_capacity(self.out.len() + self.out_data.iter().map(|(_, d)| d.len()).sum::<usize>());
+            let mut flat = Some(Vec::with_capacity(self.out.len()));
             let mut from = 0;
             for (at, data) in self.out_data.drain(..) {
-                flat.extend_from_slice(&self.out[from..at]);
-                flat.extend_from_slice(&data);
+                let Some(out) = flat.as_mut() else { break };
+                out.extend_from_slice(&self.out[from..at]);
+                match data {
+                    OutData::Owned(buf) => out.extend_from_slice(&buf),
+                    OutData::Lent { ns, lba, len } => match ns.volume.lend(lba, len) {
+                        Some(loan) => {
+                            let mut slices = Vec::new();
+                            loan.slices(&mut slices);
+                            slices.iter().for_each(|s| out.extend_from_slice(s));
+                        }
+                        None => flat = None,
+                    },
+                }
                 from = at;
             }
-            flat.extend_from_slice(&self.out[from..]);
-            self.out = flat;
+            self.out = flat
+                .map(|mut out| {
+                    out.extend_from_slice(&self.out[from..]);
+                    out
+                })
+                .unwrap_or_default();
         }
         tcp::encode_term_req(&mut self.out, Direction::ControllerToHost, fes, fei, &offending);
         // Best effort: the connection is going away either way.
@@ -543,6 +629,12 @@ impl Connection {
                     return;
                 }
                 if opcode == io_opcode::READ {
+                    if len >= ZERO_COPY_MIN && !self.tx.data_digest && ns.volume.lends() {
+                        // In memory: the data goes from the volume to the socket with the next write.
+                        ns.stats.record(IoKind::Read, len as u64, 0, true);
+                        self.queue_data((cid, Status::SUCCESS, 0, 0), OutData::Lent { ns, lba: slba, len }, len);
+                        return;
+                    }
                     let buf = self.buffer(len);
                     self.inflight.push(Box::pin(read(ns, cid, slba, buf)));
                     return;
@@ -644,23 +736,9 @@ impl Connection {
         }
         match done.data {
             Some(data) if done.status.is_success() => {
-                let success = self.queue.as_ref().is_some_and(|q| q.sqflow_disabled) && done.dw0 == 0 && done.dw1 == 0;
-                let pdu = DataPdu { cccid: done.cid, ttag: 0, datao: 0, datal: data.len() as u32, last: true, success };
-                tcp::encode_c2h_data_header(&mut self.out, &pdu, self.tx);
-                let digest = self.tx.data_digest.then(|| data_digest([data.as_slice()]));
-                if data.len() >= ZERO_COPY_MIN {
-                    // Leaves from the volume's buffer (writev), and the buffer returns to the pool after.
-                    self.out_data.push((self.out.len(), data));
-                } else {
-                    self.out.extend_from_slice(&data);
-                    self.pool.push(data);
-                }
-                if let Some(digest) = digest {
-                    self.out.extend_from_slice(&digest);
-                }
-                if !success {
-                    self.respond(done.cid, done.status, done.dw0, done.dw1);
-                }
+                let len = data.len();
+                let cqe = (done.cid, done.status, done.dw0, done.dw1);
+                self.queue_data(cqe, OutData::Owned(data), len);
             }
             data => {
                 if let Some(buf) = data {
@@ -668,6 +746,35 @@ impl Connection {
                 }
                 self.respond(done.cid, done.status, done.dw0, done.dw1);
             }
+        }
+    }
+
+    /// Queues a successful command's data for the host (a C2HData PDU) and its completion `(cid, status, dw0,
+    /// dw1)`: the PDU's SUCCESS flag stands for a plain completion when the host disabled SQ flow control, else a
+    /// CapsuleResp follows.
+    fn queue_data(&mut self, (cid, status, dw0, dw1): (u16, Status, u32, u32), data: OutData, len: usize) {
+        let success = self.queue.as_ref().is_some_and(|q| q.sqflow_disabled) && dw0 == 0 && dw1 == 0;
+        let pdu = DataPdu { cccid: cid, ttag: 0, datao: 0, datal: len as u32, last: true, success };
+        tcp::encode_c2h_data_header(&mut self.out, &pdu, self.tx);
+        match data {
+            OutData::Owned(buf) => {
+                let digest = self.tx.data_digest.then(|| data_digest([buf.as_slice()]));
+                if len >= ZERO_COPY_MIN {
+                    // Leaves from the volume's buffer (writev), and the buffer returns to the pool after.
+                    self.out_data.push((self.out.len(), OutData::Owned(buf)));
+                } else {
+                    self.out.extend_from_slice(&buf);
+                    self.pool.push(buf);
+                }
+                if let Some(digest) = digest {
+                    self.out.extend_from_slice(&digest);
+                }
+            }
+            // Lent only without data digests.
+            lent @ OutData::Lent { .. } => self.out_data.push((self.out.len(), lent)),
+        }
+        if !success {
+            self.respond(cid, status, dw0, dw1);
         }
     }
 
