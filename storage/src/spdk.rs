@@ -33,7 +33,22 @@ pub struct SpdkEngine {
     rpc_socket: PathBuf,
     runtime: tokio::runtime::Handle,
     state: tokio::sync::Mutex<State>,
+    /// SPDK's own bdevs that SPDK's target serves, with the counters of their volumes ([`sample_iostat`]).
+    sampled: Sampled,
+    sampler: tokio::task::JoinHandle<()>,
 }
+
+impl Drop for SpdkEngine {
+    fn drop(&mut self) {
+        self.sampler.abort();
+    }
+}
+
+/// Bdev name → the counters of the volume it is.
+type Sampled = Arc<std::sync::Mutex<Vec<(String, Arc<VolumeStats>)>>>;
+
+/// How often the counters of SPDK's own bdevs are read from SPDK.
+const IOSTAT_EVERY: Duration = Duration::from_secs(1);
 
 /// What the engine has applied to SPDK.
 #[derive(Debug, Default)]
@@ -104,7 +119,9 @@ impl SpdkEngine {
         };
         let runtime = tokio::runtime::Handle::try_current().map_err(|e| format!("no tokio runtime: {e}"))?;
         let spdk = Spdk::start(&options).map_err(spdk_error)?;
-        Ok(SpdkEngine { spdk, rpc_socket, runtime, state: tokio::sync::Mutex::new(State::default()) })
+        let sampled = Sampled::default();
+        let sampler = runtime.spawn(sample_iostat(rpc_socket.clone(), sampled.clone()));
+        Ok(SpdkEngine { spdk, rpc_socket, runtime, state: tokio::sync::Mutex::new(State::default()), sampled, sampler })
     }
 
     pub fn spdk(&self) -> &Spdk {
@@ -113,6 +130,7 @@ impl SpdkEngine {
 
     /// Stops SPDK: hosts of its subsystems are disconnected, bdevs closed.
     pub fn stop(&self) {
+        self.sampler.abort();
         self.spdk.stop();
     }
 
@@ -209,12 +227,17 @@ impl SpdkEngine {
         // Bdevs for our volumes, registered before any namespace names them.
         let mut used_volumes = BTreeSet::new();
         let mut desired = Vec::new();
+        let mut sampled = Vec::new();
         for w in wanted {
             let mut namespaces = BTreeMap::new();
             let mut failed = None;
             for ns in &w.namespaces {
                 let bdev = match ns.volume.spdk_bdev() {
-                    Some(name) => name.to_owned(),
+                    Some(name) => {
+                        // Served by SPDK alone: its counters are SPDK's.
+                        sampled.push((name.to_owned(), ns.stats.clone()));
+                        name.to_owned()
+                    }
                     None => {
                         used_volumes.insert(ns.volume_id.clone());
                         match self.export(&mut state, ns).await {
@@ -242,6 +265,7 @@ impl SpdkEngine {
                 listeners: w.listeners,
             });
         }
+        *self.sampled.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = sampled;
 
         // Subsystems no longer wanted go first (they may hold addresses and bdevs).
         let keep: BTreeSet<&str> = desired.iter().map(|d| d.nqn.as_str()).collect();
@@ -478,6 +502,55 @@ impl SpdkEngine {
 /// The subsystem `nqn` of the framework's target.
 fn find_subsystem(on: &dpu_spdk::OnSpdk, nqn: &str) -> Result<Subsystem, dpu_spdk::Error> {
     Target::get(on)?.find(on, nqn).ok_or_else(|| dpu_spdk::Error::Failed(format!("no subsystem {nqn}")))
+}
+
+/// Copies SPDK's I/O counters of the bdevs in `sampled` into their volumes' counters every [`IOSTAT_EVERY`]: I/O
+/// that SPDK's target serves from its own bdevs passes no code of ours. SPDK counts every I/O of the bdev, the
+/// agent's own through [`SpdkVolume`] included, so its totals replace ours. SPDK keeps no latency histogram by
+/// default; the latency buckets stay what the agent measured on its own I/O.
+async fn sample_iostat(socket: PathBuf, sampled: Sampled) {
+    let mut every = tokio::time::interval(IOSTAT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let wanted = sampled.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if wanted.is_empty() {
+            continue;
+        }
+        let socket = socket.clone();
+        let answer = tokio::task::spawn_blocking(move || rpc(&socket, "bdev_get_iostat", serde_json::json!({}))).await;
+        let iostat = match answer {
+            Ok(Ok(iostat)) => iostat,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "reading SPDK's bdev counters failed");
+                continue;
+            }
+            Err(_) => return,
+        };
+        let bdevs = iostat["bdevs"].as_array().map(Vec::as_slice).unwrap_or_default();
+        for (name, stats) in &wanted {
+            if let Some(b) = bdevs.iter().find(|b| b["name"].as_str() == Some(name.as_str())) {
+                store_iostat(b, stats);
+            }
+        }
+    }
+}
+
+/// One bdev's entry of `bdev_get_iostat` into a volume's counters.
+fn store_iostat(bdev: &serde_json::Value, stats: &VolumeStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let field = |name: &str| bdev[name].as_u64();
+    for (counter, name) in [
+        (&stats.reads, "num_read_ops"),
+        (&stats.writes, "num_write_ops"),
+        (&stats.read_bytes, "bytes_read"),
+        (&stats.written_bytes, "bytes_written"),
+        (&stats.discards, "num_unmap_ops"),
+    ] {
+        if let Some(v) = field(name) {
+            counter.store(v, Relaxed);
+        }
+    }
 }
 
 /// How long an SPDK JSON-RPC call may take (attaching an NVMe controller resets it).

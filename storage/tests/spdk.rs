@@ -94,6 +94,16 @@ async fn spdk_engine_serves_spdk_bdevs_and_our_volumes() {
     // The agent's volume holds what the host wrote through SPDK, and its counters saw it.
     let stats = target.stats().for_volume("ours");
     assert!(stats.writes.load(Ordering::Relaxed) >= 1 && stats.reads.load(Ordering::Relaxed) >= 1);
+    // SPDK's own bdev: its volume's counters are SPDK's, read within a second or two.
+    let theirs = target.stats().for_volume("theirs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while theirs.read_bytes.load(Ordering::Relaxed) < 64 * 1024
+        || theirs.written_bytes.load(Ordering::Relaxed) < 64 * 1024
+    {
+        assert!(std::time::Instant::now() < deadline, "SPDK's counters of its bdev did not reach the volume's");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(theirs.reads.load(Ordering::Relaxed) >= 1 && theirs.writes.load(Ordering::Relaxed) >= 1);
 
     // A host not on the list is refused by SPDK.
     let other = "nqn.2014-08.org.nvmexpress:uuid:7d1a2c3e-0000-4000-8000-00000000d004";

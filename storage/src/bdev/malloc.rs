@@ -3,13 +3,14 @@
 //! regions proceeds in parallel.
 
 use std::io::IoSlice;
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{LazyLock, RwLock, RwLockReadGuard};
 
 use super::{BufResult, Geometry, IoFuture, Loan, Volume, VolumeError};
 
 const CHUNK: usize = 1 << 20;
-/// What a chunk never written reads as, lent in pieces of this size.
-static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+/// What a chunk never written reads as, lent in pieces of this size (allocated zeroed on first use, so it takes
+/// no room in the binary).
+static ZEROES: LazyLock<Box<[u8]>> = LazyLock::new(|| vec![0; 64 * 1024].into_boxed_slice());
 
 /// A chunk's memory; `None` until first written, and again once wholly discarded.
 type Chunk = Option<Box<[u8]>>;

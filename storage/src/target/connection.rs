@@ -249,6 +249,7 @@ impl Connection {
 
     /// Writes what the socket takes now of the queued output from byte `sent` on, without waiting. Lent blocks
     /// are borrowed for this one attempt only.
+    #[inline(never)]
     fn write_some(&self, sent: &mut usize) -> Result<Written, Fault> {
         let mut loans: Vec<Box<dyn Loan + '_>> = Vec::new();
         for (_, data) in &self.out_data {
@@ -291,6 +292,7 @@ impl Connection {
     }
 
     /// Reads lent blocks into buffers of ours, for a write that found them busy.
+    #[inline(never)]
     async fn read_lent(&mut self) -> Result<(), Fault> {
         for i in 0..self.out_data.len() {
             let OutData::Lent { ns, lba, len } = &self.out_data[i].1 else { continue };
@@ -752,6 +754,7 @@ impl Connection {
     /// Queues a successful command's data for the host (a C2HData PDU) and its completion `(cid, status, dw0,
     /// dw1)`: the PDU's SUCCESS flag stands for a plain completion when the host disabled SQ flow control, else a
     /// CapsuleResp follows.
+    #[inline(never)]
     fn queue_data(&mut self, (cid, status, dw0, dw1): (u16, Status, u32, u32), data: OutData, len: usize) {
         let success = self.queue.as_ref().is_some_and(|q| q.sqflow_disabled) && dw0 == 0 && dw1 == 0;
         let pdu = DataPdu { cccid: cid, ttag: 0, datao: 0, datal: len as u32, last: true, success };
