@@ -267,7 +267,8 @@ impl Connection {
             slices.push(IoSlice::new(&self.out[from..*at]));
             match data {
                 OutData::Owned(buf) => slices.push(IoSlice::new(buf)),
-                OutData::Lent { .. } => loans.next().expect("a loan per lent entry").slices(&mut slices),
+                // One loan was taken per lent entry, in order.
+                OutData::Lent { .. } => loans.next().into_iter().for_each(|loan| loan.slices(&mut slices)),
             }
             from = *at;
         }
